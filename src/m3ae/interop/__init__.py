@@ -1,0 +1,1 @@
+"""Interoperability: the official JAX checkpoints, exports to other libraries."""

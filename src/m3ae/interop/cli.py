@@ -1,0 +1,37 @@
+"""`m3ae convert-official`: an official trainer pickle (or npz of flax paths) -> a from_pretrained directory."""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser(
+        "convert-official",
+        help="convert an official JAX M3AE/MAE checkpoint to a from_pretrained directory",
+        description="Reads the checkpoint without jax/flax and without executing code from the file.",
+    )
+    parser.add_argument("checkpoint", help="official .pkl checkpoint, or .npz / pickled dict of flax parameter paths")
+    parser.add_argument("out_dir", help="directory to write config.json + model.safetensors")
+    parser.add_argument("--num-heads", type=int, help="encoder heads, when the checkpoint cannot tell")
+    parser.add_argument("--dec-num-heads", type=int, help="decoder heads, when the checkpoint cannot tell")
+    parser.add_argument("--image-size", type=int, help="image size the model will be used at")
+    parser.add_argument("--text-length", type=int, help="caption length (tokens)")
+    parser.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from .official import convert_official
+
+    model = convert_official(
+        args.checkpoint,
+        num_heads=args.num_heads,
+        dec_num_heads=args.dec_num_heads,
+        image_size=args.image_size,
+        text_length=args.text_length,
+    )
+    model.save_pretrained(args.out_dir)
+    n_params = sum(p.numel() for p in model.parameters())
+    print(json.dumps({"out_dir": str(args.out_dir), "parameters": n_params, "config": model.config.to_dict()}, indent=2))
+    return 0

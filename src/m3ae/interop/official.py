@@ -1,0 +1,259 @@
+"""The official JAX/Flax M3AE and MAE checkpoints in PyTorch.
+
+The official trainer writes a cloudpickle of `{step, epoch, variant, state}` with a flax TrainState.
+We read it with `safe_pickle` (nothing in the file runs, jax/flax/optax need not be installed), find
+the parameter tree by its structure -- plain dicts (flax >= 0.6) or FrozenDicts (flax 0.5, 2022
+checkpoints) -- map every flax path to our names and infer the configuration from the shapes and
+the run's `variant`. A `.npz` or pickled dict of flax paths is accepted too.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from ..model import PRESETS, M3AE, M3AEConfig
+from .safe_pickle import Opaque, OpaqueMeta, opaque_fields, safe_load
+
+
+class ConversionError(ValueError):
+    pass
+
+
+# ---------------------------------------------------------------------------------------- reading
+def _as_mapping(obj: Any) -> Mapping | None:
+    if isinstance(obj, Mapping):
+        return obj
+    fields = opaque_fields(obj)
+    if fields is None:
+        return None
+    # flax 0.5 FrozenDict keeps its contents in `_dict`
+    inner = fields.get("_dict")
+    return inner if isinstance(inner, Mapping) else fields
+
+
+def _children(obj: Any) -> list[Any]:
+    mapping = _as_mapping(obj)
+    if mapping is not None:
+        return list(mapping.values())
+    if isinstance(obj, (list, tuple)):
+        return list(obj)
+    if isinstance(obj, (Opaque, OpaqueMeta)):
+        return list(obj._opaque_args) + list(getattr(obj, "_opaque_list", []))
+    return []
+
+
+def _flatten(tree: Any, prefix: str = "") -> dict[str, np.ndarray]:
+    mapping = _as_mapping(tree)
+    if mapping is None:
+        array = np.asarray(tree) if isinstance(tree, (np.ndarray, np.generic)) else None
+        if array is None or array.dtype.kind not in "fiub":
+            raise ConversionError(f"parameter {prefix!r} is not a numeric array ({type(tree).__name__})")
+        return {prefix: array}
+    flat: dict[str, np.ndarray] = {}
+    for key, value in mapping.items():
+        flat.update(_flatten(value, f"{prefix}/{key}" if prefix else str(key)))
+    return flat
+
+
+def _is_param_tree(mapping: Mapping) -> bool:
+    return "cls_token" in mapping and "encoder" in mapping and "image_embedding" in mapping
+
+
+def find_param_tree(root: Any) -> Mapping:
+    """Breadth-first search for the model parameters: the `params` of a train state (an object with
+    both `params` and `opt_state`, so the optimiser's moment trees are not mistaken for them), else
+    the first mapping that looks like the parameter tree."""
+    fallback = None
+    queue, seen = [root], set()
+    while queue:
+        obj = queue.pop(0)
+        if id(obj) in seen:
+            continue
+        seen.add(id(obj))
+        mapping = _as_mapping(obj)
+        if mapping is not None:
+            if "params" in mapping and "opt_state" in mapping:
+                params = _as_mapping(mapping["params"])
+                if params is not None and "params" in params and not _is_param_tree(params):
+                    params = _as_mapping(params["params"])
+                if params is not None and _is_param_tree(params):
+                    return params
+            if fallback is None and _is_param_tree(mapping):
+                fallback = mapping
+        queue.extend(_children(obj))
+    if fallback is None:
+        raise ConversionError("no M3AE/MAE parameter tree (cls_token, image_embedding, encoder, ...) found")
+    return fallback
+
+
+def _find_variant(root: Any) -> dict[str, Any]:
+    mapping = _as_mapping(root)
+    variant = _as_mapping(mapping.get("variant")) if mapping is not None else None
+    return dict(variant) if variant is not None else {}
+
+
+def load_official(path: str | Path) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
+    """Returns (flat flax-path -> array without the leading 'params/', the run's variant dict)."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no such checkpoint")
+    if path.suffix == ".npz":
+        with np.load(path, allow_pickle=False) as archive:
+            flat = {key: archive[key] for key in archive.files}
+        flat = {key.removeprefix("params/"): value for key, value in flat.items() if not key.startswith(("grads/", "opt_state/"))}
+        return flat, {}
+    try:
+        root = safe_load(path.read_bytes())
+    except Exception as error:  # a truncated or foreign file: name it
+        raise ConversionError(f"{path}: not a readable pickle ({error})") from error
+    try:
+        tree = find_param_tree(root)
+    except ConversionError as error:
+        raise ConversionError(f"{path}: {error}") from None
+    return _flatten(tree), _find_variant(root)
+
+
+# ---------------------------------------------------------------------------------------- mapping
+_BLOCK_PARTS = {
+    "LayerNorm_0": "norm1",
+    "LayerNorm_1": "norm2",
+    "Attention_0/Dense_0": "attn.qkv",
+    "Attention_0/Dense_1": "attn.proj",
+    "TransformerMLP_0/fc1": "mlp.fc1",
+    "TransformerMLP_0/fc2": "mlp.fc2",
+}
+_LEAF = {"kernel": "weight", "scale": "weight", "bias": "bias", "embedding": "weight"}
+
+
+def _head_module(name: str, depth: int) -> str:
+    """Official output MLP names -> ours (`OutputHead`)."""
+    kind, index = name.split("_")
+    index = int(index)
+    if kind == "Dense":
+        return "out" if index == depth else f"hidden.{index}"
+    return "input_norm" if index == 0 else f"hidden_norms.{index - 1}"
+
+
+def torch_name(flax_path: str, head_depth: int) -> str:
+    *modules, leaf = flax_path.split("/")
+    if leaf not in _LEAF and not modules:
+        return flax_path  # cls_token, type and mask embeddings keep their names
+    if leaf not in _LEAF:
+        raise ConversionError(f"unknown parameter {flax_path!r}")
+    path = "/".join(modules)
+    match = re.fullmatch(r"(encoder|decoder)/Block_(\d+)/(.+)", path)
+    if match:
+        stack, index, part = match.groups()
+        if part not in _BLOCK_PARTS:
+            raise ConversionError(f"unknown parameter {flax_path!r}")
+        module = f"{stack}.blocks.{index}.{_BLOCK_PARTS[part]}"
+    elif path in ("encoder/LayerNorm_0", "decoder/LayerNorm_0"):
+        module = f"{modules[0]}.norm"
+    elif re.fullmatch(r"decoder_(image|text)_output/(Dense|LayerNorm)_\d+", path):
+        module = f"{modules[0]}.{_head_module(modules[1], head_depth)}"
+    elif path in ("image_embedding", "text_embedding", "decoder_input_projection"):
+        module = path
+    else:
+        raise ConversionError(f"unknown parameter {flax_path!r}")
+    return f"{module}.{_LEAF[leaf]}"
+
+
+def to_torch_state_dict(flat: Mapping[str, np.ndarray], head_depth: int) -> dict[str, torch.Tensor]:
+    state = {}
+    for path, value in flat.items():
+        tensor = torch.from_numpy(np.array(value, dtype=np.float32))
+        if path.endswith("/kernel"):
+            tensor = tensor.T.contiguous()  # flax Dense kernel is (in, out)
+        state[torch_name(path, head_depth)] = tensor
+    return state
+
+
+# ---------------------------------------------------------------------------------------- config
+def _count(flat: Mapping[str, Any], pattern: str) -> int:
+    return len({m.group(1) for key in flat if (m := re.match(pattern, key))})
+
+
+def infer_config(flat: Mapping[str, np.ndarray], variant: Mapping[str, Any] | None = None, **overrides: Any) -> M3AEConfig:
+    """Architecture from the parameter shapes; what shapes cannot tell (heads, image size, text
+    length, mask ratios, loss weights) from the run's variant, the paper's presets, or `overrides`."""
+    variant = dict(variant or {})
+    try:
+        emb_dim = flat["cls_token"].shape[-1]
+        patch_dim, _ = flat["image_embedding/kernel"].shape
+        dec_emb_dim = flat["decoder_input_projection/kernel"].shape[1]
+        fc1 = flat["encoder/Block_0/TransformerMLP_0/fc1/kernel"]
+    except KeyError as missing:
+        raise ConversionError(f"parameter {missing} not found: not an M3AE/MAE checkpoint") from None
+    has_text = "text_embedding/embedding" in flat
+    prefix = "m3ae" if has_text else "mae"
+    patch_size = math.isqrt(patch_dim // 3)
+    if patch_size * patch_size * 3 != patch_dim:
+        raise ConversionError(f"image_embedding kernel has {patch_dim} inputs: not p·p·3 for an integer p")
+
+    def from_variant(name: str) -> Any:
+        return variant.get(f"{prefix}.{name}", variant.get(name))
+
+    size_name = from_variant("model_type")
+    preset = PRESETS.get(size_name) if size_name not in (None, "tiny") else None
+    # paper sizes determine the head count; other widths need it from the variant or the user
+    heads_by_width = {p["emb_dim"]: p["num_heads"] for name, p in PRESETS.items() if name != "tiny"}
+    values: dict[str, Any] = dict(
+        model_type=prefix,
+        patch_size=patch_size,
+        emb_dim=emb_dim,
+        depth=_count(flat, r"encoder/Block_(\d+)/"),
+        dec_emb_dim=dec_emb_dim,
+        dec_depth=_count(flat, r"decoder/Block_(\d+)/"),
+        mlp_ratio=fc1.shape[1] / emb_dim,
+        output_head_depth=_count(flat, r"decoder_image_output/(Dense_\d+)/") - 1,
+        use_type_embedding="encoder_image_type_embedding" in flat,
+        num_heads=from_variant("num_heads") or (preset or {}).get("num_heads") or heads_by_width.get(emb_dim),
+        dec_num_heads=from_variant("dec_num_heads") or (16 if dec_emb_dim == 512 else None),
+        image_size=variant.get("data.image_size") or variant.get("image_size") or 256,
+    )
+    if values["mlp_ratio"] == int(values["mlp_ratio"]):
+        values["mlp_ratio"] = int(values["mlp_ratio"])
+    if has_text:
+        values["vocab_size"] = flat["text_embedding/embedding"].shape[0]
+        values["text_length"] = variant.get("data.tokenizer_max_length") or 64
+        for name in ("text_mask_ratio",):
+            if from_variant(name) is not None:
+                values[name] = from_variant(name)
+        for name in ("image_loss_weight", "text_loss_weight"):
+            if variant.get(name) is not None:
+                values[name] = variant[name]
+    if from_variant("image_mask_ratio") is not None:
+        values["image_mask_ratio"] = from_variant("image_mask_ratio")
+    values.update({k: v for k, v in overrides.items() if v is not None})
+    for name in ("num_heads", "dec_num_heads"):
+        if not values.get(name):
+            raise ConversionError(
+                f"cannot infer {name} from the checkpoint (width {emb_dim if name == 'num_heads' else dec_emb_dim}); "
+                f"pass --{name.replace('_', '-')}"
+            )
+    return M3AEConfig(**values)
+
+
+def convert_official(path: str | Path, **overrides: Any) -> M3AE:
+    """Loads an official checkpoint (or dict/npz of flax paths) into an `M3AE`."""
+    flat, variant = load_official(path)
+    config = infer_config(flat, variant, **overrides)
+    model = M3AE(config)
+    state = to_torch_state_dict(flat, config.output_head_depth)
+    expected = model.state_dict()
+    missing = sorted(set(expected) - set(state))
+    unexpected = sorted(set(state) - set(expected))
+    if missing or unexpected:
+        raise ConversionError(f"{path}: parameters missing {missing}, unexpected {unexpected}")
+    for name, tensor in state.items():
+        if tensor.shape != expected[name].shape:
+            raise ConversionError(f"{path}: {name} has shape {tuple(tensor.shape)}, expected {tuple(expected[name].shape)}")
+    model.load_state_dict(state)
+    return model

@@ -1,0 +1,152 @@
+"""Reading untrusted pickles (the official checkpoints) without executing anything they name.
+
+A pickle is a small program: its GLOBAL opcodes import callables and REDUCE calls them. This
+unpickler resolves only a short allow-list of pure data constructors (numpy arrays and dtypes,
+built-in containers). Every other global -- flax/optax/jax classes, cloudpickle's function builders,
+`os.system`, `builtins.eval` -- becomes an inert `Opaque` placeholder: calling it, instantiating it or
+setting its state only records the arguments. The caller then finds the data it wants by structure.
+"""
+
+from __future__ import annotations
+
+import collections
+import io
+import pickle
+from typing import Any
+
+import numpy as np
+
+
+class _RecordState:
+    """`__setstate__` that works on placeholder classes and their instances alike (pickle's BUILD may
+    target either, since calling a placeholder returns a new placeholder class)."""
+
+    def __get__(self, obj: Any, owner: type) -> Any:
+        target = owner if obj is None else obj
+
+        def setstate(state: Any) -> None:
+            target._opaque_state = state
+
+        return setstate
+
+
+class OpaqueMeta(type):
+    """Calling a placeholder class yields another placeholder class (a type, so pickle's NEWOBJ can
+    use it as a class later, as cloudpickle does with classes it rebuilt)."""
+
+    def __call__(cls, *args: Any, **kwargs: Any) -> "OpaqueMeta":
+        namespace = {"_opaque_name": f"{cls._opaque_name}(...)", "_opaque_args": args, "_opaque_kwargs": kwargs}
+        return OpaqueMeta(f"{cls.__name__}()", (Opaque,), namespace)
+
+    def __repr__(cls) -> str:
+        return f"<opaque {cls._opaque_name}>"
+
+
+class Opaque(metaclass=OpaqueMeta):
+    _opaque_name = "?"
+    _opaque_args: tuple = ()
+    _opaque_kwargs: dict = {}
+    _opaque_state: Any = None
+    __setstate__ = _RecordState()
+
+    def __new__(cls, *args: Any, **kwargs: Any) -> "Opaque":
+        instance = object.__new__(cls)
+        instance._opaque_args = args
+        instance._opaque_items = {}
+        instance._opaque_list = []
+        return instance
+
+    def __call__(self, *args: Any, **kwargs: Any) -> OpaqueMeta:
+        return type(self)(*args, **kwargs)
+
+    def __setitem__(self, key: Any, value: Any) -> None:
+        self._opaque_items[key] = value
+
+    def append(self, value: Any) -> None:
+        self._opaque_list.append(value)
+
+    def extend(self, values: Any) -> None:
+        self._opaque_list.extend(values)
+
+    def __repr__(self) -> str:
+        return f"<opaque instance of {type(self)._opaque_name}>"
+
+
+def _opaque_global(module: str, name: str) -> OpaqueMeta:
+    return OpaqueMeta(name, (Opaque,), {"_opaque_name": f"{module}.{name}"})
+
+
+def _frombuffer(buffer: Any, dtype: np.dtype, shape: tuple, order: str) -> np.ndarray:
+    dtype = np.dtype(dtype)
+    if dtype.hasobject:
+        raise pickle.UnpicklingError("object arrays are refused")
+    return np.frombuffer(bytes(buffer), dtype=dtype).reshape(shape, order=order).copy()
+
+
+def _reconstruct(cls: Any, shape: Any, typecode: Any) -> np.ndarray:
+    # numpy's protocol <= 4 path: an empty ndarray whose BUILD (ndarray.__setstate__) fills the data
+    if cls is not np.ndarray:
+        raise pickle.UnpicklingError(f"refusing to rebuild an array of class {cls!r}")
+    return np.ndarray.__new__(np.ndarray, shape, typecode)
+
+
+def _scalar(dtype: np.dtype, data: bytes | None = None) -> Any:
+    dtype = np.dtype(dtype)
+    if dtype.hasobject or data is None:
+        raise pickle.UnpicklingError("object scalars are refused")
+    return np.frombuffer(data, dtype=dtype)[0]
+
+
+def _reconstructor(cls: Any, base: Any, state: Any) -> Any:
+    # copyreg's protocol 0/1 object rebuild; only placeholders and plain containers may be built
+    if isinstance(cls, OpaqueMeta):
+        return cls.__new__(cls)
+    if cls in (dict, collections.OrderedDict, list):
+        return cls(state) if state is not None else cls()
+    raise pickle.UnpicklingError(f"refusing copyreg._reconstructor for {cls!r}")
+
+
+_SAFE_GLOBALS: dict[tuple[str, str], Any] = {
+    ("numpy", "ndarray"): np.ndarray,
+    ("numpy", "dtype"): np.dtype,
+    ("copyreg", "_reconstructor"): _reconstructor,
+    ("collections", "OrderedDict"): collections.OrderedDict,
+    **{("builtins", t.__name__): t for t in (dict, list, tuple, set, frozenset, int, float, complex, bool, str, bytes, bytearray)},
+    **{("__builtin__", t.__name__): t for t in (dict, list, tuple, set, frozenset, int, float, complex, bool, str, bytes, bytearray)},
+}
+# numpy 1.x pickles name `numpy.core`, numpy 2.x `numpy._core`
+for _core in ("numpy.core", "numpy._core"):
+    _SAFE_GLOBALS[(f"{_core}.multiarray", "_reconstruct")] = _reconstruct
+    _SAFE_GLOBALS[(f"{_core}.multiarray", "scalar")] = _scalar
+    _SAFE_GLOBALS[(f"{_core}.numeric", "_frombuffer")] = _frombuffer
+
+
+class SafeUnpickler(pickle.Unpickler):
+    def find_class(self, module: str, name: str) -> Any:
+        safe = _SAFE_GLOBALS.get((module, name))
+        if safe is not None:
+            return safe
+        return _opaque_global(module, name)
+
+    def persistent_load(self, pid: Any) -> Any:
+        raise pickle.UnpicklingError("persistent ids (e.g. torch.save archives) are not supported here")
+
+
+def safe_load(data: bytes | io.BufferedIOBase) -> Any:
+    """Unpickles `data` with every non-data global replaced by an inert placeholder."""
+    stream = io.BytesIO(data) if isinstance(data, (bytes, bytearray)) else data
+    return SafeUnpickler(stream).load()
+
+
+def opaque_fields(obj: Any) -> dict[str, Any] | None:
+    """The recorded attribute dict of a placeholder (its BUILD state), if it has one."""
+    if isinstance(obj, (Opaque, OpaqueMeta)):
+        state = obj._opaque_state
+        if isinstance(state, tuple) and len(state) == 2 and isinstance(state[1], dict):
+            state = {**(state[0] or {}), **state[1]}  # (dict state, slots state)
+        if isinstance(state, dict):
+            return state
+        items = getattr(obj, "_opaque_items", None)
+        if items:
+            return items
+    return None

@@ -1,0 +1,150 @@
+"""`M3AEConfig`: every hyper-parameter of the model, with the paper's sizes as presets."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+ModelType = Literal["m3ae", "mae"]
+MaskingMode = Literal["per_sample", "shared"]
+AttentionImpl = Literal["sdpa", "math"]
+
+# Encoder (width, depth, heads); SPEC 7. The decoder is 512 wide, 8 deep, 16 heads for the paper's
+# sizes. `tiny` is ours: small enough to learn the embedded 64 px dataset on a laptop CPU.
+PRESETS: dict[str, dict[str, Any]] = {
+    "tiny": dict(
+        emb_dim=192, depth=6, num_heads=3, dec_emb_dim=128, dec_depth=2, dec_num_heads=4,
+        image_size=64, patch_size=8, text_length=32,
+    ),
+    "small": dict(emb_dim=384, depth=12, num_heads=6),
+    "base": dict(emb_dim=768, depth=12, num_heads=12),
+    "large": dict(emb_dim=1024, depth=24, num_heads=16),
+    "huge": dict(emb_dim=1280, depth=32, num_heads=16),
+}
+
+
+class ConfigError(ValueError):
+    """A configuration value is invalid; the message names the field."""
+
+
+@dataclass
+class M3AEConfig:
+    model_type: ModelType = "m3ae"  # "mae": the image-only baseline, without text parameters
+    image_size: int = 256
+    patch_size: int = 16
+    in_chans: int = 3
+    text_length: int = 64
+    vocab_size: int = 30522
+    emb_dim: int = 768
+    depth: int = 12
+    num_heads: int = 12
+    dec_emb_dim: int = 512
+    dec_depth: int = 8
+    dec_num_heads: int = 16
+    mlp_ratio: float = 4.0
+    layer_norm_eps: float = 1e-6
+    image_mask_ratio: float = 0.75
+    text_mask_ratio: float = 0.75
+    image_loss_weight: float = 1.0
+    text_loss_weight: float = 0.5  # the paper's value; the official flag default (0.1) is not
+    output_head_depth: int = 0
+    use_type_embedding: bool = True
+    norm_pix_loss: bool = False
+    image_loss_on_all: bool = False  # loss on every patch instead of the removed ones
+    text_loss_on_all: bool = False  # loss on every real token instead of the removed ones
+    masking: MaskingMode = "per_sample"  # "shared": one noise vector per batch, as the official code
+    attn_impl: AttentionImpl = "sdpa"  # "math" computes softmax(QK^T)V explicitly
+    drop_path: float = 0.0  # stochastic depth in the encoder (fine-tuning; 0 in pretraining)
+    preset: str | None = None  # the preset these values started from, for the record
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    @property
+    def has_text(self) -> bool:
+        return self.model_type == "m3ae"
+
+    @property
+    def grid_size(self) -> int:
+        return self.image_size // self.patch_size
+
+    @property
+    def num_patches(self) -> int:
+        return self.grid_size**2
+
+    @property
+    def patch_dim(self) -> int:
+        return self.patch_size**2 * self.in_chans
+
+    @property
+    def image_keep(self) -> int:
+        return int(self.num_patches * (1 - self.image_mask_ratio))
+
+    def text_keep(self, length: int | None = None) -> int:
+        return int((self.text_length if length is None else length) * (1 - self.text_mask_ratio))
+
+    def validate(self) -> None:
+        def fail(field: str, why: str) -> None:
+            raise ConfigError(f"M3AEConfig.{field}={getattr(self, field)!r}: {why}")
+
+        if self.model_type not in ("m3ae", "mae"):
+            fail("model_type", "must be 'm3ae' or 'mae'")
+        if self.masking not in ("per_sample", "shared"):
+            fail("masking", "must be 'per_sample' or 'shared'")
+        if self.attn_impl not in ("sdpa", "math"):
+            fail("attn_impl", "must be 'sdpa' or 'math'")
+        for name in ("image_size", "patch_size", "in_chans", "text_length", "vocab_size", "emb_dim",
+                     "depth", "num_heads", "dec_emb_dim", "dec_depth", "dec_num_heads"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+                fail(name, "must be a positive integer")
+        if self.image_size % self.patch_size:
+            fail("image_size", f"must be divisible by patch_size={self.patch_size}")
+        if self.emb_dim % self.num_heads:
+            fail("num_heads", f"must divide emb_dim={self.emb_dim}")
+        if self.dec_emb_dim % self.dec_num_heads:
+            fail("dec_num_heads", f"must divide dec_emb_dim={self.dec_emb_dim}")
+        for name in ("emb_dim", "dec_emb_dim"):
+            if getattr(self, name) % 4:
+                fail(name, "must be divisible by 4 (2-D sin-cos position embedding)")
+        for name in ("image_mask_ratio", "text_mask_ratio"):
+            if not 0.0 <= getattr(self, name) < 1.0:
+                fail(name, "must be in [0, 1)")
+        if self.output_head_depth < 0:
+            fail("output_head_depth", "must be >= 0")
+        if self.mlp_ratio <= 0:
+            fail("mlp_ratio", "must be > 0")
+        if not 0.0 <= self.drop_path < 1.0:
+            fail("drop_path", "must be in [0, 1)")
+        if self.image_keep < 1:
+            fail("image_mask_ratio", f"keeps no patch of {self.num_patches}")
+
+    @classmethod
+    def from_preset(cls, name: str, **overrides: Any) -> "M3AEConfig":
+        if name not in PRESETS:
+            raise ConfigError(f"M3AEConfig.preset={name!r}: unknown; choose from {sorted(PRESETS)}")
+        return cls(**{**PRESETS[name], "preset": name, **overrides})
+
+    def replace(self, **changes: Any) -> "M3AEConfig":
+        return dataclasses.replace(self, **changes)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> "M3AEConfig":
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise ConfigError(f"M3AEConfig: unknown field(s) {unknown}")
+        return cls(**values)
+
+    def save(self, path: str | Path) -> None:
+        Path(path).write_text(json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n")
+
+    @classmethod
+    def load(cls, path: str | Path) -> "M3AEConfig":
+        return cls.from_dict(json.loads(Path(path).read_text()))

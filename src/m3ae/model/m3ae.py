@@ -1,0 +1,367 @@
+"""The M3AE model: patchify, mask, encode the visible tokens, decode, and score the reconstructions.
+
+One ViT encoder over `[CLS] + visible image patches + visible caption tokens`; a light decoder
+rebuilds every patch (MSE) and every word (cross-entropy). With `model_type="mae"` the same network
+has no text parameters and is the MAE baseline. Shapes: B batch, N patches, P = p·p·3, L text
+length, D / Dd encoder / decoder width, V vocabulary.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .config import M3AEConfig
+from .layers import OutputHead, Transformer, sincos_1d, sincos_2d, sincos_buffer
+from .losses import masked_cross_entropy, normalize_patches, patch_mse_loss
+from .masking import Masking, draw_noise, gather_tokens, random_masking, unshuffle
+
+CONFIG_NAME = "config.json"
+WEIGHTS_NAME = "model.safetensors"
+# Text positions are fixed sin-cos; a table this long serves captions and unpaired text corpora alike.
+MAX_TEXT_POSITIONS = 512
+
+
+@dataclass
+class M3AEOutput:
+    loss: torch.Tensor  # weighted sum of the losses of the modalities present
+    image_loss: torch.Tensor | None
+    text_loss: torch.Tensor | None
+    text_accuracy: torch.Tensor | None
+    image_pred: torch.Tensor | None  # (B, N, P)
+    text_logits: torch.Tensor | None  # (B, L, V); None when computed only where the loss reads
+    image_mask: torch.Tensor | None  # (B, N), 1 = removed
+    text_mask: torch.Tensor | None  # (B, L), 1 = removed (padding not taken into account)
+    latent: torch.Tensor  # (B, 1 + visible image + visible text, D) encoder output
+    image_ids_keep: torch.Tensor | None = None  # (B, visible image) patch indices, encoder order
+    text_ids_keep: torch.Tensor | None = None  # (B, visible text) positions, encoder order
+    encoder_attentions: tuple[torch.Tensor, ...] = ()  # per block (B, heads, S, S)
+    decoder_attentions: tuple[torch.Tensor, ...] = ()
+
+
+@dataclass
+class M3AEEncoding:
+    last_hidden_state: torch.Tensor  # (B, 1 + N + L, D), after the final LayerNorm
+    cls: torch.Tensor  # (B, D)
+    image_tokens: torch.Tensor | None  # (B, N, D)
+    text_tokens: torch.Tensor | None  # (B, L, D)
+    hidden_states: tuple[torch.Tensor, ...] = ()  # per block, before the final LayerNorm
+    attentions: tuple[torch.Tensor, ...] = ()  # per block (B, heads, S, S)
+
+
+class M3AE(nn.Module):
+    def __init__(self, config: M3AEConfig) -> None:
+        super().__init__()
+        config.validate()
+        self.config = c = config
+        D, Dd = c.emb_dim, c.dec_emb_dim
+
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, D))
+        self.image_embedding = nn.Linear(c.patch_dim, D)
+        self.image_mask_embedding = nn.Parameter(torch.zeros(1, 1, Dd))
+        if c.has_text:
+            self.text_embedding = nn.Embedding(c.vocab_size, D)
+            self.text_mask_embedding = nn.Parameter(torch.zeros(1, 1, Dd))
+        if c.use_type_embedding:
+            self.encoder_image_type_embedding = nn.Parameter(torch.zeros(1, 1, D))
+            self.decoder_image_type_embedding = nn.Parameter(torch.zeros(1, 1, Dd))
+            if c.has_text:
+                self.encoder_text_type_embedding = nn.Parameter(torch.zeros(1, 1, D))
+                self.decoder_text_type_embedding = nn.Parameter(torch.zeros(1, 1, Dd))
+
+        self.encoder = Transformer(D, c.depth, c.num_heads, c.mlp_ratio, c.layer_norm_eps, c.attn_impl, c.drop_path)
+        self.decoder_input_projection = nn.Linear(D, Dd)
+        self.decoder = Transformer(Dd, c.dec_depth, c.dec_num_heads, c.mlp_ratio, c.layer_norm_eps, c.attn_impl)
+        self.decoder_image_output = OutputHead(Dd, c.patch_dim, c.output_head_depth, c.layer_norm_eps)
+        if c.has_text:
+            self.decoder_text_output = OutputHead(Dd, c.vocab_size, c.output_head_depth, c.layer_norm_eps)
+
+        # Fixed sin-cos tables: buffers, not parameters, and recomputed rather than saved, so a
+        # checkpoint loads at another image size.
+        n_text = max(c.text_length, MAX_TEXT_POSITIONS)
+        self.register_buffer("encoder_image_pos", sincos_buffer(sincos_2d(D, c.grid_size)), persistent=False)
+        self.register_buffer("decoder_image_pos", sincos_buffer(sincos_2d(Dd, c.grid_size)), persistent=False)
+        self.register_buffer("encoder_text_pos", sincos_buffer(sincos_1d(D, range(n_text))), persistent=False)
+        self.register_buffer("decoder_text_pos", sincos_buffer(sincos_1d(Dd, range(n_text))), persistent=False)
+        self.reset_parameters()
+
+    # ------------------------------------------------------------------ init
+    def reset_parameters(self) -> None:
+        """Xavier-uniform Linear kernels and zero biases; N(0, 0.02) CLS/type/mask; N(0, 1) word embedding."""
+        for module in self.modules():
+            if isinstance(module, nn.Linear):
+                nn.init.xavier_uniform_(module.weight)
+                nn.init.zeros_(module.bias)
+            elif isinstance(module, nn.LayerNorm):
+                nn.init.ones_(module.weight)
+                nn.init.zeros_(module.bias)
+            elif isinstance(module, nn.Embedding):
+                nn.init.normal_(module.weight, std=1.0)
+        for name, param in self.named_parameters(recurse=False):
+            nn.init.normal_(param, std=0.02)
+
+    def no_weight_decay(self) -> set[str]:
+        """Parameter names excluded from weight decay by the official list: biases, the CLS token,
+        type and mask embeddings and the word embedding. LayerNorm scales are decayed."""
+        return {
+            name
+            for name, _ in self.named_parameters()
+            if name.endswith(".bias") or "." not in name or name == "text_embedding.weight"
+        }
+
+    # ------------------------------------------------------------------ patches
+    def patchify(self, image: torch.Tensor) -> torch.Tensor:
+        """(B, C, H, W) -> (B, N, p·p·C); patches row-major, each flattened in (py, px, c) order."""
+        p, g, C = self.config.patch_size, self.config.grid_size, self.config.in_chans
+        B = image.shape[0]
+        x = image.reshape(B, C, g, p, g, p).permute(0, 2, 4, 3, 5, 1)  # (B, gh, gw, py, px, C)
+        return x.reshape(B, g * g, p * p * C)
+
+    def unpatchify(self, patches: torch.Tensor) -> torch.Tensor:
+        """(B, N, p·p·C) -> (B, C, H, W)."""
+        p, g, C = self.config.patch_size, self.config.grid_size, self.config.in_chans
+        B = patches.shape[0]
+        x = patches.reshape(B, g, g, p, p, C).permute(0, 5, 1, 3, 2, 4)  # (B, C, gh, py, gw, px)
+        return x.reshape(B, C, g * p, g * p)
+
+    # ------------------------------------------------------------------ inputs
+    def _check_inputs(
+        self, image: torch.Tensor | None, text: torch.Tensor | None, text_padding_mask: torch.Tensor | None
+    ) -> tuple[int, torch.Tensor | None]:
+        """Validates shapes and dtypes; returns the batch size and the padding mask as bool (True = pad)."""
+        c = self.config
+        if image is None and text is None:
+            raise ValueError("M3AE needs `image`, `text` or both")
+        batch = None
+        if image is not None:
+            expected = (c.in_chans, c.image_size, c.image_size)
+            if image.ndim != 4 or tuple(image.shape[1:]) != expected:
+                raise ValueError(f"image must have shape (B, {', '.join(map(str, expected))}), got {tuple(image.shape)}")
+            if not image.is_floating_point():
+                raise TypeError(f"image must be a float tensor (normalised pixels), got {image.dtype}")
+            batch = image.shape[0]
+        if text is None:
+            if text_padding_mask is not None:
+                raise ValueError("text_padding_mask given without text")
+            return batch, None
+        if not c.has_text:
+            raise ValueError("this is an image-only (model_type='mae') model: it takes no text")
+        if text.ndim != 2:
+            raise ValueError(f"text must have shape (B, L), got {tuple(text.shape)}")
+        if text.is_floating_point() or text.dtype == torch.bool:
+            raise TypeError(f"text must hold integer token ids, got {text.dtype}")
+        if text.shape[1] > self.encoder_text_pos.shape[1]:
+            raise ValueError(f"text length {text.shape[1]} exceeds the {self.encoder_text_pos.shape[1]} positions")
+        if batch is not None and text.shape[0] != batch:
+            raise ValueError(f"image batch {batch} and text batch {text.shape[0]} differ")
+        if text_padding_mask is None:
+            text_padding_mask = torch.zeros_like(text, dtype=torch.bool)
+        elif tuple(text_padding_mask.shape) != tuple(text.shape):
+            raise ValueError(
+                f"text_padding_mask must have the shape of text {tuple(text.shape)}, got {tuple(text_padding_mask.shape)}"
+            )
+        return text.shape[0], text_padding_mask.bool()
+
+    def _embed_image(self, image: torch.Tensor) -> torch.Tensor:
+        x = self.image_embedding(self.patchify(image)) + self.encoder_image_pos  # (B, N, D)
+        if self.config.use_type_embedding:
+            x = x + self.encoder_image_type_embedding
+        return x
+
+    def _embed_text(self, text: torch.Tensor) -> torch.Tensor:
+        x = self.text_embedding(text) + self.encoder_text_pos[:, : text.shape[1]]  # (B, L, D)
+        if self.config.use_type_embedding:
+            x = x + self.encoder_text_type_embedding
+        return x
+
+    def _decoder_tokens(self, visible: torch.Tensor, masking: Masking, modality: str) -> torch.Tensor:
+        """Visible decoder tokens (B, keep, Dd) -> all positions (B, L, Dd) with mask tokens, positions, type."""
+        x = unshuffle(visible, getattr(self, f"{modality}_mask_embedding"), masking.ids_restore)
+        x = x + getattr(self, f"decoder_{modality}_pos")[:, : x.shape[1]]
+        if self.config.use_type_embedding:
+            x = x + getattr(self, f"decoder_{modality}_type_embedding")
+        return x
+
+    # ------------------------------------------------------------------ masked autoencoding
+    def forward(
+        self,
+        image: torch.Tensor | None = None,
+        text: torch.Tensor | None = None,
+        text_padding_mask: torch.Tensor | None = None,
+        *,
+        image_noise: torch.Tensor | None = None,
+        text_noise: torch.Tensor | None = None,
+        compute_logits: bool = True,
+        output_attentions: bool = False,
+    ) -> M3AEOutput:
+        """Paired (image + text), image-only (text=None) or text-only (image=None) masked autoencoding.
+
+        `text_padding_mask`: (B, L) bool or float, True/1 = padding. Noise (B, L) or (L,): positions
+        sorted ascending by noise, the first `keep` visible. `compute_logits=False` runs the text head
+        only at removed positions (what the loss reads) and returns no `text_logits`.
+        """
+        c = self.config
+        B, pad = self._check_inputs(image, text, text_padding_mask)
+        device = (image if image is not None else text).device
+        cls = self.cls_token.expand(B, -1, -1)  # (B, 1, D)
+        tokens, key_padding = [cls], [torch.zeros(B, 1, dtype=torch.bool, device=device)]
+
+        # --- mask: keep int(L·(1 - ratio)) positions per modality, from independent noise
+        if image is not None:
+            N = c.num_patches
+            if image_noise is None:
+                image_noise = draw_noise(B, N, c.masking, device)
+            image_masking = random_masking(image_noise, B, N, c.image_keep)
+            tokens.append(gather_tokens(self._embed_image(image), image_masking.ids_keep))  # (B, keep_i, D)
+            key_padding.append(torch.zeros(B, c.image_keep, dtype=torch.bool, device=device))
+        if text is not None:
+            L = text.shape[1]
+            if text_noise is None:
+                text_noise = draw_noise(B, L, c.masking, device)
+            text_masking = random_masking(text_noise, B, L, c.text_keep(L))
+            tokens.append(gather_tokens(self._embed_text(text), text_masking.ids_keep))  # (B, keep_t, D)
+            # kept padding slots enter the encoder but are never attended to as keys
+            key_padding.append(torch.gather(pad, 1, text_masking.ids_keep))
+
+        # --- encode [CLS, visible image, visible text]
+        latent, encoder_attentions, _ = self.encoder(
+            torch.cat(tokens, dim=1), torch.cat(key_padding, dim=1), output_attentions
+        )  # (B, 1 + keep_i + keep_t, D)
+
+        # --- decode [CLS, all image positions, all text positions]
+        projected = self.decoder_input_projection(latent)  # (B, 1 + keep_i + keep_t, Dd)
+        decoder_tokens, decoder_padding = [projected[:, :1]], [key_padding[0]]
+        offset = 1
+        if image is not None:
+            visible = projected[:, offset : offset + c.image_keep]
+            decoder_tokens.append(self._decoder_tokens(visible, image_masking, "image"))  # (B, N, Dd)
+            decoder_padding.append(torch.zeros(B, N, dtype=torch.bool, device=device))
+            offset += c.image_keep
+        if text is not None:
+            decoder_tokens.append(self._decoder_tokens(projected[:, offset:], text_masking, "text"))  # (B, L, Dd)
+            decoder_padding.append(pad)
+        decoded, decoder_attentions, _ = self.decoder(
+            torch.cat(decoder_tokens, dim=1), torch.cat(decoder_padding, dim=1), output_attentions
+        )  # (B, 1 + N + L, Dd)
+
+        # --- heads and losses
+        image_pred = image_loss = image_mask = text_logits = text_loss = text_accuracy = text_mask = None
+        loss = decoded.new_zeros((), dtype=torch.float32)
+        if image is not None:
+            image_pred = self.decoder_image_output(decoded[:, 1 : 1 + N])  # (B, N, P)
+            target = self.patchify(image)
+            if c.norm_pix_loss:
+                target = normalize_patches(target.float())
+            image_mask = image_masking.mask
+            image_loss = patch_mse_loss(image_pred, target, torch.ones_like(image_mask) if c.image_loss_on_all else image_mask)
+            loss = loss + c.image_loss_weight * image_loss
+        if text is not None:
+            decoded_text = decoded[:, -L:]  # (B, L, Dd)
+            text_mask = text_masking.mask
+            real = (~pad).float()
+            if compute_logits or c.text_loss_on_all:
+                text_logits = self.decoder_text_output(decoded_text)  # (B, L, V)
+                weight = real if c.text_loss_on_all else text_mask * real
+                text_loss, text_accuracy = masked_cross_entropy(text_logits, text, weight)
+            else:
+                removed = text_masking.ids_removed  # (B, L - keep_t): fixed shape, no host sync
+                logits = self.decoder_text_output(gather_tokens(decoded_text, removed))  # (B, L - keep_t, V)
+                text_loss, text_accuracy = masked_cross_entropy(
+                    logits, torch.gather(text, 1, removed), torch.gather(real, 1, removed)
+                )
+            loss = loss + c.text_loss_weight * text_loss
+
+        return M3AEOutput(
+            loss=loss,
+            image_loss=image_loss,
+            text_loss=text_loss,
+            text_accuracy=text_accuracy,
+            image_pred=image_pred,
+            text_logits=text_logits,
+            image_mask=image_mask,
+            text_mask=text_mask,
+            latent=latent,
+            image_ids_keep=image_masking.ids_keep if image is not None else None,
+            text_ids_keep=text_masking.ids_keep if text is not None else None,
+            encoder_attentions=encoder_attentions,
+            decoder_attentions=decoder_attentions,
+        )
+
+    # ------------------------------------------------------------------ representations
+    def encode(
+        self,
+        image: torch.Tensor | None = None,
+        text: torch.Tensor | None = None,
+        text_padding_mask: torch.Tensor | None = None,
+        *,
+        output_attentions: bool = False,
+        output_hidden_states: bool = False,
+    ) -> M3AEEncoding:
+        """Unmasked encoder over `[CLS, all patches, all text]` (either modality may be absent): the
+        representation used for transfer; the linear probe reads `cls` of the image-only sequence."""
+        B, pad = self._check_inputs(image, text, text_padding_mask)
+        device = (image if image is not None else text).device
+        tokens = [self.cls_token.expand(B, -1, -1)]
+        key_padding = [torch.zeros(B, 1, dtype=torch.bool, device=device)]
+        if image is not None:
+            tokens.append(self._embed_image(image))
+            key_padding.append(torch.zeros(B, self.config.num_patches, dtype=torch.bool, device=device))
+        if text is not None:
+            tokens.append(self._embed_text(text))
+            key_padding.append(pad)
+        x, attentions, hidden_states = self.encoder(
+            torch.cat(tokens, dim=1),
+            torch.cat(key_padding, dim=1) if text is not None else None,
+            output_attentions,
+            output_hidden_states,
+        )
+        n_image = self.config.num_patches if image is not None else 0
+        return M3AEEncoding(
+            last_hidden_state=x,
+            cls=x[:, 0],
+            image_tokens=x[:, 1 : 1 + n_image] if image is not None else None,
+            text_tokens=x[:, 1 + n_image :] if text is not None else None,
+            hidden_states=hidden_states,
+            attentions=attentions,
+        )
+
+    # ------------------------------------------------------------------ persistence
+    def save_pretrained(self, directory: str | Path) -> Path:
+        """Writes `config.json` and `model.safetensors` (atomically: temp files, then rename)."""
+        from safetensors.torch import save_file
+
+        from ..utils import atomic_path
+
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        state = {name: tensor.detach().contiguous().cpu() for name, tensor in self.state_dict().items()}
+        with atomic_path(directory / WEIGHTS_NAME) as tmp:
+            save_file(state, str(tmp), metadata={"format": "pt", "m3ae_config": json.dumps(self.config.to_dict())})
+        with atomic_path(directory / CONFIG_NAME) as tmp:
+            self.config.save(tmp)
+        return directory
+
+    @classmethod
+    def from_pretrained(cls, directory: str | Path, **config_overrides) -> "M3AE":
+        """Loads a `save_pretrained` directory. Overrides may change non-structural fields
+        (mask ratios, loss options, attention implementation, image size)."""
+        from safetensors.torch import load_file
+
+        directory = Path(directory)
+        config_path, weights_path = directory / CONFIG_NAME, directory / WEIGHTS_NAME
+        for path in (config_path, weights_path):
+            if not path.is_file():
+                raise FileNotFoundError(f"{path} not found: expected a directory written by save_pretrained")
+        config = M3AEConfig.load(config_path)
+        if config_overrides:
+            config = config.replace(**config_overrides)
+        model = cls(config)
+        state = load_file(str(weights_path))
+        missing, unexpected = model.load_state_dict(state, strict=False)
+        if missing or unexpected:
+            raise ValueError(f"{weights_path} does not match {config_path}: missing {missing}, unexpected {unexpected}")
+        return model

@@ -1,0 +1,64 @@
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from m3ae import M3AE
+from m3ae.interop.official import infer_config, to_torch_state_dict
+
+OFFICIAL = Path(__file__).parent / "fixtures" / "official_m3ae"
+# what the fixtures' parameter shapes cannot tell (official_m3ae_fixtures.json, "sizes" and configs)
+FIXTURE_SIZES = dict(num_heads=4, dec_num_heads=2, image_size=48, text_length=18)
+
+
+class Fixture:
+    """One golden npz file and the official model built from its parameters."""
+
+    def __init__(self, name: str) -> None:
+        self.data = np.load(OFFICIAL / name)
+        self.flat = {k.removeprefix("params/"): self.data[k] for k in self.data.files if k.startswith("params/")}
+        self.config = infer_config(self.flat, masking="shared", **FIXTURE_SIZES)
+        self.model = M3AE(self.config)
+        self.model.load_state_dict(to_torch_state_dict(self.flat, self.config.output_head_depth))
+
+    def __getitem__(self, key: str) -> torch.Tensor:
+        return torch.from_numpy(np.asarray(self.data[key]))
+
+    def __contains__(self, key: str) -> bool:
+        return key in self.data.files
+
+    @property
+    def image(self) -> torch.Tensor:
+        return self["input/image"].permute(0, 3, 1, 2).contiguous()  # NHWC -> NCHW
+
+    def grads(self, branch: str) -> dict[str, torch.Tensor]:
+        """Official gradients of `branch`, keyed by our parameter names, in our layouts."""
+        prefix = f"{branch}/grads/params/"
+        flat = {k.removeprefix(prefix): self.data[k] for k in self.data.files if k.startswith(prefix)}
+        return to_torch_state_dict(flat, self.config.output_head_depth)
+
+
+@pytest.fixture(scope="session")
+def m3ae_tiny() -> Fixture:
+    return Fixture("m3ae_tiny.npz")
+
+
+@pytest.fixture(scope="session")
+def m3ae_tiny_head1() -> Fixture:
+    return Fixture("m3ae_tiny_head1.npz")
+
+
+@pytest.fixture(scope="session")
+def mae_tiny() -> Fixture:
+    return Fixture("mae_tiny.npz")
+
+
+def assert_close(actual: torch.Tensor, expected: torch.Tensor, what: str, tol: float = 1e-5) -> None:
+    """The parity criterion: within `tol` absolute, or relative for large values."""
+    actual, expected = actual.detach().double(), expected.double()
+    assert actual.shape == expected.shape, f"{what}: shape {tuple(actual.shape)} != {tuple(expected.shape)}"
+    error = (actual - expected).abs().max().item() if actual.numel() else 0.0
+    assert torch.allclose(actual, expected, atol=tol, rtol=tol), f"{what}: max abs error {error:.3g}"
