@@ -97,6 +97,13 @@ def _scalar(dtype: np.dtype, data: bytes | None = None) -> Any:
     return np.frombuffer(data, dtype=dtype)[0]
 
 
+def _latin1_bytes(text: str, encoding: str = "latin1") -> bytes:
+    # protocol 2 stores bytes as `_codecs.encode(text, "latin1")`
+    if not isinstance(text, str) or encoding.replace("-", "") != "latin1":
+        raise pickle.UnpicklingError("only latin-1 byte strings are accepted from _codecs.encode")
+    return text.encode("latin1")
+
+
 def _reconstructor(cls: Any, base: Any, state: Any) -> Any:
     # copyreg's protocol 0/1 object rebuild; only placeholders and plain containers may be built
     if isinstance(cls, OpaqueMeta):
@@ -111,6 +118,7 @@ _SAFE_GLOBALS: dict[tuple[str, str], Any] = {
     ("numpy", "dtype"): np.dtype,
     ("copyreg", "_reconstructor"): _reconstructor,
     ("collections", "OrderedDict"): collections.OrderedDict,
+    ("_codecs", "encode"): _latin1_bytes,
     **{("builtins", t.__name__): t for t in (dict, list, tuple, set, frozenset, int, float, complex, bool, str, bytes, bytearray)},
     **{("__builtin__", t.__name__): t for t in (dict, list, tuple, set, frozenset, int, float, complex, bool, str, bytes, bytearray)},
 }
