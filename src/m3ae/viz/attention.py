@@ -98,7 +98,7 @@ def plot_patch_attention(
     cmap = plt.get_cmap("Reds")
     x, y = 0.0, 0.8
     for word, shade in zip(words, shades):
-        text = ax_text.text(x, y, word, fontsize=11, transform=ax_text.transAxes,
+        text = ax_text.text(x, y, word, fontsize=11, transform=ax_text.transAxes, color="white" if shade > 0.6 else "black",
                             bbox=dict(facecolor=cmap(0.15 + 0.85 * shade), edgecolor="none", pad=2))
         fig.canvas.draw()
         extent = text.get_window_extent().transformed(ax_text.transAxes.inverted())
