@@ -45,6 +45,8 @@ class Tokenizer:
             return cls(BertWordPieceTokenizer(str(path / "vocab.txt"), lowercase=True), max_length, name)
         if path.is_file() and path.suffix == ".txt":
             return cls(BertWordPieceTokenizer(str(path), lowercase=True), max_length, name)
+        if path.suffix in (".json", ".txt") or name.startswith((".", "/", "~")) or path.exists():
+            raise FileNotFoundError(f"tokenizer {name!r}: no tokenizer.json or vocab.txt at this path")
         try:
             return cls(HFTokenizer.from_pretrained(name), max_length, name)
         except Exception as error:  # the hub client raises many types; all mean "not available"
