@@ -77,11 +77,12 @@ def expand_shards(pattern: str) -> list[str]:
 
 
 def _split_member_name(name: str) -> tuple[str, str]:
-    # WebDataset convention: the key is everything up to the first dot of the file name.
+    # WebDataset convention: the key is everything up to the first dot of the file name; like its
+    # decoders we type a member by the last part of the extension ("x.seg.png" is a PNG).
     directory, _, base = name.rpartition("/")
     stem, dot, ext = base.partition(".")
     key = f"{directory}/{stem}" if directory else stem
-    return key, ext.lower() if dot else ""
+    return key, ext.rpartition(".")[2].lower() if dot else ""
 
 
 def _parse_label(text: bytes | str | None) -> int:
@@ -358,11 +359,11 @@ def open_source(spec: str, fmt: str = "auto", *, role: str = "pair", split: str 
         return WebDatasetSource(str(root / f"{split or 'train'}-*.tar"))
     if role == "labelled" and os.path.isdir(os.path.join(spec, split)):
         spec = os.path.join(spec, split)  # root/{train,val}/<class>/... or root/{train,val}/*.tar
-    fmt = detect_format(spec) if fmt == "auto" else fmt
     if role == "text":
-        if fmt == "hdf5":
+        if fmt == "hdf5" or spec.lower().endswith((".h5", ".hdf5")):
             return HDF5Source(spec, None, "text", unit_size=unit_size)
         return TextFileSource(spec, unit_size)
+    fmt = detect_format(spec) if fmt == "auto" else fmt
     if fmt == "wds":
         return WebDatasetSource(spec)
     if fmt == "hdf5":
