@@ -126,12 +126,11 @@ class WebDatasetSource(Source):
                     if not info.isfile():
                         continue
                     key, ext = _split_member_name(info.name)
-                    data = tar.extractfile(info).read()
                     if key != group_key:
                         if group_key is not None:
                             yield self._record(group_key, members)
                         group_key, members = key, {}
-                    members[ext] = data
+                    members[ext] = tar.extractfile(info).read()
         except (tarfile.TarError, OSError, EOFError) as error:
             # Members of the interrupted group may be incomplete: report the shard, drop the group.
             _warn_once(f"shard {url} is truncated or corrupt after key {group_key!r}: {error}")
@@ -166,6 +165,11 @@ class IndexedSource(Source):
 
     def units(self) -> Sequence[int]:
         return range((self.length + self.unit_size - 1) // self.unit_size)
+
+    def ensure_units(self, count: int) -> None:
+        """Cut finer when there are fewer units than readers (random access makes that free)."""
+        if len(self.units()) < count:
+            self.unit_size = max(1, self.length // count)
 
     def read_unit(self, unit: int) -> Iterator[RawRecord]:
         start = unit * self.unit_size
