@@ -1,9 +1,8 @@
-import argparse
 import json
 
 import numpy as np
 import pytest
-from data_helpers import samples, write_folder, write_hdf5, write_manifest, write_shards, write_tar
+from data_helpers import cli, samples, write_folder, write_hdf5, write_manifest, write_shards, write_tar
 
 from m3ae.data.loader import decode_caption
 from m3ae.data.sources import open_source
@@ -93,15 +92,6 @@ def test_tar_members_are_grouped_by_key_with_directories(tmp_path):
                                           ("b/x.1.png", image_bytes(1)), ("b/x.1.txt", b"two")])
     records = list(open_source(str(path)).read_unit(0))
     assert [(r.key, r.caption) for r in records] == [("a/x", b"one"), ("b/x", b"two")]
-
-
-def cli(argv: list[str]) -> None:
-    from m3ae.data import cli as data_cli
-
-    parser = argparse.ArgumentParser()
-    data_cli.register(parser.add_subparsers(dest="command", required=True))
-    args = parser.parse_args(argv)
-    assert args.func(args) == 0
 
 
 def test_build_converts_manifest_and_folder_to_equivalent_shards(formats, tmp_path, capsys):

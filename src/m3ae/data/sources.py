@@ -359,7 +359,10 @@ def open_source(spec: str, fmt: str = "auto", *, role: str = "pair", split: str 
     if spec == "embedded":
         from m3ae.data.synth import ensure_embedded_dataset
 
-        root = ensure_embedded_dataset(embedded_root)
+        # A dataset already there is used whatever its size (e.g. a small one from `m3ae data synth`).
+        root = Path(embedded_root)
+        if not (root / "manifest.json").is_file():
+            root = ensure_embedded_dataset(root)
         return WebDatasetSource(str(root / f"{split or 'train'}-*.tar"))
     if role == "labelled" and os.path.isdir(os.path.join(spec, split)):
         spec = os.path.join(spec, split)  # root/{train,val}/<class>/... or root/{train,val}/*.tar
