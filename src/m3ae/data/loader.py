@@ -328,7 +328,8 @@ class BatchStream(IterableDataset):
 
     def _collate(self, samples: list[Sample], tokenizer: Tokenizer) -> dict:
         batch = {
-            "image": normalize_batch(np.stack([s.pixels for s in samples]), self.mean, self.std),
+            "image": normalize_batch(np.stack([s.pixels for s in samples]), self.mean, self.std,
+                                     shared=get_worker_info() is not None),
             "label": torch.tensor([s.label for s in samples], dtype=torch.long),
             "key": [s.key for s in samples],
         }

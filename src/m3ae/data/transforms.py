@@ -147,9 +147,19 @@ class ImageTransform:
         return np.asarray(out, dtype=np.uint8)
 
 
-def normalize_batch(images: np.ndarray, mean: tuple[float, ...], std: tuple[float, ...]) -> torch.Tensor:
-    """uint8 (B, H, W, 3) to float32 (B, 3, H, W) with `(x / 255 - mean) / std` per channel."""
-    batch = torch.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2).float()
-    scale = torch.tensor([255.0 * s for s in std]).view(1, 3, 1, 1)
-    shift = torch.tensor([255.0 * m for m in mean]).view(1, 3, 1, 1)
-    return (batch - shift) / scale
+def normalize_batch(images: np.ndarray, mean: tuple[float, ...], std: tuple[float, ...],
+                    shared: bool = False) -> torch.Tensor:
+    """uint8 (B, H, W, 3) to float32 (B, 3, H, W) with `(x / 255 - mean) / std` per channel.
+
+    Transposing the uint8 bytes first and scaling in place is several times faster than
+    converting the permuted view. `shared` writes the result straight into shared memory, which
+    saves DataLoader workers a copy of every batch when handing it to the main process.
+    """
+    pixels = torch.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2)
+    out = torch.empty(pixels.shape, dtype=torch.float32)
+    if shared:
+        out.share_memory_()
+    out.copy_(pixels)
+    scale = torch.tensor([1.0 / (255.0 * s) for s in std]).view(1, 3, 1, 1)
+    shift = torch.tensor([-m / s for m, s in zip(mean, std)]).view(1, 3, 1, 1)
+    return out.mul_(scale).add_(shift)
