@@ -139,6 +139,24 @@ def test_broken_samples_are_skipped_and_counted(tmp_path):
     assert padding[keys.index("emptycap")].all() and not padding[keys.index("good0")].all()
 
 
+def test_unreadable_shards_are_counted_and_an_all_bad_source_is_an_error(shards, tmp_path):
+    first = shards.replace("{0000..0006}", "0000")
+    cfg = config(f"pipe:cat {first}::pipe:false::pipe:cat {tmp_path}/missing.tar", format="wds")
+    loader = build_pretrain_loader(cfg, batch_size=4, epochs=1)
+    assert len(all_keys(loader)) == 6
+    assert loader.stats()["skipped"] == {"unreadable_shard": 2}
+    with pytest.raises(RuntimeError, match="pipe:false"):
+        next(iter(build_pretrain_loader(config("pipe:false", format="wds"), batch_size=4)))
+
+
+def test_hdf5_with_workers_covers_an_epoch_once(tmp_path):
+    from data_helpers import write_hdf5
+
+    path = write_hdf5(tmp_path / "d.h5", 30)
+    keys = all_keys(build_pretrain_loader(config(str(path), num_workers=2, index_unit_size=4), 4, epochs=1))
+    assert sorted(keys) == [f"{i:09d}" for i in range(30)]
+
+
 def test_manifest_missing_files_and_bad_rows(tmp_path):
     (tmp_path / "a.png").write_bytes(image_bytes(0))
     rows = [json.dumps({"image": "a.png", "caption": "present"}), "{not json",

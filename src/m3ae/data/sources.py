@@ -132,8 +132,12 @@ class WebDatasetSource(Source):
                         group_key, members = key, {}
                     members[ext] = tar.extractfile(info).read()
         except (tarfile.TarError, OSError, EOFError) as error:
+            if group_key is None:  # nothing readable at all: a bad path, URL or command
+                _warn_once(f"cannot read shard {url}: {error}")
+                yield RawRecord(key=url, error="unreadable_shard")
+                return
             # Members of the interrupted group may be incomplete: report the shard, drop the group.
-            _warn_once(f"shard {url} is truncated or corrupt after key {group_key!r}: {error}")
+            _warn_once(f"shard {url} is truncated or corrupt at key {group_key!r}: {error}")
             yield RawRecord(key=f"{url}:{group_key}", error="truncated_shard")
             return
         if group_key is not None:
