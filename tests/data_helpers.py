@@ -73,11 +73,11 @@ def write_manifest(root: Path, count: int, kind: str = "jsonl") -> Path:
         (root / "img" / f"{key}.png").write_bytes(image_bytes(index))
     if kind == "jsonl":
         path = root / "manifest.jsonl"
-        path.write_text("".join(json.dumps({"image": f"img/{k}.png", "caption": c, "label": l, "key": k}) + "\n"
-                                for k, _, c, l in rows))
+        path.write_text("".join(json.dumps({"image": f"img/{k}.png", "caption": c, "label": y, "key": k}) + "\n"
+                                for k, _, c, y in rows))
     else:
         path = root / "manifest.csv"
-        path.write_text("key,image,caption,label\n" + "".join(f"{k},img/{k}.png,{c},{l}\n" for k, _, c, l in rows))
+        path.write_text("key,image,caption,label\n" + "".join(f"{k},img/{k}.png,{c},{y}\n" for k, _, c, y in rows))
     return path
 
 

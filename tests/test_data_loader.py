@@ -3,7 +3,6 @@ import json
 import tarfile
 from itertools import islice
 
-import numpy as np
 import pytest
 import torch
 from data_helpers import image_bytes, pair_members, write_shards, write_tar
@@ -77,7 +76,7 @@ def test_stop_and_resume_matches_an_uninterrupted_run(shards, tmp_path, workers)
         loader.load_state_dict(state)
     assert [b["key"] for b in resumed] == [b["key"] for b in reference]
     assert {k for b in reference for k in b["key"]} == {f"{i:06d}" for i in range(42)}
-    for got, want in zip(resumed, reference):
+    for got, want in zip(resumed, reference, strict=True):
         for name in ("image", "text", "text_padding_mask", "unpaired_text", "unpaired_text_padding_mask"):
             assert torch.equal(got[name], want[name]), name
 
@@ -186,7 +185,7 @@ def test_paired_fraction(tmp_path, mode):
     kept_by_epoch: list[set] = [set(), set()]
     for index, batch in enumerate(loader):
         captioned = ~batch["text_padding_mask"].all(dim=1)
-        kept_by_epoch[index // 8].update(k for k, c in zip(batch["key"], captioned.tolist()) if c)
+        kept_by_epoch[index // 8].update(k for k, c in zip(batch["key"], captioned.tolist(), strict=True) if c)
     for kept in kept_by_epoch:
         assert 0.3 * 400 - 40 < len(kept) < 0.3 * 400 + 40  # binomial sd is about 9
     assert loader.stats()["dropped_caption"] == 800 - sum(map(len, kept_by_epoch))
@@ -227,5 +226,5 @@ def test_eval_loader_is_deterministic_and_labelled(tmp_path):
     assert image.shape == (3, 3, 16, 16)
     assert torch.allclose(image[1, 0], torch.full((16, 16), 80 / 255), atol=1 / 255)
     again = list(build_eval_loader(cfg, batch_size=3, split="val"))
-    assert all(torch.equal(a["image"], b["image"]) for a, b in zip(batches, again))
+    assert all(torch.equal(a["image"], b["image"]) for a, b in zip(batches, again, strict=True))
     assert sum(len(b["key"]) for b in build_eval_loader(cfg, batch_size=4, split="train")) == 6

@@ -50,8 +50,8 @@ class SynthSpec:
 
 def _polygon(shape: str, cx: float, cy: float, r: float, angle: float) -> list[tuple[float, float]]:
     def ring(count: int, radius: float, phase: float = 0.0) -> list[tuple[float, float]]:
-        return [(math.cos(angle + phase + 2 * math.pi * i / count) * radius,
-                 math.sin(angle + phase + 2 * math.pi * i / count) * radius) for i in range(count)]
+        return [(math.cos(phase + 2 * math.pi * i / count) * radius,
+                 math.sin(phase + 2 * math.pi * i / count) * radius) for i in range(count)]
 
     if shape == "square":
         points = ring(4, r, math.pi / 4)
@@ -65,7 +65,7 @@ def _polygon(shape: str, cx: float, cy: float, r: float, angle: float) -> list[t
         points = [(x * 0.6, y) for x, y in ring(4, r)]
     elif shape == "star":
         outer, inner = ring(5, r), ring(5, r * 0.42, math.pi / 5)
-        points = [p for pair in zip(outer, inner) for p in pair]
+        points = [p for pair in zip(outer, inner, strict=True) for p in pair]
     elif shape == "cross":
         a, b = r, r * 0.35
         points = [(-b, -a), (b, -a), (b, -b), (a, -b), (a, b), (b, b), (b, a), (-b, a), (-b, b), (-a, b),
@@ -75,10 +75,8 @@ def _polygon(shape: str, cx: float, cy: float, r: float, angle: float) -> list[t
                   (r * 0.2, r * 0.25), (-r, r * 0.25)]
     else:
         raise ValueError(f"no polygon for shape {shape!r}")
-    if shape in ("cross", "arrow", "diamond"):
-        cos, sin = math.cos(angle), math.sin(angle)
-        points = [(x * cos - y * sin, x * sin + y * cos) for x, y in points] if shape != "diamond" else points
-    return [(cx + x, cy + y) for x, y in points]
+    cos, sin = math.cos(angle), math.sin(angle)
+    return [(cx + x * cos - y * sin, cy + x * sin + y * cos) for x, y in points]
 
 
 def _shape_mask(size: int, shape: str, cx: float, cy: float, r: float, angle: float) -> Image.Image:

@@ -161,5 +161,5 @@ def normalize_batch(images: np.ndarray, mean: tuple[float, ...], std: tuple[floa
         out.share_memory_()
     out.copy_(pixels)
     scale = torch.tensor([1.0 / (255.0 * s) for s in std]).view(1, 3, 1, 1)
-    shift = torch.tensor([-m / s for m, s in zip(mean, std)]).view(1, 3, 1, 1)
+    shift = torch.tensor([-m / s for m, s in zip(mean, std, strict=True)]).view(1, 3, 1, 1)
     return out.mul_(scale).add_(shift)
