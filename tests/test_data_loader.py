@@ -156,6 +156,19 @@ def test_hdf5_with_workers_covers_an_epoch_once(tmp_path):
     assert sorted(keys) == [f"{i:09d}" for i in range(30)]
 
 
+def test_the_batch_stream_survives_pickling_for_spawned_workers(tmp_path):
+    import pickle
+
+    from data_helpers import write_hdf5
+
+    from m3ae.data.loader import BatchStream
+
+    path = write_hdf5(tmp_path / "d.h5", 8)
+    stream = BatchStream(config(str(path)), batch_size=4, rank=0, world_size=1, epochs=1)
+    direct = [b["key"] for b in stream]  # leaves an open HDF5 handle behind
+    assert [b["key"] for b in pickle.loads(pickle.dumps(stream))] == direct
+
+
 def test_manifest_missing_files_and_bad_rows(tmp_path):
     (tmp_path / "a.png").write_bytes(image_bytes(0))
     rows = [json.dumps({"image": "a.png", "caption": "present"}), "{not json",

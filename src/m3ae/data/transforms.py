@@ -11,10 +11,6 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-# Our own pixel cap (DataConfig.max_image_pixels) replaces Pillow's global one, which would raise
-# or warn with no key attached.
-Image.MAX_IMAGE_PIXELS = None
-
 _SIXTEEN_BIT_MODES = {"I;16", "I;16B", "I;16L", "I;16N", "I"}
 _ALPHA_MODES = {"RGBA", "LA", "PA", "RGBa", "La"}
 
@@ -36,19 +32,23 @@ def decode_image(data: bytes, max_pixels: int, min_side: int, draft_side: int = 
     if not data:
         raise SkipSample("empty_image")
     try:
-        image = Image.open(io.BytesIO(data))
-        width, height = image.size
-        if width * height > max_pixels:
-            raise SkipSample("too_many_pixels", f"{width}x{height}")
-        if min(width, height) < min_side:
-            raise SkipSample("image_too_small", f"{width}x{height}")
-        if draft_side and image.format == "JPEG":
-            image.draft(None, (draft_side, draft_side))
         with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # Pillow warns on odd EXIF/ICC data it can still decode
+            # Pillow warns on odd EXIF/ICC data it can still decode, and on large images that our
+            # own cap below judges (its global limit is left alone: other code may rely on it).
+            warnings.simplefilter("ignore")
+            image = Image.open(io.BytesIO(data))
+            width, height = image.size
+            if width * height > max_pixels:
+                raise SkipSample("too_many_pixels", f"{width}x{height}")
+            if min(width, height) < min_side:
+                raise SkipSample("image_too_small", f"{width}x{height}")
+            if draft_side and image.format == "JPEG":
+                image.draft(None, (draft_side, draft_side))
             image.load()
     except SkipSample:
         raise
+    except Image.DecompressionBombError as error:  # above twice Pillow's own limit
+        raise SkipSample("too_many_pixels", str(error)) from error
     except (UnidentifiedImageError, OSError, ValueError, SyntaxError, EOFError) as error:
         raise SkipSample("undecodable_image", str(error)) from error
     return to_rgb(_upright(image))
