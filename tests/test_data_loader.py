@@ -81,6 +81,21 @@ def test_stop_and_resume_matches_an_uninterrupted_run(shards, tmp_path, workers)
             assert torch.equal(got[name], want[name]), name
 
 
+def test_resume_decodes_only_what_it_yields(shards, monkeypatch):
+    import m3ae.data.loader as loader_module
+
+    cfg = config(shards)
+    first = build_pretrain_loader(cfg, batch_size=5)
+    take(first, 13)  # 65 samples: into the second epoch, mid-shard
+    decoded = []
+    real_decode = loader_module.decode_image
+    monkeypatch.setattr(loader_module, "decode_image", lambda data, *a: decoded.append(1) or real_decode(data, *a))
+    resumed = build_pretrain_loader(cfg, batch_size=5)
+    resumed.load_state_dict(first.state_dict())
+    take(resumed, 1)
+    assert len(decoded) == 5
+
+
 def test_resume_rejects_a_different_worker_count(shards):
     loader = build_pretrain_loader(config(shards), batch_size=4)
     take(loader, 2)
