@@ -198,9 +198,17 @@ def add_override_arguments(parser: argparse.ArgumentParser, cls: type) -> None:
     group = parser.add_argument_group("config overrides (any field of the recipe)")
     for dotted, tp in leaf_fields(cls).items():
         group.add_argument(
-            f"--{dotted}", metavar=_type_name(tp).upper().replace(" ", ""), dest=f"{OVERRIDES_DEST}:{dotted}",
+            f"--{dotted}", metavar=_metavar(tp), dest=f"{OVERRIDES_DEST}:{dotted}",
             default=argparse.SUPPRESS, type=parse_value,
         )
+
+
+def _metavar(tp: Any) -> str:
+    if get_origin(tp) is Literal:
+        return "{" + ",".join(str(a) for a in get_args(tp)) + "}"
+    if get_origin(tp) in (typing.Union, types.UnionType):
+        return "|".join(_metavar(a) for a in get_args(tp))
+    return "null" if tp is type(None) else getattr(tp, "__name__", str(tp)).upper()
 
 
 def collect_overrides(args: argparse.Namespace) -> dict[str, Any]:

@@ -114,6 +114,18 @@ class RunResult:
     checkpoint: Path | None
     figures: list[Path]
 
+    def describe(self) -> str:
+        state = "interrupted; continue with --resume auto" if self.interrupted else "finished"
+        lines = [f"run {state} at step {self.step}: {self.run_dir}"]
+        if "loss" in self.last_metrics:
+            lines.append(f"  last loss       {self.last_metrics['loss']:.4f}")
+        lines.append(f"  metrics         {self.run_dir / 'metrics.jsonl'}")
+        if self.checkpoint is not None:
+            lines.append(f"  checkpoint      {self.checkpoint}  (M3AE.from_pretrained loads it)")
+        if self.figures:
+            lines.append(f"  figures         {self.figures[0].parent}  (loss curves, reconstructions, captions)")
+        return "\n".join(lines)
+
 
 def _to_device(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
     return {k: v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
@@ -446,3 +458,17 @@ class Pretrainer:
             curves = plot_loss_curves(logger.path, out_dir / "loss_curves.png")
             written += [curves] if curves else []
         return written
+
+
+def run_pretraining(cfg: PretrainConfig, loader: Iterable[dict[str, torch.Tensor]] | None = None,
+                    resume: str | None = None) -> RunResult | None:
+    """Builds everything, trains, and tears the process group down. Returns the result on the main
+    process, None on the others."""
+    from .distributed import shutdown_distributed
+
+    try:
+        trainer = Pretrainer(cfg, loader=loader, resume=resume)
+        result = trainer.fit()
+        return result if trainer.info.is_main else None
+    finally:
+        shutdown_distributed()
