@@ -10,6 +10,7 @@ import sys
 # `m3ae --help` stays fast.
 COMMAND_MODULES = [
     "m3ae.interop.cli",
+    "m3ae.data.cli",
     "m3ae.train.cli",
 ]
 

@@ -1,0 +1,104 @@
+"""Configuration of the data pipeline: one typed dataclass that training configs embed."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+# Per-channel statistics (RGB, in [0, 1] units) used by the official M3AE release.
+NORMALIZATION_PRESETS: dict[str, tuple[tuple[float, float, float], tuple[float, float, float]]] = {
+    "cc12m": ((0.5762, 0.5503, 0.5213), (0.3207, 0.3169, 0.3307)),
+    "imagenet": ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)),
+    "none": ((0.0, 0.0, 0.0), (1.0, 1.0, 1.0)),
+}
+
+FORMATS = ("auto", "wds", "hdf5", "manifest", "folder")
+
+
+@dataclass
+class WeightedSource:
+    """An extra source mixed into each batch; `weight` is relative to the main source's weight 1."""
+
+    source: str
+    weight: float = 1.0
+    format: str = "auto"
+
+
+@dataclass
+class DataConfig:
+    # Main image-text source: a path, a glob, a brace pattern ("shards-{0000..0009}.tar"), a URL or
+    # `pipe:` command, a comma-separated list of those, or "embedded" for the procedural dataset.
+    source: str = "embedded"
+    format: str = "auto"
+    embedded_root: str = "data/embedded"
+    image_size: int = 256
+    # Images with a side shorter than this (one ViT patch) carry no usable patch: skipped.
+    min_image_size: int = 16
+    text_length: int = 64
+    tokenizer: str = "bert-base-uncased"
+    # A preset name, or "custom" with `mean`/`std` set.
+    normalization: str = "cc12m"
+    mean: tuple[float, float, float] | None = None
+    std: tuple[float, float, float] | None = None
+    crop_scale: tuple[float, float] = (0.2, 1.0)
+    horizontal_flip: bool = True
+    # Fraction of pairs that keep their caption (the paper's 10/20/30/100% study).
+    paired_fraction: float = 1.0
+    caption_drop: str = "deterministic"
+    image_only_sources: list[WeightedSource] = field(default_factory=list)
+    text_only_sources: list[WeightedSource] = field(default_factory=list)
+    unpaired_text_length: int = 256
+    unpaired_text_batch_size: int = 0  # 0: same as the image batch size
+    num_workers: int = 0
+    # Records are shuffled within a shard through a buffer of this many records (shard order is
+    # permuted every epoch); 0 reads shards in order.
+    shuffle_buffer: int = 1000
+    # Index-addressable sources (HDF5, manifest, folder) are cut into units of this many samples,
+    # which then play the role of shards.
+    index_unit_size: int = 64
+    seed: int = 0
+    max_image_pixels: int = 89_478_485  # Pillow's own decompression-bomb threshold
+    # Labelled evaluation sources; empty: derived from `source` (see docs/DATA.md).
+    eval_train_source: str = ""
+    eval_val_source: str = ""
+
+    def __post_init__(self) -> None:
+        self.image_only_sources = [_as_weighted(s, "image_only_sources") for s in self.image_only_sources]
+        self.text_only_sources = [_as_weighted(s, "text_only_sources") for s in self.text_only_sources]
+        if self.format not in FORMATS:
+            raise ValueError(f"DataConfig.format={self.format!r}: expected one of {FORMATS}")
+        if self.caption_drop not in ("deterministic", "random"):
+            raise ValueError(f"DataConfig.caption_drop={self.caption_drop!r}: expected 'deterministic' or 'random'")
+        if not 0.0 <= self.paired_fraction <= 1.0:
+            raise ValueError(f"DataConfig.paired_fraction={self.paired_fraction}: expected a value in [0, 1]")
+        if self.image_size < 1 or self.text_length < 1 or self.unpaired_text_length < 1:
+            raise ValueError("DataConfig.image_size, text_length and unpaired_text_length must be positive")
+        self.normalization_stats()
+
+    def normalization_stats(self) -> tuple[tuple[float, ...], tuple[float, ...]]:
+        if self.normalization == "custom":
+            if self.mean is None or self.std is None or len(self.mean) != 3 or len(self.std) != 3:
+                raise ValueError("DataConfig.normalization='custom' needs 3-element `mean` and `std`")
+            if min(self.std) <= 0:
+                raise ValueError(f"DataConfig.std={self.std}: must be positive")
+            return tuple(self.mean), tuple(self.std)
+        if self.normalization not in NORMALIZATION_PRESETS:
+            raise ValueError(
+                f"DataConfig.normalization={self.normalization!r}: expected 'custom' or one of "
+                f"{sorted(NORMALIZATION_PRESETS)}"
+            )
+        return NORMALIZATION_PRESETS[self.normalization]
+
+
+def _as_weighted(item: WeightedSource | dict | str, field_name: str) -> WeightedSource:
+    # YAML configs give plain strings or mappings; accept both so configs stay short.
+    if isinstance(item, WeightedSource):
+        source = item
+    elif isinstance(item, str):
+        source = WeightedSource(item)
+    elif isinstance(item, dict):
+        source = WeightedSource(**item)
+    else:
+        raise TypeError(f"DataConfig.{field_name}: entries must be str, dict or WeightedSource, got {item!r}")
+    if source.weight <= 0:
+        raise ValueError(f"DataConfig.{field_name}: weight of {source.source!r} must be positive")
+    return source

@@ -1,0 +1,127 @@
+"""Writing img2dataset-layout tar shards (`{key}.jpg|png|webp`, `.txt`, `.json`, `.cls`)."""
+
+from __future__ import annotations
+
+import io
+import json
+import tarfile
+from dataclasses import dataclass
+from pathlib import Path
+
+from PIL import Image
+
+# Formats readers decode directly; anything else Pillow can open is re-encoded as PNG.
+_KEPT_FORMATS = {"JPEG": "jpg", "PNG": "png", "WEBP": "webp"}
+
+
+def image_extension(data: bytes) -> str | None:
+    """Extension under which `data` is stored as is, None when it must be re-encoded."""
+    if data[:3] == b"\xff\xd8\xff":
+        return "jpg"
+    if data[:8] == b"\x89PNG\r\n\x1a\n":
+        return "png"
+    if data[:4] == b"RIFF" and data[8:12] == b"WEBP":
+        return "webp"
+    return None
+
+
+def reencode_png(data: bytes) -> bytes:
+    with Image.open(io.BytesIO(data)) as image:
+        out = io.BytesIO()
+        image.save(out, format="PNG")
+        return out.getvalue()
+
+
+@dataclass
+class ShardWriter:
+    """Writes samples into `{prefix}-{index:04d}.tar`, `shard_size` samples per shard.
+
+    Members get fixed metadata (mtime 0, root owner) so the same input gives byte-identical shards.
+    """
+
+    out_dir: Path
+    prefix: str = "shard"
+    shard_size: int = 1000
+    first_shard: int = 0
+
+    def __post_init__(self) -> None:
+        if self.shard_size < 1:
+            raise ValueError(f"shard_size={self.shard_size}: must be positive")
+        self.out_dir = Path(self.out_dir)
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        self._tar: tarfile.TarFile | None = None
+        self._in_shard = 0
+        self.shard_index = self.first_shard - 1
+        self.written: list[Path] = []
+
+    def write(self, key: str, image: bytes, caption: str, label: int = -1, meta: dict | None = None) -> None:
+        if "." in key.rpartition("/")[2]:
+            raise ValueError(f"sample key {key!r}: must not contain a dot (WebDataset splits keys at dots)")
+        extension = image_extension(image)
+        if extension is None:
+            image, extension = reencode_png(image), "png"
+        if self._tar is None or self._in_shard >= self.shard_size:
+            self._open_next()
+        members = {extension: image, "txt": caption.encode("utf-8"),
+                   "json": json.dumps({"key": key, "caption": caption, "label": label, **(meta or {})},
+                                      sort_keys=True).encode()}
+        if label >= 0:
+            members["cls"] = str(label).encode()
+        for ext, data in members.items():
+            info = tarfile.TarInfo(f"{key}.{ext}")
+            info.size, info.mtime, info.mode = len(data), 0, 0o644
+            self._tar.addfile(info, io.BytesIO(data))
+        self._in_shard += 1
+
+    def _open_next(self) -> None:
+        self.close()
+        self.shard_index += 1
+        path = self.out_dir / f"{self.prefix}-{self.shard_index:04d}.tar"
+        self._tar = tarfile.open(path, "w")
+        self._in_shard = 0
+        self.written.append(path)
+
+    def close(self) -> None:
+        if self._tar is not None:
+            self._tar.close()
+            self._tar = None
+
+    def __enter__(self) -> "ShardWriter":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def build_shards(source_spec: str, out_dir: str | Path, fmt: str = "auto", shard_size: int = 1000,
+                 prefix: str = "shard") -> dict:
+    """Convert any readable source (typically a manifest or an image folder) into tar shards.
+
+    Image bytes are copied unchanged when already JPEG/PNG/WebP; broken records are skipped and
+    counted, so the shards hold exactly the usable samples in source order.
+    """
+    from m3ae.data.loader import decode_caption
+    from m3ae.data.sources import open_source
+    from m3ae.data.transforms import SkipSample
+
+    source = open_source(source_spec, fmt, unit_size=shard_size)
+    skipped: dict[str, int] = {}
+    written = 0
+    with ShardWriter(Path(out_dir), prefix, shard_size) as writer:
+        for unit in source.units():
+            for record in source.read_unit(unit):
+                try:
+                    if record.error:
+                        raise SkipSample(record.error)
+                    caption = decode_caption(record.caption)
+                    if not record.image:
+                        raise SkipSample("empty_image")
+                    writer.write(record.key.replace(".", "_"), record.image, caption, record.label)
+                except SkipSample as skip:
+                    skipped[skip.reason] = skipped.get(skip.reason, 0) + 1
+                    continue
+                except OSError:  # Pillow could not re-encode an unusual format
+                    skipped["undecodable_image"] = skipped.get("undecodable_image", 0) + 1
+                    continue
+                written += 1
+    return {"samples": written, "skipped": skipped, "shards": [str(p) for p in writer.written]}
