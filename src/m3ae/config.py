@@ -55,9 +55,12 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
     if _is_dataclass_type(tp):
         if isinstance(value, tp):
             return value
-        if not isinstance(value, dict):
-            raise ConfigError(f"{where}: expected a mapping of {tp.__name__} fields, got {value!r}")
-        return from_dict(tp, value, where)
+        if isinstance(value, dict):
+            return from_dict(tp, value, where)
+        try:  # a scalar shorthand for the first field, e.g. a source path
+            return tp(value)
+        except (TypeError, ValueError) as e:
+            raise ConfigError(f"{where}={value!r}: expected a mapping of {tp.__name__} fields ({e})") from e
     if origin in (list, tuple):
         if not isinstance(value, (list, tuple)):
             raise ConfigError(f"{where}={value!r}: expected a list")
@@ -114,11 +117,12 @@ def from_dict(cls: type[T], values: dict[str, Any], where: str = "") -> T:
             preset = kwargs.pop("preset")
             return cls.from_preset(preset, **kwargs)
         return cls(**kwargs)
-    except ConfigError:
-        raise
     except (TypeError, ValueError) as e:
-        # Validation inside the dataclass (e.g. the model's own checks) names the field itself.
-        raise ConfigError(f"{where or cls.__name__}: {e}") from e
+        # The dataclass's own validation names the field; add the section it sits in.
+        message = str(e)
+        if where and not message.startswith(where):
+            message = f"{where}: {message}"
+        raise ConfigError(message) from e
 
 
 def to_dict(obj: Any) -> Any:

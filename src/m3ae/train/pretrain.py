@@ -21,6 +21,7 @@ import torch
 from torch import nn
 
 from .. import config as config_io
+from ..data import DataConfig
 from ..model import ConfigError, M3AE, M3AEConfig
 from .checkpoint import CheckpointManager, rng_state, set_rng_state
 from .distributed import (
@@ -85,20 +86,21 @@ def _tiny_model() -> M3AEConfig:
     return M3AEConfig.from_preset("tiny")
 
 
-def _data_config():
-    from ..data import DataConfig
-
-    return DataConfig()
-
-
 @dataclass
 class PretrainConfig:
     model: M3AEConfig = field(default_factory=_tiny_model)
+    data: DataConfig = field(default_factory=DataConfig)  # image_size and text_length: the model's
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     log: LogConfig = field(default_factory=LogConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     out_dir: str | None = None  # run directory; null: runs/<preset>-<date-time>
+
+    def __post_init__(self) -> None:
+        # The model is the source of truth for shapes: `--model.preset base` alone must give 256 px
+        # images and 64-token captions, so the data section follows it.
+        self.data.image_size = self.model.image_size
+        self.data.text_length = self.model.text_length
 
 
 class NonFiniteLossError(RuntimeError):
@@ -205,9 +207,8 @@ class Pretrainer:
     def _build_loader(self):
         from ..data import build_pretrain_loader
 
-        data_cfg = getattr(self.cfg, "data", None) or _data_config()
-        return build_pretrain_loader(data_cfg, batch_size=self.micro_batch, rank=self.info.rank,
-                                     world_size=self.info.world_size)
+        return build_pretrain_loader(self.cfg.data, batch_size=self.micro_batch, rank=self.info.rank,
+                                     world_size=self.info.world_size, pin_memory=self.info.device.type == "cuda")
 
     def _resume(self, resume: str) -> Path | None:
         path = self.checkpoints.latest_good() if resume == "auto" else Path(resume)
