@@ -174,11 +174,13 @@ class CheckpointManager:
         path = Path(path)
         if self.info.is_main:
             self.verify(path)
-        rank_file = path / f"rank_{self.info.rank}.pt"
-        if not rank_file.is_file():
+        written_by = json.loads((path / META_FILE).read_text())["world_size"]
+        if written_by != self.info.world_size:
             raise CheckpointError(
-                f"{rank_file}: missing; a checkpoint resumes with the number of processes that wrote it"
+                f"{path}: written by {written_by} processes, resumed with {self.info.world_size}; the data "
+                f"position is per process, so resume with the same number"
             )
+        rank_file = path / f"rank_{self.info.rank}.pt"
         model_state = load_file(str(path / MODEL_FILE))
         set_model_state_dict(model, model_state, options=_state_options(strict=True))
         train_state = torch.load(path / STATE_FILE, map_location="cpu", weights_only=True)
