@@ -90,7 +90,7 @@ def _assert_grads(model, expected, what):
 
 
 @pytest.mark.parametrize("fixture_name", ["m3ae_tiny", "m3ae_tiny_head1"])
-@pytest.mark.parametrize("attn_impl", ["sdpa", "math"])
+@pytest.mark.parametrize("attn_impl", ["sdpa", "math", "auto"])
 def test_paired_gradients(fixture_name, attn_impl, request):
     fx = request.getfixturevalue(fixture_name)
     for block in list(fx.model.encoder.blocks) + list(fx.model.decoder.blocks):

@@ -20,6 +20,25 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--text-length", type=int, help="caption length (tokens)")
     parser.set_defaults(func=run)
 
+    export = subparsers.add_parser(
+        "export",
+        help="export the image encoder to Hugging Face ViTModel or a timm ViT state dict",
+        description="The exported encoder computes the unmasked image-only representation of M3AE.encode.",
+    )
+    export.add_argument("model_dir", help="a from_pretrained directory (config.json + model.safetensors)")
+    export.add_argument("out_dir")
+    export.add_argument("--format", choices=["hf", "timm"], default="hf")
+    export.set_defaults(func=run_export)
+
+
+def run_export(args: argparse.Namespace) -> int:
+    from ..model import M3AE
+    from .export import export
+
+    export(M3AE.from_pretrained(args.model_dir), args.out_dir, args.format)
+    print(f"wrote the {args.format} image encoder to {args.out_dir}")
+    return 0
+
 
 def run(args: argparse.Namespace) -> int:
     from .official import convert_official

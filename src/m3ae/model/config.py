@@ -10,7 +10,7 @@ from typing import Any, Literal
 
 ModelType = Literal["m3ae", "mae"]
 MaskingMode = Literal["per_sample", "shared"]
-AttentionImpl = Literal["sdpa", "math"]
+AttentionImpl = Literal["auto", "sdpa", "math"]
 
 # Encoder (width, depth, heads); SPEC 7. The decoder is 512 wide, 8 deep, 16 heads for the paper's
 # sizes. `tiny` is ours: small enough to learn the embedded 64 px dataset on a laptop CPU.
@@ -56,7 +56,9 @@ class M3AEConfig:
     image_loss_on_all: bool = False  # loss on every patch instead of the removed ones
     text_loss_on_all: bool = False  # loss on every real token instead of the removed ones
     masking: MaskingMode = "per_sample"  # "shared": one noise vector per batch, as the official code
-    attn_impl: AttentionImpl = "sdpa"  # "math" computes softmax(QK^T)V explicitly
+    # "sdpa": torch's fused kernels; "math": softmax(QK^T)V written out, whose backward is faster on
+    # CPU for ViT sizes; "auto": sdpa on accelerators, math on CPU
+    attn_impl: AttentionImpl = "auto"
     drop_path: float = 0.0  # stochastic depth in the encoder (fine-tuning; 0 in pretraining)
     preset: str | None = None  # the preset these values started from, for the record
 
@@ -94,8 +96,8 @@ class M3AEConfig:
             fail("model_type", "must be 'm3ae' or 'mae'")
         if self.masking not in ("per_sample", "shared"):
             fail("masking", "must be 'per_sample' or 'shared'")
-        if self.attn_impl not in ("sdpa", "math"):
-            fail("attn_impl", "must be 'sdpa' or 'math'")
+        if self.attn_impl not in ("auto", "sdpa", "math"):
+            fail("attn_impl", "must be 'auto', 'sdpa' or 'math'")
         for name in ("image_size", "patch_size", "in_chans", "text_length", "vocab_size", "emb_dim",
                      "depth", "num_heads", "dec_emb_dim", "dec_depth", "dec_num_heads"):
             value = getattr(self, name)

@@ -27,7 +27,7 @@ def sincos_buffer(table: np.ndarray) -> torch.Tensor:
 
 
 class Attention(nn.Module):
-    def __init__(self, dim: int, num_heads: int, impl: str = "sdpa") -> None:
+    def __init__(self, dim: int, num_heads: int, impl: str = "auto") -> None:
         super().__init__()
         self.num_heads = num_heads
         self.head_dim = dim // num_heads
@@ -43,7 +43,8 @@ class Attention(nn.Module):
         # (B, S, 3·D) -> 3 × (B, heads, S, head_dim); the (3, heads, head_dim) split is the official one
         q, k, v = self.qkv(x).view(B, S, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
         attention = None
-        if return_attention or self.impl == "math":
+        explicit = self.impl == "math" or (self.impl == "auto" and x.device.type == "cpu")
+        if return_attention or explicit:
             logits = (q * self.scale) @ k.transpose(-2, -1)  # (B, heads, S, S)
             if key_padding_mask is not None:
                 logits = logits.masked_fill(key_padding_mask[:, None, None, :], float("-inf"))

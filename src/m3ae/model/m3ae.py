@@ -330,8 +330,9 @@ class M3AE(nn.Module):
         )
 
     # ------------------------------------------------------------------ persistence
-    def save_pretrained(self, directory: str | Path) -> Path:
-        """Writes `config.json` and `model.safetensors` (atomically: temp files, then rename)."""
+    def save_pretrained(self, directory: str | Path, card_info: dict | None = None) -> Path:
+        """Writes `config.json` and `model.safetensors` (atomically: temp files, then rename), and a
+        model card `README.md` when `card_info` is given (see `m3ae.interop.hub.model_card`)."""
         from safetensors.torch import save_file
 
         from ..utils import atomic_path
@@ -343,15 +344,28 @@ class M3AE(nn.Module):
             save_file(state, str(tmp), metadata={"format": "pt", "m3ae_config": json.dumps(self.config.to_dict())})
         with atomic_path(directory / CONFIG_NAME) as tmp:
             self.config.save(tmp)
+        if card_info is not None:
+            from ..interop.hub import model_card
+
+            with atomic_path(directory / "README.md") as tmp:
+                tmp.write_text(model_card(self.config, card_info))
         return directory
 
+    def push_to_hub(self, repo_id: str, **kwargs) -> object:
+        """Uploads config, weights and a model card to the Hugging Face Hub (`m3ae.interop.hub.push_to_hub`)."""
+        from ..interop.hub import push_to_hub
+
+        return push_to_hub(self, repo_id, **kwargs)
+
     @classmethod
-    def from_pretrained(cls, directory: str | Path, **config_overrides) -> "M3AE":
-        """Loads a `save_pretrained` directory. Overrides may change non-structural fields
-        (mask ratios, loss options, attention implementation, image size)."""
+    def from_pretrained(cls, name_or_path: str | Path, revision: str | None = None, **config_overrides) -> "M3AE":
+        """Loads a `save_pretrained` directory or a Hub repo id. Overrides may change non-structural
+        fields (mask ratios, loss options, attention implementation, image size)."""
         from safetensors.torch import load_file
 
-        directory = Path(directory)
+        from ..interop.hub import resolve
+
+        directory = resolve(name_or_path, revision)
         config_path, weights_path = directory / CONFIG_NAME, directory / WEIGHTS_NAME
         for path in (config_path, weights_path):
             if not path.is_file():

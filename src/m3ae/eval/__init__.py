@@ -1,0 +1,1 @@
+"""Evaluation of learned representations: k-NN, out-of-distribution detection, feature extraction."""

@@ -1,0 +1,123 @@
+"""The M3AE image encoder in the formats other tools load: Hugging Face `ViTModel` and timm's ViT.
+
+Both expect one learned position table with a row for CLS; ours are fixed sin-cos plus a learned
+image type embedding, and CLS has no position. We fold sin-cos + type into the table and give CLS a
+zero row, so the exported encoders compute exactly our unmasked image-only `encode`.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+from ..model import M3AE
+from ..utils import atomic_path
+
+
+def folded_position_table(model: M3AE) -> torch.Tensor:
+    """(1, 1 + N, D): zero for CLS, sin-cos position (+ image type embedding) for each patch."""
+    table = model.encoder_image_pos.detach().clone()
+    if model.config.use_type_embedding:
+        table = table + model.encoder_image_type_embedding.detach()
+    return torch.cat([torch.zeros_like(table[:, :1]), table], dim=1)
+
+
+def patch_conv_weight(model: M3AE) -> torch.Tensor:
+    """Our Linear over (py, px, c)-flattened patches as the equivalent Conv2d kernel (D, C, p, p)."""
+    c = model.config
+    weight = model.image_embedding.weight.detach()  # (D, p·p·C)
+    return weight.reshape(c.emb_dim, c.patch_size, c.patch_size, c.in_chans).permute(0, 3, 1, 2).contiguous()
+
+
+def timm_state_dict(model: M3AE) -> dict[str, torch.Tensor]:
+    """State dict of timm's `VisionTransformer(img_size, patch_size, embed_dim, depth, num_heads,
+    mlp_ratio, qkv_bias=True, class_token=True, global_pool='token', num_classes=0,
+    norm_layer=partial(nn.LayerNorm, eps=1e-6), act_layer=partial(nn.GELU, approximate='tanh'))`."""
+    state = {
+        "cls_token": model.cls_token.detach(),
+        "pos_embed": folded_position_table(model),
+        "patch_embed.proj.weight": patch_conv_weight(model),
+        "patch_embed.proj.bias": model.image_embedding.bias.detach(),
+    }
+    # our encoder's block and norm names are timm's
+    for name, tensor in model.encoder.state_dict().items():
+        state[name] = tensor.detach()
+    return {name: tensor.contiguous().clone() for name, tensor in state.items()}
+
+
+def hf_vit_config(model: M3AE) -> dict:
+    c = model.config
+    return {
+        "architectures": ["ViTModel"],
+        "model_type": "vit",
+        "hidden_size": c.emb_dim,
+        "num_hidden_layers": c.depth,
+        "num_attention_heads": c.num_heads,
+        "intermediate_size": int(c.emb_dim * c.mlp_ratio),
+        "hidden_act": "gelu_pytorch_tanh",
+        "hidden_dropout_prob": 0.0,
+        "attention_probs_dropout_prob": 0.0,
+        "layer_norm_eps": c.layer_norm_eps,
+        "image_size": c.image_size,
+        "patch_size": c.patch_size,
+        "num_channels": c.in_chans,
+        "qkv_bias": True,
+        "encoder_stride": c.patch_size,
+    }
+
+
+def hf_vit_state_dict(model: M3AE) -> dict[str, torch.Tensor]:
+    """Weights of transformers' `ViTModel(config, add_pooling_layer=False)`."""
+    D = model.config.emb_dim
+    state = {
+        "embeddings.cls_token": model.cls_token.detach(),
+        "embeddings.position_embeddings": folded_position_table(model),
+        "embeddings.patch_embeddings.projection.weight": patch_conv_weight(model),
+        "embeddings.patch_embeddings.projection.bias": model.image_embedding.bias.detach(),
+        "layernorm.weight": model.encoder.norm.weight.detach(),
+        "layernorm.bias": model.encoder.norm.bias.detach(),
+    }
+    for i, block in enumerate(model.encoder.blocks):
+        prefix = f"encoder.layer.{i}."
+        qkv_w, qkv_b = block.attn.qkv.weight.detach(), block.attn.qkv.bias.detach()
+        for j, part in enumerate(("query", "key", "value")):  # qkv rows are [q; k; v]
+            state[f"{prefix}attention.attention.{part}.weight"] = qkv_w[j * D : (j + 1) * D]
+            state[f"{prefix}attention.attention.{part}.bias"] = qkv_b[j * D : (j + 1) * D]
+        pairs = {
+            "attention.output.dense": block.attn.proj,
+            "layernorm_before": block.norm1,
+            "layernorm_after": block.norm2,
+            "intermediate.dense": block.mlp.fc1,
+            "output.dense": block.mlp.fc2,
+        }
+        for hf_name, module in pairs.items():
+            state[f"{prefix}{hf_name}.weight"] = module.weight.detach()
+            state[f"{prefix}{hf_name}.bias"] = module.bias.detach()
+    return {name: tensor.contiguous().clone() for name, tensor in state.items()}
+
+
+def export(model: M3AE, out_dir: str | Path, fmt: str) -> Path:
+    """Writes the image encoder: `hf` -> config.json + model.safetensors loadable by
+    `transformers.ViTModel.from_pretrained(out_dir, add_pooling_layer=False)`; `timm` ->
+    model.safetensors + m3ae_timm_args.json (the VisionTransformer arguments)."""
+    from safetensors.torch import save_file
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    if fmt == "hf":
+        state, meta_name, meta = hf_vit_state_dict(model), "config.json", hf_vit_config(model)
+    elif fmt == "timm":
+        c = model.config
+        state, meta_name = timm_state_dict(model), "m3ae_timm_args.json"
+        meta = dict(img_size=c.image_size, patch_size=c.patch_size, embed_dim=c.emb_dim, depth=c.depth,
+                    num_heads=c.num_heads, mlp_ratio=c.mlp_ratio, qkv_bias=True, class_token=True,
+                    global_pool="token", num_classes=0, layer_norm_eps=c.layer_norm_eps, gelu="tanh")
+    else:
+        raise ValueError(f"export format {fmt!r}: choose 'hf' or 'timm'")
+    with atomic_path(out_dir / "model.safetensors") as tmp:
+        save_file(state, str(tmp), metadata={"format": "pt", "source": "m3ae image encoder"})
+    with atomic_path(out_dir / meta_name) as tmp:
+        tmp.write_text(json.dumps(meta, indent=2) + "\n")
+    return out_dir

@@ -1,0 +1,1 @@
+"""Figures: reconstructions, attention maps, feature embeddings, run reports."""
