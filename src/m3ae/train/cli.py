@@ -51,7 +51,7 @@ def register(subparsers) -> None:
             b.add_argument(flag, action="store_true", default=f.default)
         else:
             kind = {"int": int, "float": float, "int | None": int}.get(str(f.type), str)
-            choices = {"dtype": ["fp32", "bf16", "fp16"], "attn_impl": ["sdpa", "math"],
+            choices = {"dtype": ["fp32", "bf16", "fp16"], "attn_impl": ["auto", "sdpa", "math"],
                        "model_type": ["m3ae", "mae"]}.get(f.name)
             b.add_argument(flag, type=kind, default=f.default, choices=choices)
     b.add_argument("--json", action="store_true", help="print one JSON object")

@@ -243,41 +243,46 @@ class Pretrainer:
 
     # ------------------------------------------------------------------ one step
     def _draw_noise(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        """Noise of the whole global batch, so that every process draws the same numbers."""
-        c, n = self.cfg.model, self.cfg.train.batch_size
-        lengths = {"image_noise": c.num_patches} if "image" in batch else {}
+        """Noise of the whole global batch, so that every process draws the same numbers. Keyed by
+        the batch entry it masks; unpaired text may come in batches of another size."""
+        c, copies = self.cfg.model, self.accum * self.info.world_size
+        sources = {"image": c.num_patches} if "image" in batch else {}
         if "text" in batch and c.has_text:
-            lengths["text_noise"] = batch["text"].shape[1]
+            sources["text"] = batch["text"].shape[1]
         if "unpaired_text" in batch and self.cfg.train.unpaired_text_weight > 0:
-            lengths["unpaired_noise"] = batch["unpaired_text"].shape[1]
-        shape = (lambda L: (L,)) if c.masking == "shared" else (lambda L: (n, L))
-        return {k: torch.rand(shape(L), generator=self.noise) for k, L in lengths.items()}
+            sources["unpaired_text"] = batch["unpaired_text"].shape[1]
+        return {
+            key: torch.rand((L,) if c.masking == "shared" else (copies * batch[key].shape[0], L), generator=self.noise)
+            for key, L in sources.items()
+        }
 
     def _rows(self, noise: torch.Tensor, micro: int) -> torch.Tensor:
+        """This process's rows of the global noise for micro-batch `micro`."""
         if noise.ndim == 1:
             return noise.to(self.info.device, non_blocking=True)
-        start = (micro * self.info.world_size + self.info.rank) * self.micro_batch
-        return noise[start : start + self.micro_batch].to(self.info.device, non_blocking=True)
+        size = noise.shape[0] // (self.accum * self.info.world_size)
+        start = (micro * self.info.world_size + self.info.rank) * size
+        return noise[start : start + size].to(self.info.device, non_blocking=True)
 
     def _forward(self, batch: dict[str, torch.Tensor], noise: dict[str, torch.Tensor], micro: int):
         """Returns (total loss, per-term statistics)."""
-        has_image, has_text = "image_noise" in noise, "text_noise" in noise
+        has_image, has_text = "image" in noise, "text" in noise
         out = self.wrapped(
             image=batch["image"] if has_image else None,
             text=batch["text"] if has_text else None,
             text_padding_mask=batch.get("text_padding_mask") if has_text else None,
-            image_noise=self._rows(noise["image_noise"], micro) if has_image else None,
-            text_noise=self._rows(noise["text_noise"], micro) if has_text else None,
+            image_noise=self._rows(noise["image"], micro) if has_image else None,
+            text_noise=self._rows(noise["text"], micro) if has_text else None,
             compute_logits=False,
         )
         loss = out.loss
         zero = loss.new_zeros(())
         stats = {"loss": None, "image_loss": out.image_loss, "text_loss": out.text_loss,
                  "text_accuracy": out.text_accuracy, "unpaired_text_loss": None}
-        if "unpaired_noise" in noise:
+        if "unpaired_text" in noise:
             unpaired = self.wrapped(
                 text=batch["unpaired_text"], text_padding_mask=batch.get("unpaired_text_padding_mask"),
-                text_noise=self._rows(noise["unpaired_noise"], micro), compute_logits=False,
+                text_noise=self._rows(noise["unpaired_text"], micro), compute_logits=False,
             )
             loss = loss + self.cfg.train.unpaired_text_weight * unpaired.text_loss
             stats["unpaired_text_loss"] = unpaired.text_loss
