@@ -10,8 +10,9 @@ import sys
 # `m3ae --help` stays fast.
 COMMAND_MODULES = [
     "m3ae.interop.cli",
-    "m3ae.viz.cli",
     "m3ae.data.cli",
+    "m3ae.train.cli",
+    "m3ae.viz.cli",
 ]
 
 

@@ -1,0 +1,480 @@
+"""The pretraining loop: masked multimodal autoencoding with gradient accumulation, DDP / FSDP2,
+mixed precision, resumable checkpoints, metrics and figures.
+
+Masking noise comes from one generator seeded identically on every process: each step draws the
+noise of the whole global batch and each process takes its rows. The same global batch is therefore
+the same computation whatever the number of processes or micro-batches.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import signal
+import time
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from .. import config as config_io
+from ..data import DataConfig
+from ..model import ConfigError, M3AE, M3AEConfig
+from .checkpoint import CheckpointManager, rng_state, set_rng_state
+from .distributed import (
+    DistInfo, ParallelName, apply_activation_checkpointing, apply_compile, barrier, broadcast_object,
+    gradient_sync, init_distributed, mean_across_ranks, resolve_parallel, wrap_model,
+)
+from .flops import measure_peak_flops, training_flops
+from .metrics import LogConfig, MetricsLogger, ProgressBar, Throughput
+from .optim import OptimConfig, build_optimizer, no_decay_names
+from .precision import Precision, PrecisionName
+from .schedule import LRScheduler, WarmupCosine
+
+
+@dataclass
+class TrainConfig:
+    batch_size: int = 64  # global: samples per optimizer step, whatever the number of processes
+    micro_batch_size: int | None = None  # per process and forward; null: batch_size / processes
+    total_steps: int = 1000  # length of the lr schedule
+    max_steps: int | None = None  # stop after this step (resume later); null: total_steps
+    unpaired_text_weight: float = 0.0  # w_u: weight of the text-only loss on unpaired text
+    seed: int = 0
+    precision: PrecisionName = "fp32"
+    compile: bool = False
+    activation_checkpointing: bool = False
+    parallel: ParallelName = "auto"  # auto: FSDP2 for large and huge, DDP otherwise
+    device: str = "auto"  # auto: CUDA when available
+    deterministic: bool = False  # deterministic kernels: bit-identical resumes on CPU
+    max_nonfinite_steps: int = 20  # stop when this many consecutive steps have a NaN/Inf loss or gradient
+
+    def __post_init__(self) -> None:
+        for name in ("batch_size", "total_steps", "max_nonfinite_steps"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"train.{name}={getattr(self, name)!r}: must be >= 1")
+        for name in ("micro_batch_size", "max_steps"):
+            if getattr(self, name) is not None and getattr(self, name) < 1:
+                raise ConfigError(f"train.{name}={getattr(self, name)!r}: must be >= 1 or null")
+        if self.micro_batch_size is not None and self.batch_size % self.micro_batch_size:
+            raise ConfigError(
+                f"train.micro_batch_size={self.micro_batch_size}: must divide train.batch_size={self.batch_size}"
+            )
+        if self.unpaired_text_weight < 0:
+            raise ConfigError(f"train.unpaired_text_weight={self.unpaired_text_weight!r}: must be >= 0")
+
+    @property
+    def last_step(self) -> int:
+        return min(self.max_steps, self.total_steps) if self.max_steps is not None else self.total_steps
+
+
+@dataclass
+class CheckpointConfig:
+    every: int = 500  # steps between checkpoints (one is always written at the end)
+    keep: int = 3  # most recent checkpoints kept
+
+    def __post_init__(self) -> None:
+        if self.every < 1:
+            raise ConfigError(f"checkpoint.every={self.every!r}: must be >= 1")
+        if self.keep < 1:
+            raise ConfigError(f"checkpoint.keep={self.keep!r}: must be >= 1")
+
+
+def _tiny_model() -> M3AEConfig:
+    return M3AEConfig.from_preset("tiny")
+
+
+@dataclass
+class PretrainConfig:
+    model: M3AEConfig = field(default_factory=_tiny_model)
+    data: DataConfig = field(default_factory=DataConfig)  # image_size and text_length: the model's
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    log: LogConfig = field(default_factory=LogConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    out_dir: str | None = None  # run directory; null: runs/<preset>-<date-time>
+
+    def __post_init__(self) -> None:
+        # The model is the source of truth for shapes: `--model.preset base` alone must give 256 px
+        # images and 64-token captions, so the data section follows it.
+        self.data.image_size = self.model.image_size
+        self.data.text_length = self.model.text_length
+
+
+class NonFiniteLossError(RuntimeError):
+    pass
+
+
+@dataclass
+class RunResult:
+    run_dir: Path
+    step: int
+    interrupted: bool
+    last_metrics: dict[str, float]
+    checkpoint: Path | None
+    figures: list[Path]
+
+    def describe(self) -> str:
+        state = "interrupted; continue with --resume auto" if self.interrupted else "finished"
+        lines = [f"run {state} at step {self.step}: {self.run_dir}"]
+        if "loss" in self.last_metrics:
+            lines.append(f"  last loss       {self.last_metrics['loss']:.4f}")
+        lines.append(f"  metrics         {self.run_dir / 'metrics.jsonl'}")
+        if self.checkpoint is not None:
+            lines.append(f"  checkpoint      {self.checkpoint}  (M3AE.from_pretrained loads it)")
+        if self.figures:
+            lines.append(f"  figures         {self.figures[0].parent}  (loss curves, reconstructions, captions)")
+        return "\n".join(lines)
+
+
+def _to_device(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
+    return {k: v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+
+
+def _default_run_dir(cfg: PretrainConfig) -> Path:
+    return Path("runs") / f"{cfg.model.preset or cfg.model.model_type}-{time.strftime('%Y%m%d-%H%M%S')}"
+
+
+class _StopSignal:
+    """SIGTERM / SIGINT set a flag; the loop checkpoints at the end of the step and returns."""
+
+    def __init__(self) -> None:
+        self.received: int | None = None
+        self._previous: dict[int, Any] = {}
+
+    def __enter__(self) -> "_StopSignal":
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            try:
+                self._previous[sig] = signal.signal(sig, self._handle)
+            except ValueError:  # not the main thread: leave signals alone
+                pass
+        return self
+
+    def _handle(self, signum, frame) -> None:
+        self.received = signum
+
+    def __exit__(self, *exc) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+
+class Pretrainer:
+    def __init__(self, cfg: PretrainConfig, loader: Iterable[dict[str, torch.Tensor]] | None = None,
+                 resume: str | None = None) -> None:
+        self.cfg = cfg
+        self.info: DistInfo = init_distributed(cfg.train.device)
+        t, world = cfg.train, self.info.world_size
+        self.micro_batch = t.micro_batch_size or t.batch_size // world
+        if t.batch_size % (self.micro_batch * world):
+            raise ConfigError(
+                f"train.batch_size={t.batch_size}: must be a multiple of micro_batch_size ({self.micro_batch}) "
+                f"× processes ({world})"
+            )
+        self.accum = t.batch_size // (self.micro_batch * world)
+        if t.deterministic:
+            torch.use_deterministic_algorithms(True)
+        self.run_dir = Path(broadcast_object(str(cfg.out_dir or _default_run_dir(cfg))))
+        self.precision = Precision(t.precision, self.info.device)
+
+        torch.manual_seed(t.seed)  # same initial weights on every process
+        self.model = M3AE(cfg.model).to(self.info.device)
+        exclude = no_decay_names(self.model, cfg.optim.no_decay)
+        if t.activation_checkpointing:
+            apply_activation_checkpointing(self.model)
+        if t.compile:
+            apply_compile(self.model)
+        param_dtype = self.precision.dtype if t.precision != "fp32" else None
+        self.wrapped = wrap_model(self.model, self.info, resolve_parallel(t.parallel, cfg.model.preset), param_dtype)
+        self.peak_lr = cfg.optim.peak_lr(t.batch_size)
+        self.optimizer = build_optimizer(self.wrapped, cfg.optim, self.peak_lr, exclude)
+        self.scheduler = LRScheduler(
+            self.optimizer,
+            WarmupCosine(self.peak_lr, t.total_steps, cfg.optim.warmup_steps, cfg.optim.lr_init, cfg.optim.lr_end),
+        )
+        self.scaler = self.precision.grad_scaler()
+        self.noise = torch.Generator().manual_seed(t.seed + 1)
+        self.loader = loader if loader is not None else self._build_loader()
+        self.checkpoints = CheckpointManager(self.run_dir, cfg.checkpoint.keep, self.info)
+        self.step = 0
+        self.nonfinite_total = torch.zeros((), device=self.info.device)
+        self.nonfinite_run = torch.zeros((), device=self.info.device)
+        self.figure_batch: dict[str, torch.Tensor] | None = None
+        self.resumed_from = self._resume(resume) if resume else None
+
+    # ------------------------------------------------------------------ set-up
+    def _build_loader(self):
+        from ..data import build_pretrain_loader
+
+        return build_pretrain_loader(self.cfg.data, batch_size=self.micro_batch, rank=self.info.rank,
+                                     world_size=self.info.world_size, pin_memory=self.info.device.type == "cuda")
+
+    def _resume(self, resume: str) -> Path | None:
+        path = self.checkpoints.latest_good() if resume == "auto" else Path(resume)
+        if path is None:
+            return None
+        train_state, rank_state = self.checkpoints.load(path, self.wrapped, self.optimizer)
+        self.step = int(train_state["step"])
+        self.scheduler.load_state_dict(train_state["scheduler"])
+        if self.scaler is not None and train_state.get("scaler"):
+            self.scaler.load_state_dict(train_state["scaler"])
+        self.nonfinite_total.fill_(float(train_state["nonfinite_total"]))
+        self.noise.set_state(rank_state["noise"])
+        set_rng_state(rank_state["rng"], self.info.device)
+        if rank_state.get("data") is not None and hasattr(self.loader, "load_state_dict"):
+            self.loader.load_state_dict(rank_state["data"])
+        return path
+
+    def save_checkpoint(self) -> Path:
+        train_state = {
+            "step": self.step,
+            "scheduler": self.scheduler.state_dict(),
+            "scaler": self.scaler.state_dict() if self.scaler is not None else None,
+            "nonfinite_total": float(self.nonfinite_total.item()),
+        }
+        rank_state = {
+            "rng": rng_state(self.info.device),
+            "noise": self.noise.get_state(),
+            "data": self.loader.state_dict() if hasattr(self.loader, "state_dict") else None,
+        }
+        return self.checkpoints.save(self.step, self.wrapped, self.model.config.to_dict(), self.optimizer,
+                                     train_state, rank_state)
+
+    # ------------------------------------------------------------------ one step
+    def _draw_noise(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Noise of the whole global batch, so that every process draws the same numbers. Keyed by
+        the batch entry it masks; unpaired text may come in batches of another size."""
+        c, copies = self.cfg.model, self.accum * self.info.world_size
+        sources = {"image": c.num_patches} if "image" in batch else {}
+        if "text" in batch and c.has_text:
+            sources["text"] = batch["text"].shape[1]
+        if "unpaired_text" in batch and self.cfg.train.unpaired_text_weight > 0:
+            sources["unpaired_text"] = batch["unpaired_text"].shape[1]
+        return {
+            key: torch.rand((L,) if c.masking == "shared" else (copies * batch[key].shape[0], L), generator=self.noise)
+            for key, L in sources.items()
+        }
+
+    def _rows(self, noise: torch.Tensor, micro: int) -> torch.Tensor:
+        """This process's rows of the global noise for micro-batch `micro`."""
+        if noise.ndim == 1:
+            return noise.to(self.info.device, non_blocking=True)
+        size = noise.shape[0] // (self.accum * self.info.world_size)
+        start = (micro * self.info.world_size + self.info.rank) * size
+        return noise[start : start + size].to(self.info.device, non_blocking=True)
+
+    def _forward(self, batch: dict[str, torch.Tensor], noise: dict[str, torch.Tensor], micro: int):
+        """Returns (total loss, per-term statistics)."""
+        has_image, has_text = "image" in noise, "text" in noise
+        out = self.wrapped(
+            image=batch["image"] if has_image else None,
+            text=batch["text"] if has_text else None,
+            text_padding_mask=batch.get("text_padding_mask") if has_text else None,
+            image_noise=self._rows(noise["image"], micro) if has_image else None,
+            text_noise=self._rows(noise["text"], micro) if has_text else None,
+            compute_logits=False,
+        )
+        loss = out.loss
+        zero = loss.new_zeros(())
+        stats = {"loss": None, "image_loss": out.image_loss, "text_loss": out.text_loss,
+                 "text_accuracy": out.text_accuracy, "unpaired_text_loss": None}
+        if "unpaired_text" in noise:
+            unpaired = self.wrapped(
+                text=batch["unpaired_text"], text_padding_mask=batch.get("unpaired_text_padding_mask"),
+                text_noise=self._rows(noise["unpaired_text"], micro), compute_logits=False,
+            )
+            loss = loss + self.cfg.train.unpaired_text_weight * unpaired.text_loss
+            stats["unpaired_text_loss"] = unpaired.text_loss
+        stats["loss"] = loss
+        present = [k for k, v in stats.items() if v is not None]
+        return loss, torch.stack([(stats[k] if stats[k] is not None else zero).detach().float() for k in stats]), present
+
+    def _optimizer_step(self, found_inf: torch.Tensor) -> None:
+        if self.scaler is not None:
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+        elif getattr(self.optimizer, "_step_supports_amp_scaling", False):
+            # The fused kernel reads `found_inf` on the device and skips the update (step counts
+            # included) without a host sync — the hook torch's GradScaler uses.
+            self.optimizer.found_inf = found_inf
+            try:
+                self.optimizer.step()
+            finally:
+                del self.optimizer.found_inf
+        elif not bool(found_inf.item()):
+            self.optimizer.step()
+
+    def train_step(self, batches: Iterator[dict[str, torch.Tensor]], meter: Throughput) -> tuple[torch.Tensor, list[str]]:
+        """One optimizer step over `accum` micro-batches. Returns the step's statistics on the
+        device (loss, image, text, accuracy, unpaired, grad norm, skipped) without synchronising."""
+        noise = None
+        sums, present = None, []
+        for micro in range(self.accum):
+            wait = time.perf_counter()
+            batch = next(batches)
+            meter.data_wait += time.perf_counter() - wait
+            size = next(v.shape[0] for v in batch.values() if isinstance(v, torch.Tensor))
+            if size != self.micro_batch:
+                raise ValueError(
+                    f"the loader yielded a batch of {size} samples; each process expects micro-batches of "
+                    f"{self.micro_batch} (train.micro_batch_size, or train.batch_size / processes)"
+                )
+            batch = _to_device(batch, self.info.device)
+            if noise is None:
+                noise = self._draw_noise(batch)
+            with gradient_sync(self.wrapped, micro == self.accum - 1), self.precision.autocast():
+                loss, stats, present = self._forward(batch, noise, micro)
+            loss = loss / self.accum
+            (self.scaler.scale(loss) if self.scaler is not None else loss).backward()
+            sums = stats if sums is None else sums + stats
+        stats = sums / self.accum
+        if self.scaler is not None:
+            self.scaler.unscale_(self.optimizer)
+        params = [p for g in self.optimizer.param_groups for p in g["params"] if p.grad is not None]
+        grad_norm = torch.nn.utils.get_total_norm([p.grad for p in params], foreach=True)
+        if hasattr(grad_norm, "full_tensor"):  # a DTensor under FSDP2
+            grad_norm = grad_norm.full_tensor()
+        clip = self.cfg.optim.clip_grad_norm
+        if clip is not None:
+            torch.nn.utils.clip_grads_with_norm_(params, clip, grad_norm, foreach=True)
+        found_inf = (~torch.isfinite(grad_norm) | ~torch.isfinite(stats[0])).float()
+        self._optimizer_step(found_inf)
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scheduler.step()
+        self.nonfinite_total += found_inf
+        self.nonfinite_run = (self.nonfinite_run + found_inf) * found_inf
+        meter.samples += self.cfg.train.batch_size
+        meter.steps += 1
+        return torch.cat([stats, grad_norm.detach().float().reshape(1), found_inf.reshape(1)]), present
+
+    # ------------------------------------------------------------------ the loop
+    def _batches(self) -> Iterator[dict[str, torch.Tensor]]:
+        """Endless: the loader is iterated again at each epoch's end. Keeps a few samples of the
+        run's first batch for the figures."""
+        empty_passes = 0
+        while empty_passes < 2:  # a resumed loader may be at its epoch's end: one empty pass is fine
+            empty_passes += 1
+            for batch in self.loader:
+                empty_passes = 0
+                if self.figure_batch is None:
+                    self.figure_batch = {k: v[:8].clone().cpu() for k, v in batch.items() if isinstance(v, torch.Tensor)}
+                yield batch
+        raise RuntimeError("the data loader yielded no batch")
+
+    def fit(self) -> RunResult:
+        cfg, info = self.cfg, self.info
+        last_step = cfg.train.last_step
+        if info.is_main:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            config_io.save_yaml(cfg, self.run_dir / "config.yaml")
+        barrier()
+        logger = MetricsLogger(self.run_dir, cfg.log, info.is_main, config_io.to_dict(cfg),
+                               self.step if self.resumed_from else None)
+        peak = measure_peak_flops(info.device, self.precision.dtype, size=1024 if info.device.type == "cpu" else None)
+        bar = ProgressBar(last_step, self.step, cfg.log.progress and info.is_main)
+        meter, window, figures = Throughput(), [], []
+        metrics: dict[str, float] = {}
+        interrupted, checkpoint, flops = False, None, None
+        batches = self._batches()
+        self.wrapped.train()
+        try:
+            with _StopSignal() as stop:
+                while self.step < last_step:
+                    stats, present = self.train_step(batches, meter)
+                    if flops is None:
+                        flops = self._flops(present)
+                    window.append(stats)
+                    self.step += 1
+                    # One process decides alone; several agree at the next log step (a collective).
+                    stop_now = stop.received is not None and not info.enabled
+                    if self.step % cfg.log.every == 0 or self.step == last_step or stop_now:
+                        metrics, stop_now = self._log(window, present, meter, flops, peak, logger,
+                                                      stop.received is not None)
+                        bar.update(len(window), metrics)
+                        window = []
+                        meter.reset()
+                    if "image" in self.figure_batch and cfg.log.figures_every and (self.step % cfg.log.figures_every == 0 or self.step == last_step):
+                        figures += self._figures(logger)
+                        meter.reset()
+                    if self.step % cfg.checkpoint.every == 0 or self.step == last_step or stop_now:
+                        checkpoint = self.save_checkpoint()
+                        meter.reset()  # throughput measures training steps, not checkpoint writes
+                    if stop_now:
+                        interrupted = True
+                        break
+        finally:
+            bar.close()
+            logger.close()
+        return RunResult(self.run_dir, self.step, interrupted, metrics, checkpoint, figures)
+
+    def _flops(self, present: list[str]):
+        text = self.figure_batch.get("text")
+        unpaired = self.figure_batch.get("unpaired_text")
+        return training_flops(
+            self.cfg.model,
+            "image_loss" in present,
+            text.shape[1] if text is not None and "text_loss" in present else None,
+            unpaired.shape[1] if unpaired is not None and "unpaired_text_loss" in present else None,
+        )
+
+    def _log(self, window, present, meter, flops, peak, logger, stop_flag: bool):
+        """Host sync point: averages the window's statistics over steps and processes."""
+        window_stats = torch.stack(window)
+        finite = 1.0 - window_stats[:, -1]
+        count = finite.sum().clamp_min(1.0)
+        summary = torch.cat([
+            (torch.nan_to_num(window_stats[:, :-1], nan=0.0, posinf=0.0, neginf=0.0) * finite[:, None]).sum(0) / count,
+            self.nonfinite_total.reshape(1).float(),
+            self.nonfinite_run.reshape(1).float(),
+            torch.tensor([float(stop_flag)], device=window_stats.device),
+        ])
+        summary = mean_across_ranks(summary).tolist()
+        names = ["loss", "image_loss", "text_loss", "text_accuracy", "unpaired_text_loss", "grad_norm"]
+        values = dict(zip(names, summary))
+        metrics = {k: values[k] for k in names if k in present or k == "grad_norm"}
+        nonfinite_total, nonfinite_run, stop_any = summary[len(names):]
+        metrics.update(lr=self.scheduler.schedule(self.step - 1), nonfinite_steps=int(round(nonfinite_total)))
+        metrics.update(meter.summary(flops.per_sample if flops else 0, peak))
+        metrics["eta_s"] = metrics["step_s"] * (self.cfg.train.last_step - self.step)
+        logger.log(self.step, metrics)
+        if nonfinite_run >= self.cfg.train.max_nonfinite_steps:
+            raise NonFiniteLossError(
+                f"the loss or gradient was NaN/Inf for {int(nonfinite_run)} consecutive steps (up to step "
+                f"{self.step}; train.max_nonfinite_steps={self.cfg.train.max_nonfinite_steps}): lower optim.lr "
+                f"or use train.precision=bf16/fp32"
+            )
+        return metrics, stop_any > 0
+
+    def _figures(self, logger) -> list[Path]:
+        from .figures import plot_loss_curves, reconstruction_figures
+
+        batch, c = self.figure_batch, self.cfg.model
+        generator = torch.Generator().manual_seed(self.cfg.train.seed + 2)  # the same masks every time
+        n = batch["image"].shape[0]
+        noise = {"image_noise": torch.rand(n, c.num_patches, generator=generator)}
+        if "text" in batch and c.has_text:
+            noise["text_noise"] = torch.rand(n, batch["text"].shape[1], generator=generator)
+        out_dir = self.run_dir / "figures"
+        with self.precision.autocast():
+            written = reconstruction_figures(self.wrapped, self.model, _to_device(batch, self.info.device),
+                                             _to_device(noise, self.info.device), out_dir, self.step,
+                                             self.info.is_main)
+        if self.info.is_main:
+            curves = plot_loss_curves(logger.path, out_dir / "loss_curves.png")
+            written += [curves] if curves else []
+        return written
+
+
+def run_pretraining(cfg: PretrainConfig, loader: Iterable[dict[str, torch.Tensor]] | None = None,
+                    resume: str | None = None) -> RunResult | None:
+    """Builds everything, trains, and tears the process group down. Returns the result on the main
+    process, None on the others."""
+    from .distributed import shutdown_distributed
+
+    try:
+        trainer = Pretrainer(cfg, loader=loader, resume=resume)
+        result = trainer.fit()
+        return result if trainer.info.is_main else None
+    finally:
+        shutdown_distributed()

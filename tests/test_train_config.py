@@ -1,0 +1,135 @@
+"""Typed configs: YAML recipes, dotted overrides, and bad values failing before any work."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+import pytest
+
+from m3ae import config as config_io
+from m3ae.cli import main
+from m3ae.config import ConfigError
+from m3ae.train.cli import REPO_CONFIGS
+from m3ae.train.pretrain import PretrainConfig
+
+
+@dataclass
+class Inner:
+    rate: float = 0.1
+    mode: Literal["a", "b"] = "a"
+    sizes: list[int] = field(default_factory=lambda: [1, 2])
+    limit: int | None = None
+
+
+@dataclass
+class Outer:
+    inner: Inner = field(default_factory=Inner)
+    name: str = "x"
+    flag: bool = False
+
+
+def test_yaml_and_dotted_overrides_are_typed(tmp_path):
+    path = tmp_path / "r.yaml"
+    path.write_text("inner:\n  rate: 1e-4\n  sizes: [3, 4]\nname: run\n")
+    cfg = config_io.load(Outer, path, {"inner.mode": "b", "flag": True, "inner.limit": 7})
+    assert cfg == Outer(Inner(rate=1e-4, mode="b", sizes=[3, 4], limit=7), name="run", flag=True)
+    assert config_io.load(Outer, None, {"inner.limit": None}).inner.limit is None
+    round_trip = tmp_path / "out.yaml"
+    config_io.save_yaml(cfg, round_trip)
+    assert config_io.load(Outer, round_trip) == cfg
+
+
+@pytest.mark.parametrize("overrides,field_name", [
+    ({"inner.rate": "fast"}, "inner.rate"),
+    ({"inner.mode": "c"}, "inner.mode"),
+    ({"inner.sizes": [1, "x"]}, "inner.sizes[1]"),
+    ({"inner.speed": 1}, "inner.speed"),
+    ({"flag": "yes"}, "flag"),
+    ({"name.sub": 1}, "name="),
+])
+def test_bad_values_raise_naming_the_field(overrides, field_name):
+    with pytest.raises(ConfigError, match=field_name.replace("[", r"\[").replace("]", r"\]")):
+        config_io.load(Outer, None, overrides)
+
+
+def test_bad_value_in_a_file_names_the_file(tmp_path):
+    path = tmp_path / "bad.yaml"
+    path.write_text("inner:\n  mode: z\n")
+    with pytest.raises(ConfigError, match=r"inner.mode.*bad.yaml"):
+        config_io.load(Outer, path)
+
+
+def test_model_section_starts_from_its_preset():
+    cfg = config_io.load(PretrainConfig, None, {"model.preset": "base", "model.image_mask_ratio": 0.5})
+    assert (cfg.model.emb_dim, cfg.model.depth, cfg.model.image_mask_ratio, cfg.model.preset) == (768, 12, 0.5, "base")
+    assert (cfg.data.image_size, cfg.data.text_length) == (256, 64)  # the data follows the model
+    with pytest.raises(ConfigError, match="model.*num_heads"):
+        config_io.load(PretrainConfig, None, {"model.emb_dim": 30, "model.num_heads": 4})
+    with pytest.raises(ConfigError, match="preset='giant'"):
+        config_io.load(PretrainConfig, None, {"model.preset": "giant"})
+
+
+@pytest.mark.parametrize("recipe", sorted(p.stem for p in REPO_CONFIGS.glob("*.yaml")))
+def test_every_recipe_loads(recipe):
+    cfg = config_io.load(PretrainConfig, REPO_CONFIGS / f"{recipe}.yaml")
+    assert cfg.train.batch_size >= 1
+
+
+def test_paper_recipes_follow_the_paper():
+    m3ae = config_io.load(PretrainConfig, REPO_CONFIGS / "cc12m_m3ae.yaml")
+    mae = config_io.load(PretrainConfig, REPO_CONFIGS / "cc12m_mae.yaml")
+    for cfg in (m3ae, mae):
+        assert cfg.train.batch_size == 4096 and cfg.optim.peak_lr(4096) == pytest.approx(1.5e-4 * 16)
+        assert cfg.optim.betas == (0.9, 0.95) and cfg.optim.weight_decay == 0.05
+        assert cfg.optim.clip_grad_norm is None
+        assert cfg.model.preset == "base" and cfg.model.image_size == 256 and cfg.model.image_mask_ratio == 0.75
+        steps_per_epoch = cfg.train.total_steps / 100
+        assert cfg.optim.warmup_steps == pytest.approx(5 * steps_per_epoch)
+    assert m3ae.model.text_loss_weight == 0.5 and m3ae.model.text_mask_ratio == 0.75
+    assert mae.model.model_type == "mae"
+
+
+@pytest.mark.parametrize("args,field_name", [
+    (["--optim.base_lr", "fast"], "optim.base_lr"),
+    (["--train.precision", "fp8"], "train.precision"),
+    (["--train.batch_size", "10", "--train.micro_batch_size", "4"], "train.micro_batch_size"),
+    (["--model.preset", "giant"], "preset"),
+    (["--config", "no_such_recipe"], "no_such_recipe"),
+    (["--resume", "auto"], "--out-dir"),
+])
+def test_pretrain_command_rejects_bad_configs_before_any_work(tmp_path, monkeypatch, capsys, args, field_name):
+    monkeypatch.chdir(tmp_path)
+    start = time.perf_counter()
+    assert main(["pretrain", *args]) == 2
+    assert time.perf_counter() - start < 5
+    err = capsys.readouterr().err
+    assert "config error" in err and field_name in err
+    assert not (tmp_path / "runs").exists()
+
+
+def test_pretrain_print_config_applies_cli_aliases(capsys, tmp_path):
+    assert main(["pretrain", "--print-config", "--out-dir", str(tmp_path), "--max-steps", "7",
+                 "--model.preset", "small", "--optim.lr", "1e-3"]) == 0
+    cfg = json.loads(capsys.readouterr().out)
+    assert cfg["out_dir"] == str(tmp_path) and cfg["train"]["max_steps"] == 7
+    assert cfg["model"]["emb_dim"] == 384 and cfg["optim"]["lr"] == 1e-3
+
+
+def test_bench_prints_one_json_object_with_throughput_and_mfu():
+    out = subprocess.run(
+        [sys.executable, "-m", "m3ae.cli", "bench", "--preset", "tiny", "--batch-size", "2", "--image-size", "32",
+         "--text-length", "16", "--vocab-size", "100", "--steps", "2", "--warmup", "1", "--json"],
+        check=True, capture_output=True, text=True,
+    ).stdout
+    result = json.loads(out)
+    for key in ("samples_per_s", "step_s", "flops_per_s", "peak_flops_per_s", "mfu"):
+        assert result[key] > 0, key
+    assert result["mfu"] == pytest.approx(result["flops_per_s"] / result["peak_flops_per_s"])
+    assert result["samples_per_s"] == pytest.approx(2 / result["step_s"])
+    assert (result["text_length"], result["image_mask_ratio"], result["text_mask_ratio"]) == (16, 0.75, 0.75)
