@@ -13,6 +13,7 @@ COMMAND_MODULES = [
     "m3ae.data.cli",
     "m3ae.train.cli",
     "m3ae.viz.cli",
+    "m3ae.eval.cli",
 ]
 
 

@@ -1,0 +1,163 @@
+"""`m3ae embed`, `linear-probe`, `finetune`, `knn`, `ood` and `demo`. Heavy imports stay in handlers."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+
+def _add_feature_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--checkpoint", required=True, help="model directory, checkpoint step directory or run directory")
+    p.add_argument("--data", default="embedded", help="labelled source: image folder, .tar shards with .cls, "
+                   "HDF5 ({split}_jpg/_labels), manifest, or 'embedded' (default)")
+    p.add_argument("--train-data", default="", help="the training split when --data does not separate splits "
+                   "(e.g. 'dir/train-*.tar'); default: derived from --data")
+    p.add_argument("--val-data", default="", help="the evaluation split, likewise")
+    p.add_argument("--format", default="auto", help="source format (auto, wds, hdf5, manifest, folder)")
+    p.add_argument("--normalization", default="cc12m", help="pixel statistics preset (cc12m, imagenet, none)")
+    p.add_argument("--pool", choices=["cls", "mean"], default="cls")
+    p.add_argument("--batch-size", type=int, default=256)
+    p.add_argument("--precision", choices=["fp32", "bf16", "fp16"], default="bf16")
+    p.add_argument("--device", default="auto", help="auto: CUDA when available")
+
+
+def register(subparsers) -> None:
+    from ..config import add_override_arguments
+    from .probe import FinetuneConfig, LinearProbeConfig
+
+    e = subparsers.add_parser("embed", help="features of images, captions or pairs from any checkpoint",
+                              description="Writes features, labels and keys (.safetensors or .npz).")
+    _add_feature_arguments(e)
+    e.add_argument("--split", choices=["train", "val"], default="val")
+    e.add_argument("--modality", choices=["image", "text", "pair"], default="image",
+                   help="text and pair read captions from the pair source (--data), in its streaming order")
+    e.add_argument("--layer", type=int, help="block 1..depth (before the final norm); default: the encoder output")
+    e.add_argument("--out", required=True, help="output file: .safetensors or .npz")
+    e.set_defaults(func=embed_command)
+
+    for name, cls, help_text in (
+        ("linear-probe", LinearProbeConfig, "linear probe of a frozen encoder (BatchNorm + Linear, LARS)"),
+        ("finetune", FinetuneConfig, "full fine-tuning (layer decay, drop-path, mixup/CutMix, AdamW)"),
+    ):
+        p = subparsers.add_parser(name, help=help_text, description=f"{help_text}. Any config field is an "
+                                  f"override, e.g. --checkpoint RUN --data.source DIR --epochs 10.")
+        p.add_argument("--config", help="YAML file with config fields")
+        p.add_argument("--resume", help="'auto': the latest good checkpoint in --out_dir, if any; or a checkpoint")
+        p.add_argument("--print-config", action="store_true")
+        add_override_arguments(p, cls)
+        p.set_defaults(func=transfer_command, config_cls=cls, command_name=name)
+
+    k = subparsers.add_parser("knn", help="k-NN accuracy on frozen features (cosine, temperature-weighted)")
+    _add_feature_arguments(k)
+    k.add_argument("--k", type=int, default=20)
+    k.add_argument("--temperature", type=float, default=0.07)
+    k.set_defaults(func=knn_command)
+
+    o = subparsers.add_parser("ood", help="out-of-distribution detection: Mahalanobis and max-softmax AUROC")
+    _add_feature_arguments(o)
+    o.add_argument("--out-data", required=True, help="out-of-distribution labelled source (its val split)")
+    o.add_argument("--out-format", default="auto")
+    o.set_defaults(func=ood_command)
+
+    from .demo import register as register_demo
+
+    register_demo(subparsers)
+
+
+def _device(args: argparse.Namespace):
+    import torch
+
+    if args.device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(args.device)
+
+
+def _features(args: argparse.Namespace, model, source: str, fmt: str, split: str, train_data: str = "",
+              val_data: str = "") -> dict:
+    from ..data import DataConfig, build_eval_loader
+    from .features import FeatureSpec, extract_features
+
+    data = DataConfig(source=source, format=fmt, normalization=args.normalization,
+                      image_size=model.config.image_size, num_workers=0, eval_train_source=train_data,
+                      eval_val_source=val_data)
+    return extract_features(model, build_eval_loader(data, args.batch_size, split=split),
+                            FeatureSpec("image", args.pool), _device(args), args.precision, progress=True)
+
+
+def embed_command(args: argparse.Namespace) -> int:
+    from ..data import DataConfig, build_eval_loader
+    from ..data.loader import BatchStream, PretrainLoader
+    from .features import FeatureSpec, extract_features, load_encoder, save_features
+
+    model = load_encoder(args.checkpoint)
+    c = model.config
+    data = DataConfig(source=args.data, format=args.format, normalization=args.normalization, image_size=c.image_size,
+                      text_length=c.text_length, num_workers=0, eval_train_source=args.train_data,
+                      eval_val_source=args.val_data)
+    if args.modality == "image":
+        batches = build_eval_loader(data, args.batch_size, split=args.split)
+    else:  # captions come from the pair source, one pass with the evaluation transform
+        batches = PretrainLoader(BatchStream(data, args.batch_size, 0, 1, epochs=1, train_transform=False))
+    out = extract_features(model, batches, FeatureSpec(args.modality, args.pool, args.layer), _device(args),
+                           args.precision, progress=True)
+    path = save_features(out, args.out)
+    print(f"{out['features'].shape[0]} features of dimension {out['features'].shape[1]} -> {path}")
+    return 0
+
+
+def transfer_command(args: argparse.Namespace) -> int:
+    from .. import config as config_io
+    from ..config import ConfigError
+    from .probe import run_transfer
+
+    try:
+        cfg = config_io.load(args.config_cls, args.config, config_io.collect_overrides(args))
+        cfg.validate_ready()
+        if args.resume == "auto" and cfg.out_dir is None:
+            raise ConfigError("--resume auto: needs --out_dir, the run to continue")
+    except (ConfigError, ValueError) as e:
+        print(f"m3ae {args.command_name}: config error: {e}", file=sys.stderr)
+        return 2
+    if args.print_config:
+        print(json.dumps(config_io.to_dict(cfg), indent=2))
+        return 0
+    result = run_transfer(cfg, resume=args.resume)
+    if result is not None:
+        print(result.describe())
+    return 0
+
+
+def knn_command(args: argparse.Namespace) -> int:
+    from .features import load_encoder
+    from .knn import knn_predict, topk_accuracy
+
+    model = load_encoder(args.checkpoint)
+    train = _features(args, model, args.data, args.format, "train", args.train_data)
+    val = _features(args, model, args.data, args.format, "val", val_data=args.val_data)
+    classes = int(max(train["labels"].max(), val["labels"].max())) + 1
+    scores = knn_predict(train["features"], train["labels"], val["features"], classes, args.k, args.temperature)
+    accuracy = topk_accuracy(scores, val["labels"])
+    print(json.dumps({"k": args.k, "temperature": args.temperature, **accuracy}))
+    return 0
+
+
+def ood_command(args: argparse.Namespace) -> int:
+    from .features import load_encoder
+    from .ood import MahalanobisScorer, auroc, fit_softmax_head, max_softmax_score
+
+    model = load_encoder(args.checkpoint)
+    train = _features(args, model, args.data, args.format, "train", args.train_data)
+    inside = _features(args, model, args.data, args.format, "val", val_data=args.val_data)
+    outside = _features(args, model, args.out_data, args.out_format, "val")
+    mahalanobis = MahalanobisScorer(train["features"], train["labels"])
+    head = fit_softmax_head(train["features"], train["labels"])
+    result = {
+        "mahalanobis_auroc": auroc(mahalanobis(inside["features"]), mahalanobis(outside["features"])),
+        "max_softmax_auroc": auroc(max_softmax_score(head(inside["features"])),
+                                   max_softmax_score(head(outside["features"]))),
+        "in_samples": int(inside["labels"].numel()), "out_samples": int(outside["labels"].numel()),
+    }
+    print(json.dumps(result))
+    return 0

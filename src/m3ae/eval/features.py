@@ -1,0 +1,136 @@
+"""Frozen features from any checkpoint: images, captions or pairs; CLS or mean pool; any layer.
+
+Feature files hold `features` (N, D) float32, `labels` (N,) int64 and `keys` (N strings): a
+safetensors file (keys in its metadata) or a `.npz` of plain arrays (loaded without pickle)."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+import torch
+
+from ..model import M3AE
+from ..train.precision import Precision, PrecisionName
+
+Modality = Literal["image", "text", "pair"]
+Pool = Literal["cls", "mean"]
+
+
+def resolve_checkpoint(path: str | Path) -> Path:
+    """A `save_pretrained` directory, a checkpoint step directory (same files), or a run directory,
+    whose newest checkpoint that verifies is used."""
+    from ..train.checkpoint import CHECKPOINT_DIRNAME, CheckpointError, CheckpointManager
+
+    path = Path(path)
+    if (path / "config.json").is_file():
+        return path
+    if (path / CHECKPOINT_DIRNAME).is_dir():
+        manager = CheckpointManager(path, keep=1, info=None)
+        for step_dir in manager.step_dirs():
+            try:
+                manager.verify(step_dir)
+            except CheckpointError:
+                continue
+            return step_dir
+    raise FileNotFoundError(f"checkpoint {path}: neither a model directory (config.json + model.safetensors) "
+                            f"nor a run directory with a good checkpoint under {CHECKPOINT_DIRNAME}/")
+
+
+def load_encoder(path: str | Path, **overrides) -> M3AE:
+    """An M3AE / MAE model from any checkpoint (ours or converted official); `overrides` such as
+    `image_size` recompute the sin-cos position grid."""
+    return M3AE.from_pretrained(resolve_checkpoint(path), **overrides)
+
+
+@dataclass
+class FeatureSpec:
+    modality: Modality = "image"
+    pool: Pool = "cls"
+    # None: the encoder's output (after the final LayerNorm); k in 1..depth: block k's output
+    # (before the norm), for layer-wise probes.
+    layer: int | None = None
+
+
+def pool_encoding(encoding, spec: FeatureSpec, padding_mask: torch.Tensor | None) -> torch.Tensor:
+    """(B, D) from an `M3AEEncoding`. Mean pooling averages the image patches and the real (not
+    padded) caption tokens present; CLS is position 0."""
+    if spec.layer is None:
+        hidden = encoding.last_hidden_state
+    else:
+        if not 1 <= spec.layer <= len(encoding.hidden_states):
+            raise ValueError(f"layer={spec.layer}: the encoder has blocks 1..{len(encoding.hidden_states)}")
+        hidden = encoding.hidden_states[spec.layer - 1]
+    if spec.pool == "cls":
+        return hidden[:, 0]
+    if spec.pool != "mean":
+        raise ValueError(f"pool={spec.pool!r}: choose 'cls' or 'mean'")
+    tokens = hidden[:, 1:]
+    weight = torch.ones(tokens.shape[:2], dtype=tokens.dtype, device=tokens.device)
+    if padding_mask is not None:  # text is last in the sequence: its padding is the tail
+        weight[:, tokens.shape[1] - padding_mask.shape[1]:] = (~padding_mask.bool()).to(tokens.dtype)
+    return (tokens * weight[..., None]).sum(1) / weight.sum(1, keepdim=True).clamp_min(1.0)
+
+
+@torch.no_grad()
+def extract_features(model: M3AE, batches: Iterable[dict], spec: FeatureSpec, device: torch.device,
+                     precision: PrecisionName = "fp32", progress: bool = False) -> dict:
+    """Runs the unmasked encoder over every batch; returns {"features", "labels", "keys"}."""
+    from tqdm import tqdm
+
+    model.eval().to(device)
+    features, labels, keys = [], [], []
+    for batch in tqdm(batches, desc="features", unit="batch", disable=not progress):
+        image = batch["image"].to(device) if spec.modality in ("image", "pair") else None
+        text = mask = None
+        if spec.modality in ("text", "pair"):
+            if "text" not in batch:
+                raise ValueError(f"modality={spec.modality!r}: the data source yields no captions")
+            text, mask = batch["text"].to(device), batch["text_padding_mask"].to(device)
+        with Precision(precision, device).autocast():
+            encoding = model.encode(image, text, mask, output_hidden_states=spec.layer is not None)
+        features.append(pool_encoding(encoding, spec, mask).float().cpu())
+        labels.append(batch["label"].cpu())
+        keys += list(batch["key"])
+    if not features:
+        raise ValueError("no batch to extract features from: the data source is empty")
+    return {"features": torch.cat(features), "labels": torch.cat(labels).long(), "keys": keys}
+
+
+def save_features(data: dict, path: str | Path) -> Path:
+    """Atomically writes `.safetensors` or `.npz` (chosen by the suffix)."""
+    from ..utils import atomic_path
+
+    path = Path(path)
+    with atomic_path(path) as tmp:
+        if path.suffix == ".safetensors":
+            from safetensors.torch import save_file
+
+            save_file({"features": data["features"].contiguous(), "labels": data["labels"].contiguous()},
+                      str(tmp), metadata={"keys": json.dumps(list(data["keys"]))})
+        elif path.suffix == ".npz":
+            with open(tmp, "wb") as f:
+                np.savez(f, features=data["features"].numpy(), labels=data["labels"].numpy(),
+                         keys=np.asarray(data["keys"], dtype=str))
+        else:
+            raise ValueError(f"feature file {path}: use a .safetensors or .npz suffix")
+    return path
+
+
+def load_features(path: str | Path) -> dict:
+    path = Path(path)
+    if path.suffix == ".safetensors":
+        from safetensors import safe_open
+
+        with safe_open(str(path), framework="pt") as f:
+            keys = json.loads((f.metadata() or {}).get("keys", "[]"))
+            return {"features": f.get_tensor("features"), "labels": f.get_tensor("labels"), "keys": keys}
+    if path.suffix == ".npz":
+        with np.load(path, allow_pickle=False) as f:
+            return {"features": torch.from_numpy(f["features"]), "labels": torch.from_numpy(f["labels"]),
+                    "keys": [str(k) for k in f["keys"]]}
+    raise ValueError(f"feature file {path}: expected a .safetensors or .npz suffix")

@@ -1,0 +1,388 @@
+"""Linear probing and fine-tuning of a pretrained encoder on labelled images.
+
+Linear probe (MAE / M3AE): frozen encoder, image-only input, final CLS (or mean pool), BatchNorm
+without affine + Linear, LARS (or SGD) with warm-up + cosine; RandomResizedCrop + flip for
+training, Resize + CenterCrop for evaluation. `cached=True` extracts the features once (evaluation
+transform, no augmentation) and trains the head on them: the same head in seconds.
+
+Fine-tuning: the whole encoder with layer-wise lr decay, drop-path, mixup / CutMix, label smoothing
+and AdamW. Runs follow the pretraining engine: run directory with config.yaml and metrics.jsonl,
+checkpoints every epoch (resume auto), progress bar, torchrun.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+
+from .. import config as config_io
+from ..data import DataConfig
+from ..model import ConfigError
+from ..model.classifier import M3AEClassifier
+from ..train.metrics import LogConfig
+from ..train.precision import PrecisionName
+from .features import FeatureSpec, Pool
+
+OptimizerName = Literal["lars", "sgd", "adamw"]
+
+
+@dataclass
+class LinearProbeConfig:
+    checkpoint: str = ""  # model dir, checkpoint step dir or pretraining run dir
+    data: DataConfig = field(default_factory=lambda: DataConfig(normalization="cc12m"))
+    num_classes: int = 0  # 0: inferred from the training labels (largest + 1)
+    pool: Pool = "cls"
+    cached: bool = False  # features extracted once (no augmentation), then only the head trains
+    image_size: int | None = None  # null: the pretraining size; another size recomputes the sin-cos grid
+    epochs: int = 90
+    batch_size: int = 256  # global
+    optimizer: OptimizerName = "lars"
+    base_lr: float = 0.1  # peak lr = base_lr × batch_size / 256 ...
+    lr: float | None = None  # ... unless given directly
+    warmup_epochs: float = 10.0
+    weight_decay: float = 0.0
+    momentum: float = 0.9  # LARS and SGD
+    precision: PrecisionName = "bf16"
+    device: str = "auto"
+    seed: int = 0
+    keep: int = 2  # most recent checkpoints kept (one per epoch)
+    log: LogConfig = field(default_factory=lambda: LogConfig(every=20, figures_every=0))
+    out_dir: str | None = None  # null: runs/<command>-<date-time>
+
+    @property
+    def finetune(self) -> bool:
+        return False
+
+    def __post_init__(self) -> None:
+        for name in ("epochs", "batch_size", "keep"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{name}={getattr(self, name)!r}: must be >= 1")
+        for name in ("base_lr", "warmup_epochs", "weight_decay", "momentum"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"{name}={getattr(self, name)!r}: must be >= 0")
+        if self.lr is not None and self.lr <= 0:
+            raise ConfigError(f"lr={self.lr!r}: must be > 0 (or null to scale base_lr)")
+        if self.num_classes < 0:
+            raise ConfigError(f"num_classes={self.num_classes!r}: must be >= 0 (0 infers it)")
+
+    def validate_ready(self) -> None:
+        if not self.checkpoint:
+            raise ConfigError("checkpoint: required (a model directory, checkpoint directory or run directory)")
+
+    def peak_lr(self) -> float:
+        return self.lr if self.lr is not None else self.base_lr * self.batch_size / 256
+
+
+@dataclass
+class FinetuneConfig(LinearProbeConfig):
+    """MAE's fine-tuning recipe (ViT-B): AdamW, layer decay 0.65 to 0.75, drop-path 0.1, mixup 0.8,
+    CutMix 1.0, label smoothing 0.1."""
+
+    epochs: int = 100
+    batch_size: int = 1024
+    optimizer: OptimizerName = "adamw"
+    base_lr: float = 5e-4
+    warmup_epochs: float = 5.0
+    weight_decay: float = 0.05
+    betas: tuple[float, float] = (0.9, 0.999)
+    layer_decay: float = 0.75
+    drop_path: float = 0.1
+    mixup: float = 0.8  # Beta(α, α) of mixup; 0 disables
+    cutmix: float = 1.0  # Beta(α, α) of CutMix; 0 disables
+    mix_prob: float = 1.0
+    switch_prob: float = 0.5  # CutMix rather than mixup when both are on
+    label_smoothing: float = 0.1
+
+    @property
+    def finetune(self) -> bool:
+        return True
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.cached:
+            raise ConfigError("cached=true: fine-tuning trains the encoder, so features cannot be cached")
+        if not 0 < self.layer_decay <= 1:
+            raise ConfigError(f"layer_decay={self.layer_decay!r}: must be in (0, 1]")
+        for name in ("mixup", "cutmix", "mix_prob", "switch_prob", "label_smoothing"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"{name}={getattr(self, name)!r}: must be >= 0")
+
+
+def count_labelled(data: DataConfig, split: str) -> tuple[int, int]:
+    """(samples, classes) of a labelled split, read without decoding images (random-access
+    sources know their length; the classes then need one pass over the labels)."""
+    from ..data.sources import open_source
+
+    spec = getattr(data, f"eval_{split}_source") or data.source
+    source = open_source(spec, data.format, role="labelled", split=split, unit_size=data.index_unit_size,
+                         embedded_root=data.embedded_root)
+    count, largest = 0, -1
+    for unit in source.units():
+        for record in source.read_unit(unit):
+            count += 1
+            largest = max(largest, record.label)
+    return count, largest + 1
+
+
+def build_optimizer(model: M3AEClassifier, cfg: LinearProbeConfig, peak_lr: float) -> torch.optim.Optimizer:
+    """Probe: the head only (BatchNorm has no parameters). Fine-tuning: layer-decay groups (lr_scale,
+    which the scheduler applies), without weight decay on biases, norms and tokens, as in MAE."""
+    from ..train.optim import LARS
+
+    if cfg.finetune:
+        from ..train.layer_decay import layer_decay_groups
+
+        no_decay = {n for n, p in model.named_parameters() if p.ndim <= 1}
+        no_decay |= {f"backbone.{n}" for n in model.backbone.no_weight_decay()}
+        groups = layer_decay_groups(model, model.config.depth, cfg.layer_decay, cfg.weight_decay, no_decay)
+        for group in groups:
+            del group["names"]  # optimizers keep group entries in their state; names are not needed
+    else:
+        trainable = [p for p in model.parameters() if p.requires_grad]
+        groups = [{"params": trainable, "weight_decay": cfg.weight_decay}]
+    if cfg.optimizer == "lars":
+        return LARS(groups, lr=peak_lr, momentum=cfg.momentum)
+    if cfg.optimizer == "sgd":
+        return torch.optim.SGD(groups, lr=peak_lr, momentum=cfg.momentum)
+    return torch.optim.AdamW(groups, lr=peak_lr, betas=tuple(getattr(cfg, "betas", (0.9, 0.999))))
+
+
+@dataclass
+class ProbeResult:
+    run_dir: Path
+    epoch: int
+    top1: float
+    top5: float
+    best_top1: float
+    best_epoch: int
+
+    def describe(self) -> str:
+        return (f"epoch {self.epoch}: top-1 {self.top1:.2f}%  top-5 {self.top5:.2f}%  "
+                f"(best top-1 {self.best_top1:.2f}% at epoch {self.best_epoch})\n  run {self.run_dir}")
+
+
+class TransferTrainer:
+    """One run of `linear-probe` or `finetune`."""
+
+    def __init__(self, cfg: LinearProbeConfig, resume: str | None = None) -> None:
+        from ..train.checkpoint import CheckpointManager
+        from ..train.distributed import broadcast_object, init_distributed, wrap_model
+        from ..train.precision import Precision
+        from .features import load_encoder
+
+        cfg.validate_ready()
+        self.cfg = cfg
+        self.info = init_distributed(cfg.device)
+        if cfg.batch_size % self.info.world_size:
+            raise ConfigError(f"batch_size={cfg.batch_size}: must be a multiple of the {self.info.world_size} processes")
+        self.local_batch = cfg.batch_size // self.info.world_size
+        command = "finetune" if cfg.finetune else "linear-probe"
+        self.run_dir = Path(broadcast_object(str(cfg.out_dir or Path("runs") / f"{command}-{time.strftime('%Y%m%d-%H%M%S')}")))
+        self.precision = Precision(cfg.precision, self.info.device)
+        overrides = {"drop_path": cfg.drop_path} if cfg.finetune else {}
+        if cfg.image_size is not None:
+            overrides["image_size"] = cfg.image_size
+        torch.manual_seed(cfg.seed)
+        backbone = load_encoder(cfg.checkpoint, **overrides)
+        cfg.data.image_size = backbone.config.image_size  # the data follow the model, as in pretraining
+        self.features = self._cached_features(backbone) if cfg.cached else None
+        if self.features is not None:
+            self.train_size = self.features["train"]["labels"].numel()
+            labels_classes = int(self.features["train"]["labels"].max()) + 1
+        else:
+            self.train_size, labels_classes = count_labelled(cfg.data, "train")
+        self.num_classes = cfg.num_classes or labels_classes
+        self.model = M3AEClassifier(backbone, self.num_classes, cfg.pool, probe=not cfg.finetune).to(self.info.device)
+        # Cached features: every process trains the same head on the same data, so no wrapper.
+        self.wrapped = self.model if cfg.cached else wrap_model(self.model, self.info, "ddp", None)
+        self.steps_per_epoch = math.ceil(self.train_size / cfg.batch_size)
+        self.peak_lr = cfg.peak_lr()
+        self.optimizer = build_optimizer(self.model, cfg, self.peak_lr)
+        from ..train.schedule import LRScheduler, WarmupCosine
+
+        total = cfg.epochs * self.steps_per_epoch
+        self.scheduler = LRScheduler(self.optimizer, WarmupCosine(
+            self.peak_lr, total, min(round(cfg.warmup_epochs * self.steps_per_epoch), total)))
+        self.mixup = None
+        if cfg.finetune and (cfg.mixup > 0 or cfg.cutmix > 0):
+            from ..train.mixup import Mixup
+
+            self.mixup = Mixup(self.num_classes, cfg.mixup, cfg.cutmix, cfg.mix_prob, cfg.switch_prob,
+                               cfg.label_smoothing, seed=cfg.seed + self.info.rank)
+        self.checkpoints = CheckpointManager(self.run_dir, cfg.keep, self.info)
+        self.epoch, self.step, self.best = 0, 0, {"top1": -1.0, "epoch": 0}
+        self.last: dict[str, float] = {}  # the last evaluation, kept in checkpoints for finished runs
+        if resume:
+            self._resume(resume)
+
+    # ------------------------------------------------------------------ data
+    def _cached_features(self, backbone) -> dict[str, dict]:
+        """Train and val features, extracted once and kept in the run directory (so resumes and kNN
+        reuse them). Every process extracts all of them: the head is tiny."""
+        from .features import extract_features, load_features, save_features
+
+        out = {}
+        for split in ("train", "val"):
+            path = self.run_dir / f"features_{split}.safetensors"
+            if path.is_file():
+                out[split] = load_features(path)
+                continue
+            out[split] = extract_features(backbone, self._loader(split, augment=False, epoch=0),
+                                          FeatureSpec("image", self.cfg.pool), self.info.device,
+                                          self.cfg.precision, self.cfg.log.progress and self.info.is_main)
+            if self.info.is_main:
+                save_features(out[split], path)
+        return out
+
+    def _loader(self, split: str, augment: bool, epoch: int):
+        from ..data import build_eval_loader
+
+        # A seed per epoch: the random crops of build_eval_loader differ from one epoch to the next.
+        data = dataclasses.replace(self.cfg.data, seed=self.cfg.data.seed + epoch)
+        # Every rank sees every val sample (simple exact metrics); training data are split by rank.
+        rank, world = (self.info.rank, self.info.world_size) if split == "train" else (0, 1)
+        return build_eval_loader(data, self.local_batch, split=split, train_transform=augment, rank=rank,
+                                 world_size=world)
+
+    def _train_batches(self, epoch: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        if self.features is not None:
+            train = self.features["train"]
+            order = torch.randperm(self.train_size, generator=torch.Generator().manual_seed(self.cfg.seed + epoch))
+            for start in range(0, self.train_size, self.cfg.batch_size):
+                index = order[start : start + self.cfg.batch_size]
+                if index.numel() > 1:  # BatchNorm needs two samples
+                    yield train["features"][index], train["labels"][index]
+            return
+        for batch in self._loader("train", augment=True, epoch=epoch):
+            if batch["label"].numel() > 1:
+                yield batch["image"], batch["label"]
+
+    # ------------------------------------------------------------------ train and evaluate
+    def _logits(self, inputs: torch.Tensor) -> torch.Tensor:
+        if self.features is not None:  # cached features skip the encoder: the same head
+            return self.model.head(self.model.head_norm(inputs))
+        return self.wrapped(inputs)
+
+    def train_epoch(self, bar) -> dict[str, float]:
+        self.wrapped.train()
+        total, count = torch.zeros((), device=self.info.device), 0
+        for inputs, labels in self._train_batches(self.epoch):
+            inputs, labels = inputs.to(self.info.device), labels.to(self.info.device)
+            if self.mixup is not None:
+                inputs, targets = self.mixup(inputs, labels)
+            else:
+                targets = labels
+            with self.precision.autocast():
+                logits = self._logits(inputs)
+            smoothing = getattr(self.cfg, "label_smoothing", 0.0) if self.mixup is None else 0.0
+            loss = F.cross_entropy(logits.float(), targets, label_smoothing=smoothing)
+            loss.backward()
+            self.optimizer.step()
+            self.optimizer.zero_grad(set_to_none=True)
+            self.scheduler.step()
+            self.step += 1
+            total += loss.detach()
+            count += 1
+            bar.update(1)
+        if count == 0:
+            raise ValueError("the training split yielded no batch of two or more samples")
+        return {"train_loss": float(total.item()) / count, "lr": self.scheduler.last_lr()}
+
+    @torch.no_grad()
+    def evaluate(self) -> dict[str, float]:
+        from .knn import topk_accuracy
+
+        self.wrapped.eval()
+        if self.features is not None:
+            val = self.features["val"]
+            batches = [(val["features"][i : i + 4096], val["labels"][i : i + 4096])
+                       for i in range(0, val["labels"].numel(), 4096)]
+        else:
+            batches = ((b["image"], b["label"]) for b in self._loader("val", augment=False, epoch=0))
+        scores, labels = [], []
+        for inputs, target in batches:
+            with self.precision.autocast():
+                scores.append(self._logits(inputs.to(self.info.device)).float().cpu())
+            labels.append(target)
+        if not scores:
+            raise ValueError("the validation split is empty")
+        return topk_accuracy(torch.cat(scores), torch.cat(labels))
+
+    def fit(self) -> ProbeResult:
+        from ..train.distributed import barrier
+        from ..train.metrics import MetricsLogger, ProgressBar
+        from ..utils import atomic_path
+
+        cfg, info = self.cfg, self.info
+        if info.is_main:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            config_io.save_yaml(cfg, self.run_dir / "config.yaml")
+        barrier()
+        logger = MetricsLogger(self.run_dir, cfg.log, info.is_main, config_io.to_dict(cfg),
+                               self.step if self.epoch else None)
+        bar = ProgressBar(cfg.epochs * self.steps_per_epoch, self.step, cfg.log.progress and info.is_main)
+        try:
+            while self.epoch < cfg.epochs:
+                metrics = self.train_epoch(bar)
+                self.epoch += 1
+                metrics.update(self.evaluate(), epoch=self.epoch)
+                if metrics["top1"] > self.best["top1"]:
+                    self.best = {"top1": metrics["top1"], "top5": metrics["top5"], "epoch": self.epoch}
+                self.last = {"top1": metrics["top1"], "top5": metrics["top5"]}
+                logger.log(self.step, metrics)
+                self._save()
+        finally:
+            bar.close()
+            logger.close()
+        result = ProbeResult(self.run_dir, self.epoch, self.last.get("top1", float("nan")),
+                             self.last.get("top5", float("nan")), self.best["top1"], self.best["epoch"])
+        if info.is_main:
+            summary = {"last": {"epoch": result.epoch, "top1": result.top1, "top5": result.top5},
+                       "best": self.best, "num_classes": self.num_classes, "train_samples": self.train_size}
+            with atomic_path(self.run_dir / "results.json") as tmp:
+                tmp.write_text(json.dumps(summary, indent=2) + "\n")
+        return result
+
+    # ------------------------------------------------------------------ checkpoints
+    def _save(self) -> Path:
+        from ..train.checkpoint import rng_state
+
+        train_state = {"epoch": self.epoch, "step": self.step, "scheduler": self.scheduler.state_dict(),
+                       "best": self.best, "last": self.last}
+        config = {"transfer": config_io.to_dict(self.cfg), "num_classes": self.num_classes,
+                  "backbone": self.model.config.to_dict()}
+        return self.checkpoints.save(self.epoch, self.wrapped, config, self.optimizer, train_state,
+                                     {"rng": rng_state(self.info.device)})
+
+    def _resume(self, resume: str) -> None:
+        from ..train.checkpoint import set_rng_state
+
+        path = self.checkpoints.latest_good() if resume == "auto" else Path(resume)
+        if path is None:
+            return
+        train_state, rank_state = self.checkpoints.load(path, self.wrapped, self.optimizer)
+        self.epoch, self.step = int(train_state["epoch"]), int(train_state["step"])
+        self.scheduler.load_state_dict(train_state["scheduler"])
+        self.best, self.last = dict(train_state["best"]), dict(train_state["last"])
+        set_rng_state(rank_state["rng"], self.info.device)
+
+
+def run_transfer(cfg: LinearProbeConfig, resume: str | None = None) -> ProbeResult | None:
+    """Trains and evaluates; returns the result on the main process, None on the others."""
+    from ..train.distributed import shutdown_distributed
+
+    try:
+        trainer = TransferTrainer(cfg, resume)
+        result = trainer.fit()
+        return result if trainer.info.is_main else None
+    finally:
+        shutdown_distributed()

@@ -1,0 +1,164 @@
+"""Transfer evaluation: features, the linear probe and fine-tuning runs, kNN / OOD / embed commands."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from m3ae import M3AE, M3AEConfig
+from m3ae.cli import main
+from m3ae.data import DataConfig, build_eval_loader
+from m3ae.data.synth import SynthSpec, generate
+from m3ae.eval.features import FeatureSpec, extract_features, load_features, pool_encoding, save_features
+from m3ae.eval.probe import FinetuneConfig, TransferTrainer
+from m3ae.train.metrics import read_metrics
+
+TINY = dict(emb_dim=32, depth=2, num_heads=2, dec_emb_dim=16, dec_depth=1, dec_num_heads=2, image_size=32,
+            patch_size=8, text_length=16)
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    root = tmp_path_factory.mktemp("transfer")
+    data = generate(root / "data", SynthSpec(seed=0, train=48, val=16, image_size=32, shard_size=24), processes=1)
+    torch.manual_seed(0)
+    M3AE(M3AEConfig(**TINY)).save_pretrained(root / "model")
+    return root, data
+
+
+def _data(data, **kw) -> DataConfig:
+    return DataConfig(source=f"{data}/train-*.tar", eval_train_source=f"{data}/train-*.tar",
+                      eval_val_source=f"{data}/val-*.tar", image_size=32, text_length=16, num_workers=0, **kw)
+
+
+def test_features_have_the_right_shapes_and_are_deterministic(setup):
+    root, data = setup
+    model = M3AE.from_pretrained(root / "model")
+    first, second = (extract_features(model, build_eval_loader(_data(data), 16, split="val"), FeatureSpec("image", "cls"),
+                                      torch.device("cpu")) for _ in range(2))
+    assert first["features"].shape == (16, 32) and first["labels"].shape == (16,) and len(first["keys"]) == 16
+    assert torch.equal(first["features"], second["features"]) and first["keys"] == second["keys"]
+    image = next(iter(build_eval_loader(_data(data), 16, split="val")))["image"]
+    with torch.no_grad():
+        expected = model.eval().encode(image).cls
+    torch.testing.assert_close(first["features"][: image.shape[0]], expected)
+
+
+def test_mean_pool_skips_padding_and_layers_read_the_blocks():
+    torch.manual_seed(0)
+    model = M3AE(M3AEConfig(**TINY)).eval()
+    image, text = torch.randn(2, 3, 32, 32), torch.randint(1000, 2000, (2, 16))
+    padding = torch.zeros(2, 16, dtype=torch.bool)
+    padding[0, 5:] = True
+    with torch.no_grad():
+        encoding = model.encode(image, text, padding, output_hidden_states=True)
+    pooled = pool_encoding(encoding, FeatureSpec("pair", "mean"), padding)
+    real = torch.cat([encoding.last_hidden_state[0, 1:17], encoding.last_hidden_state[0, 17:22]])
+    torch.testing.assert_close(pooled[0], real.mean(0))
+    torch.testing.assert_close(pooled[1], encoding.last_hidden_state[1, 1:].mean(0))
+    layer1 = pool_encoding(encoding, FeatureSpec("pair", "cls", layer=1), padding)
+    torch.testing.assert_close(layer1, encoding.hidden_states[0][:, 0])
+    with pytest.raises(ValueError, match="layer=3"):
+        pool_encoding(encoding, FeatureSpec("pair", "cls", layer=3), padding)
+
+
+@pytest.mark.parametrize("suffix", [".safetensors", ".npz"])
+def test_feature_files_round_trip(tmp_path, suffix):
+    data = {"features": torch.randn(5, 4), "labels": torch.arange(5), "keys": [f"k{i}" for i in range(5)]}
+    back = load_features(save_features(data, tmp_path / f"f{suffix}"))
+    assert torch.equal(back["features"], data["features"]) and torch.equal(back["labels"], data["labels"])
+    assert back["keys"] == data["keys"]
+    with pytest.raises(ValueError, match="f.txt"):
+        save_features(data, tmp_path / "f.txt")
+
+
+def _separable(n: int, generator: torch.Generator) -> dict:
+    """Four classes on four far-apart directions plus noise (what a good encoder gives)."""
+    labels = torch.arange(n) % 4
+    centres = torch.eye(32)[:4] * 6.0 + 3.0  # large offset: BatchNorm must remove it
+    features = centres[labels] + torch.randn(n, 32, generator=generator)
+    return {"features": features, "labels": labels, "keys": [str(i) for i in range(n)]}
+
+
+def test_cached_probe_on_separable_features_reaches_100_percent_and_resumes_exactly(setup, tmp_path):
+    root, data = setup
+    generator = torch.Generator().manual_seed(0)
+    run = tmp_path / "probe"
+    for split, n in (("train", 256), ("val", 128)):
+        save_features(_separable(n, generator), run / f"features_{split}.safetensors")
+    args = ["linear-probe", "--checkpoint", str(root / "model"), "--cached", "true", "--epochs", "3",
+            "--batch_size", "32", "--optimizer", "sgd", "--lr", "0.5", "--warmup_epochs", "1", "--out_dir", str(run), "--log.progress", "false",
+            "--data.source", f"{data}/train-*.tar"]
+    assert main(args) == 0
+    results = json.loads((run / "results.json").read_text())
+    assert results["last"]["top1"] == pytest.approx(100.0) and results["num_classes"] == 4
+    assert [m["epoch"] for m in read_metrics(run / "metrics.jsonl")] == [1, 2, 3]
+    final = load_file(run / "checkpoints" / "step_00000003" / "model.safetensors")
+    assert not any(k.startswith("head_norm.") and "weight" in k for k in final)  # BatchNorm without affine
+    # Resume: drop the last epoch's checkpoint and continue; the head must come out identical.
+    shutil.rmtree(run / "checkpoints" / "step_00000003")
+    assert main([*args, "--resume", "auto"]) == 0
+    resumed = load_file(run / "checkpoints" / "step_00000003" / "model.safetensors")
+    assert resumed.keys() == final.keys()
+    assert all(torch.equal(resumed[k], final[k]) for k in final)
+    assert [m["epoch"] for m in read_metrics(run / "metrics.jsonl")] == [1, 2, 3]
+
+
+def test_streaming_probe_and_finetune_commands_run_end_to_end(setup, tmp_path, capsys):
+    root, data = setup
+    common = ["--checkpoint", str(root / "model"), "--data.source", f"{data}/train-*.tar", "--data.eval_train_source",
+              f"{data}/train-*.tar", "--data.eval_val_source", f"{data}/val-*.tar", "--data.num_workers", "0",
+              "--epochs", "1", "--batch_size", "16", "--log.progress", "false", "--precision", "fp32"]
+    assert main(["linear-probe", *common, "--out_dir", str(tmp_path / "lp")]) == 0
+    assert main(["finetune", *common, "--out_dir", str(tmp_path / "ft"), "--image_size", "48"]) == 0
+    out = capsys.readouterr().out
+    assert out.count("epoch 1: top-1") == 2
+    for run in ("lp", "ft"):
+        results = json.loads((tmp_path / run / "results.json").read_text())
+        assert results["train_samples"] == 48 and results["num_classes"] == 10
+        assert 0.0 <= results["last"]["top1"] <= 100.0
+    assert json.loads((tmp_path / "ft" / "checkpoints" / "step_00000001" / "config.json").read_text())[
+        "backbone"]["image_size"] == 48  # fine-tuned at another size: the sin-cos grid was recomputed
+    assert main(["linear-probe", "--epochs", "1"]) == 2  # no checkpoint: a config error naming the field
+    assert "checkpoint: required" in capsys.readouterr().err
+
+
+def test_finetune_optimizer_uses_layer_decay_and_the_scheduler_applies_it(setup, tmp_path):
+    root, data = setup
+    cfg = FinetuneConfig(checkpoint=str(root / "model"), data=_data(data), epochs=2, batch_size=16,
+                         warmup_epochs=0, layer_decay=0.5, out_dir=str(tmp_path / "ft"), precision="fp32")
+    trainer = TransferTrainer(cfg)
+    names = {id(p): n for n, p in trainer.model.named_parameters()}
+    scale_of = {names[id(p)]: g["lr_scale"] for g in trainer.optimizer.param_groups for p in g["params"]}
+    depth = trainer.model.config.depth
+    assert scale_of["backbone.image_embedding.weight"] == 0.5 ** (depth + 1)  # patch embedding: lowest group
+    assert scale_of["backbone.encoder.blocks.0.attn.qkv.weight"] == 0.5 ** depth
+    assert scale_of["head.weight"] == 1.0
+    for group in trainer.optimizer.param_groups:
+        assert group["lr"] == pytest.approx(trainer.peak_lr * group["lr_scale"])
+        if any(p.ndim <= 1 for p in group["params"]):
+            assert group["weight_decay"] == 0.0
+    assert trainer.model.backbone.config.drop_path == cfg.drop_path
+
+
+def test_knn_ood_and_embed_commands(setup, tmp_path, capsys):
+    root, data = setup
+    split = ["--data", f"{data}/train-*.tar", "--train-data", f"{data}/train-*.tar",
+             "--val-data", f"{data}/val-*.tar", "--precision", "fp32"]
+    assert main(["knn", "--checkpoint", str(root / "model"), *split, "--k", "5"]) == 0
+    knn = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert knn["k"] == 5 and 0.0 <= knn["top1"] <= knn["top5"] <= 100.0
+    # The same set as in- and out-distribution cannot be told apart: AUROC one half.
+    assert main(["ood", "--checkpoint", str(root / "model"), *split, "--out-data", f"{data}/val-*.tar"]) == 0
+    ood = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert ood["mahalanobis_auroc"] == pytest.approx(0.5) and ood["max_softmax_auroc"] == pytest.approx(0.5)
+    out = tmp_path / "pairs.npz"
+    assert main(["embed", "--checkpoint", str(root / "model"), "--data", f"{data}/val-*.tar", "--modality", "pair",
+                 "--pool", "mean", "--layer", "1", "--out", str(out)]) == 0
+    with np.load(out, allow_pickle=False) as f:
+        assert f["features"].shape == (16, 32) and f["labels"].shape == (16,) and f["keys"].shape == (16,)
