@@ -82,8 +82,10 @@ def main() -> None:
     work = Path(args.work)
     train, val, categories = build_manifests(extract(work), work)
     results = {"categories": categories}
-    for i, checkpoint in enumerate(args.checkpoint):
-        results[checkpoint] = evaluate(checkpoint, train, val, work / f"probe-{i}", args.epochs, args.lr)
+    for checkpoint in args.checkpoint:
+        # one probe directory per checkpoint (it caches features and resumes)
+        tag = hashlib.sha256(str(Path(checkpoint).resolve()).encode()).hexdigest()[:12]
+        results[checkpoint] = evaluate(checkpoint, train, val, work / f"probe-{tag}", args.epochs, args.lr)
     print(json.dumps(results, indent=2))
 
 

@@ -162,3 +162,25 @@ def test_knn_ood_and_embed_commands(setup, tmp_path, capsys):
                  "--pool", "mean", "--layer", "1", "--out", str(out)]) == 0
     with np.load(out, allow_pickle=False) as f:
         assert f["features"].shape == (16, 32) and f["labels"].shape == (16,) and f["keys"].shape == (16,)
+
+
+def test_demo_pretrains_both_models_and_writes_its_results(setup, tmp_path, capsys):
+    import yaml
+
+    root, data = setup
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(yaml.safe_dump({
+        "model": {**TINY, "preset": None},
+        "data": {"source": f"{data}/train-*.tar", "eval_train_source": f"{data}/train-*.tar",
+                 "eval_val_source": f"{data}/val-*.tar", "num_workers": 0},
+        "train": {"precision": "fp32"}, "log": {"every": 1},
+    }))
+    run = tmp_path / "demo"
+    assert main(["demo", "--steps", "2", "--batch-size", "8", "--probe-epochs", "2", "--knn-k", "5",
+                 "--recipe", str(recipe), "--out-dir", str(run), "--no-progress"]) == 0
+    results = json.loads((run / "demo_results.json").read_text())
+    for model in ("m3ae", "mae"):
+        assert 0.0 <= results[model]["linear"] <= 100.0 and 0.0 <= results[model]["knn"] <= 100.0
+        assert read_metrics(run / model / "metrics.jsonl")[-1]["step"] == 2  # equal steps for both
+    assert (run / "demo_results.png").stat().st_size > 0
+    assert "| M3AE |" in capsys.readouterr().out

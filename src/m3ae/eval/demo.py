@@ -52,9 +52,12 @@ def evaluate(cfg: DemoConfig, pretrain_cfg, run_dir: Path) -> dict[str, float]:
     from .knn import knn_predict, topk_accuracy
     from .probe import LinearProbeConfig, run_transfer
 
+    # SGD rather than LARS: with a 256 batch, LARS's trust ratio (0.001 × ‖w‖/‖g‖) at MAE's linearly
+    # scaled lr moves the head by ~1e-4 of its norm per step, too little in a short schedule.
     probe = LinearProbeConfig(
         checkpoint=pretrain_cfg.out_dir, data=dataclasses.replace(pretrain_cfg.data), cached=True,
-        epochs=cfg.probe_epochs, warmup_epochs=min(5.0, cfg.probe_epochs / 10), precision=pretrain_cfg.train.precision,
+        epochs=cfg.probe_epochs, optimizer="sgd", lr=0.1, warmup_epochs=min(5.0, cfg.probe_epochs / 10),
+        precision=pretrain_cfg.train.precision,
         out_dir=str(run_dir), log=LogConfig(figures_every=0, progress=cfg.progress),
     )
     result = run_transfer(probe, resume="auto")
