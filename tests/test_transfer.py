@@ -184,3 +184,16 @@ def test_demo_pretrains_both_models_and_writes_its_results(setup, tmp_path, caps
         assert read_metrics(run / model / "metrics.jsonl")[-1]["step"] == 2  # equal steps for both
     assert (run / "demo_results.png").stat().st_size > 0
     assert "| M3AE |" in capsys.readouterr().out
+
+
+def test_softmax_head_for_ood_is_confident_on_its_classes_and_not_between_them():
+    from m3ae.eval.ood import auroc, fit_softmax_head, max_softmax_score
+
+    generator = torch.Generator().manual_seed(0)
+    train = _separable(200, generator)
+    head = fit_softmax_head(train["features"], train["labels"])
+    assert (head(train["features"]).argmax(1) == train["labels"]).float().mean() == 1.0
+    inside = _separable(50, generator)["features"]
+    # halfway between two class centres: no class is more likely than the other
+    between = (torch.eye(32)[0] + torch.eye(32)[1]) * 3.0 + 3.0 + 0.1 * torch.randn(50, 32, generator=generator)
+    assert auroc(max_softmax_score(head(inside)), max_softmax_score(head(between))) > 0.95
