@@ -64,3 +64,17 @@ def test_attention_maps(model_dir, pictures, tmp_path):
 def test_missing_image_is_named(model_dir, tmp_path):
     with pytest.raises(FileNotFoundError, match="nope.png"):
         main(["reconstruct", str(model_dir), "--images", str(tmp_path / "nope.png"), "--out", str(tmp_path / "x.png")])
+
+
+def test_tsne_of_two_models_on_a_labelled_folder(model_dir, tmp_path):
+    rng = np.random.default_rng(0)
+    for label, colour in (("red", (220, 30, 30)), ("blue", (30, 30, 220))):
+        folder = tmp_path / "data" / "val" / label
+        folder.mkdir(parents=True)
+        for i in range(12):
+            pixels = np.clip(np.array(colour) + rng.normal(0, 20, (32, 32, 3)), 0, 255).astype(np.uint8)
+            Image.fromarray(pixels).save(folder / f"{i}.png")
+    out = tmp_path / "tsne.png"
+    assert main(["tsne", "--model", f"M3AE={model_dir}", "--model", f"MAE={model_dir}", "--data",
+                 str(tmp_path / "data"), "--out", str(out)]) == 0
+    assert _size(out) == (1000, 500)
