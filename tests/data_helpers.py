@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import io
 import json
 import tarfile
@@ -72,11 +73,11 @@ def write_manifest(root: Path, count: int, kind: str = "jsonl") -> Path:
         (root / "img" / f"{key}.png").write_bytes(image_bytes(index))
     if kind == "jsonl":
         path = root / "manifest.jsonl"
-        path.write_text("".join(json.dumps({"image": f"img/{k}.png", "caption": c, "label": l, "key": k}) + "\n"
-                                for k, _, c, l in rows))
+        path.write_text("".join(json.dumps({"image": f"img/{k}.png", "caption": c, "label": y, "key": k}) + "\n"
+                                for k, _, c, y in rows))
     else:
         path = root / "manifest.csv"
-        path.write_text("key,image,caption,label\n" + "".join(f"{k},img/{k}.png,{c},{l}\n" for k, _, c, l in rows))
+        path.write_text("key,image,caption,label\n" + "".join(f"{k},img/{k}.png,{c},{y}\n" for k, _, c, y in rows))
     return path
 
 
@@ -87,3 +88,13 @@ def write_folder(root: Path, count: int) -> Path:
         (folder / f"{key}.png").write_bytes(image_bytes(index))
         (folder / f"{key}.txt").write_text(caption)
     return root
+
+
+def cli(argv: list[str]) -> None:
+    """Run `m3ae data ...` through the data module's own registration (no other command modules)."""
+    from m3ae.data import cli as data_cli
+
+    parser = argparse.ArgumentParser()
+    data_cli.register(parser.add_subparsers(dest="command", required=True))
+    args = parser.parse_args(argv)
+    assert args.func(args) == 0

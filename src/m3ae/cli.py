@@ -11,8 +11,8 @@ import sys
 COMMAND_MODULES = [
     "m3ae.interop.cli",
     "m3ae.data.cli",
-    "m3ae.viz.cli",
     "m3ae.train.cli",
+    "m3ae.viz.cli",
 ]
 
 

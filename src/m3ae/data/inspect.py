@@ -50,7 +50,8 @@ def inspect_source(spec: str, fmt: str = "auto", limit: int | None = None, token
         if record.label >= 0:
             labels[record.label] += 1
     if not captions:
-        raise RuntimeError(f"data source {spec!r} yielded no usable sample ({records} records, skipped {dict(skipped)})")
+        raise RuntimeError(
+            f"data source {spec!r} yielded no usable sample ({records} records, skipped {dict(skipped)})")
     encoded = tok.encode(captions)
     lengths = [len(ids) for ids in encoded]
     unknown = sum(ids.count(tok.unk_id) for ids in encoded)

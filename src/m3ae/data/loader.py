@@ -25,7 +25,7 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from m3ae.data.config import DataConfig
-from m3ae.data.sources import RawRecord, Source, open_source
+from m3ae.data.sources import IndexedSource, RawRecord, Source, open_source
 from m3ae.data.tokenizer import Tokenizer
 from m3ae.data.transforms import ImageTransform, SkipSample, decode_image, normalize_batch
 
@@ -185,6 +185,9 @@ class BatchStream(IterableDataset):
                                  for s in cfg.text_only_sources]
         self.image_sources = image_sources
         slots = world_size * self.num_workers
+        for source, *_ in image_sources + self.text_sources:
+            if isinstance(source, IndexedSource):
+                source.ensure_units(slots)
         if epochs is None:
             for source, *_ in image_sources + self.text_sources:
                 count = len(source.units())
@@ -192,7 +195,7 @@ class BatchStream(IterableDataset):
                     raise ValueError(
                         f"data source {source.name!r} has {count} shard(s), fewer than world_size x "
                         f"num_workers = {slots}: some workers would get no data. Use fewer workers or "
-                        f"reshard (`m3ae data build`, or a smaller DataConfig.index_unit_size)."
+                        f"reshard (`m3ae data build --shard-size`)."
                     )
         self.transform = ImageTransform(cfg.image_size, train=train_transform, scale=tuple(cfg.crop_scale),
                                         flip=cfg.horizontal_flip)
@@ -325,7 +328,8 @@ class BatchStream(IterableDataset):
 
     def _collate(self, samples: list[Sample], tokenizer: Tokenizer) -> dict:
         batch = {
-            "image": normalize_batch(np.stack([s.pixels for s in samples]), self.mean, self.std),
+            "image": normalize_batch(np.stack([s.pixels for s in samples]), self.mean, self.std,
+                                     shared=get_worker_info() is not None),
             "label": torch.tensor([s.label for s in samples], dtype=torch.long),
             "key": [s.key for s in samples],
         }

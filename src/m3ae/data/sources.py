@@ -77,11 +77,12 @@ def expand_shards(pattern: str) -> list[str]:
 
 
 def _split_member_name(name: str) -> tuple[str, str]:
-    # WebDataset convention: the key is everything up to the first dot of the file name.
+    # WebDataset convention: the key is everything up to the first dot of the file name; like its
+    # decoders we type a member by the last part of the extension ("x.seg.png" is a PNG).
     directory, _, base = name.rpartition("/")
     stem, dot, ext = base.partition(".")
     key = f"{directory}/{stem}" if directory else stem
-    return key, ext.lower() if dot else ""
+    return key, ext.rpartition(".")[2].lower() if dot else ""
 
 
 def _parse_label(text: bytes | str | None) -> int:
@@ -125,15 +126,18 @@ class WebDatasetSource(Source):
                     if not info.isfile():
                         continue
                     key, ext = _split_member_name(info.name)
-                    data = tar.extractfile(info).read()
                     if key != group_key:
                         if group_key is not None:
                             yield self._record(group_key, members)
                         group_key, members = key, {}
-                    members[ext] = data
+                    members[ext] = tar.extractfile(info).read()
         except (tarfile.TarError, OSError, EOFError) as error:
+            if group_key is None:  # nothing readable at all: a bad path, URL or command
+                _warn_once(f"cannot read shard {url}: {error}")
+                yield RawRecord(key=url, error="unreadable_shard")
+                return
             # Members of the interrupted group may be incomplete: report the shard, drop the group.
-            _warn_once(f"shard {url} is truncated or corrupt after key {group_key!r}: {error}")
+            _warn_once(f"shard {url} is truncated or corrupt at key {group_key!r}: {error}")
             yield RawRecord(key=f"{url}:{group_key}", error="truncated_shard")
             return
         if group_key is not None:
@@ -165,6 +169,11 @@ class IndexedSource(Source):
 
     def units(self) -> Sequence[int]:
         return range((self.length + self.unit_size - 1) // self.unit_size)
+
+    def ensure_units(self, count: int) -> None:
+        """Cut finer when there are fewer units than readers (random access makes that free)."""
+        if len(self.units()) < count:
+            self.unit_size = max(1, self.length // count)
 
     def read_unit(self, unit: int) -> Iterator[RawRecord]:
         start = unit * self.unit_size
@@ -354,15 +363,18 @@ def open_source(spec: str, fmt: str = "auto", *, role: str = "pair", split: str 
     if spec == "embedded":
         from m3ae.data.synth import ensure_embedded_dataset
 
-        root = ensure_embedded_dataset(embedded_root)
+        # A dataset already there is used whatever its size (e.g. a small one from `m3ae data synth`).
+        root = Path(embedded_root)
+        if not (root / "manifest.json").is_file():
+            root = ensure_embedded_dataset(root)
         return WebDatasetSource(str(root / f"{split or 'train'}-*.tar"))
     if role == "labelled" and os.path.isdir(os.path.join(spec, split)):
         spec = os.path.join(spec, split)  # root/{train,val}/<class>/... or root/{train,val}/*.tar
-    fmt = detect_format(spec) if fmt == "auto" else fmt
     if role == "text":
-        if fmt == "hdf5":
+        if fmt == "hdf5" or spec.lower().endswith((".h5", ".hdf5")):
             return HDF5Source(spec, None, "text", unit_size=unit_size)
         return TextFileSource(spec, unit_size)
+    fmt = detect_format(spec) if fmt == "auto" else fmt
     if fmt == "wds":
         return WebDatasetSource(spec)
     if fmt == "hdf5":

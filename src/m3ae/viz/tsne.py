@@ -7,12 +7,15 @@ from pathlib import Path
 import numpy as np
 
 
-def embed_2d(features: np.ndarray, seed: int = 0, perplexity: float = 30.0) -> np.ndarray:
+def embed_2d(features: np.ndarray, seed: int = 0, perplexity: float = 30.0, max_iter: int = 1000) -> np.ndarray:
     """(N, D) -> (N, 2) with scikit-learn's t-SNE (PCA initialisation, deterministic for a seed)."""
     from sklearn.manifold import TSNE
 
     perplexity = min(perplexity, max(1.0, (features.shape[0] - 1) / 3))  # t-SNE needs N > 3·perplexity
-    return TSNE(n_components=2, perplexity=perplexity, init="pca", random_state=seed).fit_transform(
+    # small sets: the exact gradient is cheaper than Barnes-Hut's threaded tree code
+    method = "exact" if features.shape[0] <= 500 else "barnes_hut"
+    return TSNE(n_components=2, perplexity=perplexity, init="pca", random_state=seed, max_iter=max_iter,
+                method=method).fit_transform(
         np.asarray(features, dtype=np.float32)
     )
 
