@@ -41,7 +41,7 @@ def test_batch_equals_one_at_a_time():
 def test_local_vocab_and_tokenizer_json_paths(tmp_path):
     from importlib import resources
 
-    vocab = resources.files("m3ae.assets").joinpath("bert-base-uncased-vocab.txt").read_text()
+    vocab = resources.files("m3ae").joinpath("assets", "bert-base-uncased-vocab.txt").read_text()
     (tmp_path / "vocab.txt").write_text(vocab)
     from_dir = Tokenizer.from_name(str(tmp_path), max_length=8)
     assert from_dir(["a photo of a dog"])[0][0, :5].tolist() == REFERENCE
@@ -69,7 +69,7 @@ def test_hub_name_resolves_from_the_local_cache(tmp_path, monkeypatch):
     snapshot.mkdir(parents=True)
     (tmp_path / "models--someone--tiny-bert" / "refs").mkdir()
     (tmp_path / "models--someone--tiny-bert" / "refs" / "main").write_text("0" * 40)
-    with resources.as_file(resources.files("m3ae.assets").joinpath("bert-base-uncased-vocab.txt")) as vocab:
+    with resources.as_file(resources.files("m3ae").joinpath("assets", "bert-base-uncased-vocab.txt")) as vocab:
         BertWordPieceTokenizer(str(vocab), lowercase=True).save(str(snapshot / "tokenizer.json"))
     monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path))
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")

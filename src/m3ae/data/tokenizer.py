@@ -32,7 +32,7 @@ class Tokenizer:
         from tokenizers import Tokenizer as HFTokenizer
 
         if name in SHIPPED_VOCABS:
-            vocab = resources.files("m3ae.assets").joinpath(SHIPPED_VOCABS[name])
+            vocab = resources.files("m3ae").joinpath("assets", SHIPPED_VOCABS[name])
             with resources.as_file(vocab) as vocab_path:
                 backend = BertWordPieceTokenizer(str(vocab_path), lowercase=True)
             return cls(backend, max_length, name)
