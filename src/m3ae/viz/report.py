@@ -48,11 +48,9 @@ def _loss_curves_png(records: list[dict[str, Any]]) -> bytes | None:
             if any(k in r for r in records)]
     if not keys:
         return None
-    import matplotlib
+    from .plotting import pyplot
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     fig, axes = plt.subplots(1, len(keys), figsize=(3.6 * len(keys), 3.0), squeeze=False)
     for ax, key in zip(axes[0], keys):
         points = [(r["step"], r[key]) for r in records if key in r and "step" in r]
