@@ -114,7 +114,8 @@ def build_report(run_dir: str | Path, out_path: str | Path | None = None) -> Pat
     sections: list[str] = []
     config = next((p for p in (run_dir / "config.yaml", run_dir / "config.json") if p.is_file()), None)
     if config:
-        sections.append(f"<h2>Configuration</h2><pre>{html.escape(config.read_text())}</pre>")
+        sections.append(f"<h2>Configuration</h2><details><summary>{html.escape(config.name)}</summary>"
+                        f"<pre>{html.escape(config.read_text())}</pre></details>")
     metrics = run_dir / "metrics.jsonl"
     records = _read_metrics(metrics) if metrics.is_file() else []
     if records:
