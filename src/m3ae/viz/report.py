@@ -48,11 +48,9 @@ def _loss_curves_png(records: list[dict[str, Any]]) -> bytes | None:
             if any(k in r for r in records)]
     if not keys:
         return None
-    import matplotlib
+    from .plotting import pyplot
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     fig, axes = plt.subplots(1, len(keys), figsize=(3.6 * len(keys), 3.0), squeeze=False)
     for ax, key in zip(axes[0], keys):
         points = [(r["step"], r[key]) for r in records if key in r and "step" in r]
@@ -116,7 +114,8 @@ def build_report(run_dir: str | Path, out_path: str | Path | None = None) -> Pat
     sections: list[str] = []
     config = next((p for p in (run_dir / "config.yaml", run_dir / "config.json") if p.is_file()), None)
     if config:
-        sections.append(f"<h2>Configuration</h2><pre>{html.escape(config.read_text())}</pre>")
+        sections.append(f"<h2>Configuration</h2><details><summary>{html.escape(config.name)}</summary>"
+                        f"<pre>{html.escape(config.read_text())}</pre></details>")
     metrics = run_dir / "metrics.jsonl"
     records = _read_metrics(metrics) if metrics.is_file() else []
     if records:
