@@ -195,3 +195,26 @@ def test_loader_batches_must_match_the_micro_batch(tmp_path):
     cfg = tiny_config(tmp_path, steps=2, micro=4)
     with pytest.raises(ValueError, match="micro_batch_size"):
         run_pretraining(cfg, loader=ListLoader(global_batches(cfg.model, 1, 8)))
+
+
+@pytest.mark.parametrize("precision", ["bf16", "fp16"])
+def test_low_precision_autocast_trains_and_keeps_fp32_weights(tmp_path, precision):
+    cfg = tiny_config(tmp_path, steps=10, precision=precision)
+    cfg.optim.warmup_steps = 0
+    trainer = Pretrainer(cfg, loader=ListLoader(global_batches(cfg.model, 1, 8)))
+    assert (trainer.scaler is not None) == (precision == "fp16")
+    trainer.fit()
+    history = losses(tmp_path)
+    assert history[-1] < 0.9 * history[0]
+    assert all(p.dtype == torch.float32 for p in trainer.model.parameters())
+
+
+def test_activation_checkpointing_recomputes_without_changing_the_result(tmp_path):
+    runs = []
+    for checkpointing in (False, True):
+        cfg = tiny_config(tmp_path / str(checkpointing), steps=3, activation_checkpointing=checkpointing)
+        trainer = Pretrainer(cfg, loader=ListLoader(global_batches(cfg.model, 3, 8)))
+        trainer.fit()
+        runs.append((losses(tmp_path / str(checkpointing)), trainer.model.state_dict()))
+    assert runs[1][0] == pytest.approx(runs[0][0], rel=1e-6)
+    assert set(runs[1][1]) == set(runs[0][1])  # parameter names unchanged by the wrapper

@@ -10,18 +10,11 @@ from typing import Any
 
 import torch
 
+from ..utils import atomic_path
+from ..viz.plotting import pyplot, save_figure
 from .metrics import read_metrics
 
 VOCAB_ASSET = "assets/bert-base-uncased-vocab.txt"
-
-
-def _pyplot():
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
 
 
 def plot_loss_curves(metrics_path: Path, out_path: Path) -> Path | None:
@@ -29,8 +22,7 @@ def plot_loss_curves(metrics_path: Path, out_path: Path) -> Path | None:
     keys = [k for k in ("loss", "image_loss", "text_loss", "unpaired_text_loss") if any(k in r for r in records)]
     if not records or not keys:
         return None
-    plt = _pyplot()
-    fig, axes = plt.subplots(1, len(keys), figsize=(4 * len(keys), 3), squeeze=False)
+    fig, axes = pyplot().subplots(1, len(keys), figsize=(4 * len(keys), 3), squeeze=False)
     for ax, key in zip(axes[0], keys):
         points = [(r["step"], r[key]) for r in records if key in r]
         ax.plot(*zip(*points))
@@ -38,9 +30,7 @@ def plot_loss_curves(metrics_path: Path, out_path: Path) -> Path | None:
         ax.set_xlabel("step")
         ax.set_yscale("log")
     fig.tight_layout()
-    fig.savefig(out_path, dpi=100)
-    plt.close(fig)
-    return out_path
+    return save_figure(fig, out_path, dpi=100)
 
 
 def _vocabulary(vocab_size: int) -> list[str] | None:
@@ -93,8 +83,7 @@ def _image_grid(bare_model, image: torch.Tensor, out: Any, path: Path) -> Path:
     pasted = bare_model.unpatchify(target * (1 - removed) + pred * removed)
     columns = {"original": image, "masked input": masked_input, "reconstruction": reconstruction,
                "visible + reconstruction": pasted}
-    plt = _pyplot()
-    fig, axes = plt.subplots(n, len(columns), figsize=(2 * len(columns), 2 * n), squeeze=False)
+    fig, axes = pyplot().subplots(n, len(columns), figsize=(2 * len(columns), 2 * n), squeeze=False)
     for col, (title, images) in enumerate(columns.items()):
         shown = _display(images, image).permute(0, 2, 3, 1).numpy()
         for row in range(n):
@@ -105,9 +94,7 @@ def _image_grid(bare_model, image: torch.Tensor, out: Any, path: Path) -> Path:
             if row == 0:
                 ax.set_title(title, fontsize=9)
     fig.tight_layout()
-    fig.savefig(path, dpi=80)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path, dpi=80)
 
 
 def _captions(cfg, batch: dict[str, torch.Tensor], out: Any, path: Path, max_samples: int, top_k: int = 3) -> Path:
@@ -129,5 +116,6 @@ def _captions(cfg, batch: dict[str, torch.Tensor], out: Any, path: Path, max_sam
             tops = ", ".join(word(g) for g in guesses[i, pos].tolist())
             lines.append(f"  position {pos}: {word(text[i, pos].item())!r} -> guesses {tops}")
         lines.append("")
-    path.write_text("\n".join(lines))
+    with atomic_path(path) as tmp:
+        tmp.write_text("\n".join(lines))
     return path
