@@ -82,13 +82,9 @@ def test_a_few_steps_lower_the_loss_on_a_fixed_batch(tmp_path, mode):
 
 
 def test_accumulating_k_micro_batches_equals_one_batch_k_times_larger(tmp_path):
-    # float64: Adam divides by sqrt(v), which turns float32 rounding in near-zero gradients into
-    # visible weight differences; in float64 the two summation orders agree to ~1e-12.
-    torch.set_default_dtype(torch.float64)
-    try:
-        runs = _train_with_micro_batches(tmp_path, (8, 2))
-    finally:
-        torch.set_default_dtype(torch.float32)
+    # float64 weights: Adam divides by sqrt(v), which turns float32 rounding in near-zero gradients
+    # into visible weight differences; in float64 the two summation orders agree to ~1e-12.
+    runs = _train_with_micro_batches(tmp_path, (8, 2))
     (losses_full, weights_full), (losses_accum, weights_accum) = runs[8], runs[2]
     assert losses_accum == pytest.approx(losses_full, rel=1e-6)  # the model reports float32 losses
     for name, value in weights_full.items():
@@ -103,6 +99,7 @@ def _train_with_micro_batches(tmp_path, micro_sizes):
         for b in batches:
             b["image"] = b["image"].double()
         trainer = Pretrainer(cfg, loader=ListLoader(batches))
+        trainer.model.double()  # in place: the optimizer keeps the same parameters
         trainer.fit()
         runs[micro] = (losses(tmp_path / str(micro)), trainer.model.state_dict())
     return runs
