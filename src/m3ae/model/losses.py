@@ -42,8 +42,8 @@ def cross_entropy_by_sample(
     weight = weight.float()
 
     def per_sample_mean(values: torch.Tensor) -> torch.Tensor:
-        totals = torch.zeros(batch, device=values.device).index_add(0, rows, values * weight)
-        counts = torch.zeros(batch, device=values.device).index_add(0, rows, weight)
+        totals = values.new_zeros(batch).index_add(0, rows, values * weight)
+        counts = values.new_zeros(batch).index_add(0, rows, weight)
         return (totals / counts.clamp_min(1e-5)).mean()
 
     return per_sample_mean(nll), per_sample_mean(correct)

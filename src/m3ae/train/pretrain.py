@@ -464,7 +464,7 @@ class Pretrainer:
         with self.precision.autocast():
             written = reconstruction_figures(self.wrapped, self.model, _to_device(batch, self.info.device),
                                              _to_device(noise, self.info.device), out_dir, self.step,
-                                             self.info.is_main)
+                                             self.info.is_main, self.cfg.data.normalization_stats())
         if self.info.is_main:
             curves = plot_loss_curves(logger.path, out_dir / "loss_curves.png")
             written += [curves] if curves else []
