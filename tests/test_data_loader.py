@@ -81,6 +81,18 @@ def test_stop_and_resume_matches_an_uninterrupted_run(shards, tmp_path, workers)
             assert torch.equal(got[name], want[name]), name
 
 
+def test_finite_epochs_resume_exactly_even_after_a_worker_finishes(tmp_path):
+    # 9 shards over 2 workers: one worker runs out first and the other finishes alone.
+    cfg = config(write_shards(tmp_path, 45, per_shard=5), num_workers=2)
+    reference = [b["key"] for b in build_pretrain_loader(cfg, 4, epochs=2)]
+    for stop in (5, 12, len(reference) - 2):
+        first = build_pretrain_loader(cfg, 4, epochs=2)
+        keys = [b["key"] for b in take(first, stop)]
+        resumed = build_pretrain_loader(cfg, 4, epochs=2)
+        resumed.load_state_dict(first.state_dict())
+        assert keys + [b["key"] for b in resumed] == reference, stop
+
+
 def test_resume_decodes_only_what_it_yields(shards, monkeypatch):
     import m3ae.data.loader as loader_module
 

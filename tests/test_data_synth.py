@@ -5,7 +5,7 @@ import pytest
 from data_helpers import cli
 
 from m3ae.data import DataConfig, build_eval_loader, build_pretrain_loader
-from m3ae.data.synth import SHAPES, ensure_embedded_dataset, render_scene
+from m3ae.data.synth import SHAPES, SynthSpec, ensure_embedded_dataset, generate, render_scene
 
 SMALL = dict(train=60, val=20, image_size=32, shard_size=25)
 
@@ -20,6 +20,8 @@ def test_generation_is_deterministic_idempotent_and_checked(tmp_path):
     assert sorted(tar_bytes(first)) == ["train-0000.tar", "train-0001.tar", "train-0002.tar",
                                         "val-0000.tar"]
     assert tar_bytes(first) == tar_bytes(second)
+    serial = generate(tmp_path / "serial", SynthSpec(seed=5, **SMALL), processes=1)
+    assert tar_bytes(serial) == tar_bytes(first)
     assert tar_bytes(ensure_embedded_dataset(tmp_path / "c", seed=6, **SMALL)) != tar_bytes(first)
     stamp = (first / "manifest.json").stat().st_mtime_ns
     assert ensure_embedded_dataset(first, seed=5, **SMALL) == first

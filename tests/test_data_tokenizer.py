@@ -41,7 +41,7 @@ def test_batch_equals_one_at_a_time():
 def test_local_vocab_and_tokenizer_json_paths(tmp_path):
     from importlib import resources
 
-    vocab = resources.files("m3ae.assets").joinpath("bert-base-uncased-vocab.txt").read_text()
+    vocab = resources.files("m3ae").joinpath("assets", "bert-base-uncased-vocab.txt").read_text()
     (tmp_path / "vocab.txt").write_text(vocab)
     from_dir = Tokenizer.from_name(str(tmp_path), max_length=8)
     assert from_dir(["a photo of a dog"])[0][0, :5].tolist() == REFERENCE
@@ -57,3 +57,24 @@ def test_local_vocab_and_tokenizer_json_paths(tmp_path):
 def test_missing_local_tokenizer_names_the_path(tmp_path):
     with pytest.raises(FileNotFoundError, match="nothing.json"):
         Tokenizer.from_name(str(tmp_path / "nothing.json"))
+
+
+def test_hub_name_resolves_from_the_local_cache(tmp_path, monkeypatch):
+    from importlib import resources
+
+    from tokenizers import BertWordPieceTokenizer
+
+    pytest.importorskip("huggingface_hub")
+    snapshot = tmp_path / "models--someone--tiny-bert" / "snapshots" / ("0" * 40)
+    snapshot.mkdir(parents=True)
+    (tmp_path / "models--someone--tiny-bert" / "refs").mkdir()
+    (tmp_path / "models--someone--tiny-bert" / "refs" / "main").write_text("0" * 40)
+    with resources.as_file(resources.files("m3ae").joinpath("assets", "bert-base-uncased-vocab.txt")) as vocab:
+        BertWordPieceTokenizer(str(vocab), lowercase=True).save(str(snapshot / "tokenizer.json"))
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    import huggingface_hub.constants as constants
+
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path))
+    tok = Tokenizer.from_name("someone/tiny-bert", max_length=8)
+    assert tok(["a photo of a dog"])[0][0, :5].tolist() == REFERENCE

@@ -130,6 +130,10 @@ def test_jpeg_draft_decodes_at_reduced_size():
     data = encode(big, "JPEG")
     assert decode_image(data, BIG, 1).size == (1000, 800)
     assert decode_image(data, BIG, 1, draft_side=200).size == (250, 200)
+    assert decode_image(data, BIG, 1, draft_side=60).size == (125, 100)  # draft 1/8, nothing more
+    # Other formats are box-reduced by an integer factor keeping the short side >= draft_side.
+    assert decode_image(encode(big.convert("RGBA")), BIG, 1, draft_side=200).size == (250, 200)
+    assert decode_image(encode(big), BIG, 1, draft_side=300).size == (500, 400)
 
 
 @pytest.mark.parametrize(

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from m3ae import M3AE, ConfigError, M3AEConfig
-from m3ae.model.losses import normalize_patches
+from m3ae.model.losses import masked_cross_entropy, normalize_patches
 from m3ae.model.masking import random_masking
 
 SMALL = dict(image_size=32, patch_size=8, text_length=12, vocab_size=50, emb_dim=32, depth=2, num_heads=4,
@@ -134,6 +134,14 @@ def test_removed_positions_head_gives_the_same_loss_as_the_full_head():
     assert lean.text_logits is None
     torch.testing.assert_close(lean.loss, full.loss)
     torch.testing.assert_close(lean.text_accuracy, full.text_accuracy)
+    # both placements of the head: every removed position (accelerators) and removed real words (CPU)
+    decoded = torch.randn(4, 12, model.config.dec_emb_dim)
+    masking = random_masking(noise_t, 4, 12, model.config.text_keep())
+    logits = model.decoder_text_output(decoded)
+    expected = masked_cross_entropy(logits, text, masking.mask * (~pad).float())
+    for sync_free in (True, False):
+        got = model._text_loss_where_read(decoded, text, pad, masking, sync_free)
+        torch.testing.assert_close(got, expected)
 
 
 def test_batch_of_one():

@@ -82,13 +82,9 @@ def test_a_few_steps_lower_the_loss_on_a_fixed_batch(tmp_path, mode):
 
 
 def test_accumulating_k_micro_batches_equals_one_batch_k_times_larger(tmp_path):
-    # float64: Adam divides by sqrt(v), which turns float32 rounding in near-zero gradients into
-    # visible weight differences; in float64 the two summation orders agree to ~1e-12.
-    torch.set_default_dtype(torch.float64)
-    try:
-        runs = _train_with_micro_batches(tmp_path, (8, 2))
-    finally:
-        torch.set_default_dtype(torch.float32)
+    # float64 weights: Adam divides by sqrt(v), which turns float32 rounding in near-zero gradients
+    # into visible weight differences; in float64 the two summation orders agree to ~1e-12.
+    runs = _train_with_micro_batches(tmp_path, (8, 2))
     (losses_full, weights_full), (losses_accum, weights_accum) = runs[8], runs[2]
     assert losses_accum == pytest.approx(losses_full, rel=1e-6)  # the model reports float32 losses
     for name, value in weights_full.items():
@@ -103,6 +99,7 @@ def _train_with_micro_batches(tmp_path, micro_sizes):
         for b in batches:
             b["image"] = b["image"].double()
         trainer = Pretrainer(cfg, loader=ListLoader(batches))
+        trainer.model.double()  # in place: the optimizer keeps the same parameters
         trainer.fit()
         runs[micro] = (losses(tmp_path / str(micro)), trainer.model.state_dict())
     return runs
@@ -182,7 +179,8 @@ def test_run_directory_has_metrics_figures_config_and_loadable_checkpoint(tmp_pa
     result = run_pretraining(cfg, loader=ListLoader(global_batches(cfg.model, 2, 8)))
     names = {p.name for p in (tmp_path / "figures").iterdir()}
     assert {"recon_00000002.png", "recon_00000004.png", "captions_00000004.txt", "loss_curves.png"} <= names
-    assert "position" in (tmp_path / "figures" / "captions_00000004.txt").read_text()
+    captions = (tmp_path / "figures" / "captions_00000004.txt").read_text()
+    assert captions.startswith("sample 0: ") and "[" in captions and " -> " in captions  # masked words, guesses
     assert (tmp_path / "config.yaml").is_file()
     record = read_metrics(tmp_path / "metrics.jsonl")[-1]
     for key in ("step", "loss", "lr", "samples_per_s", "flops_per_s", "mfu", "data_wait", "eta_s"):
@@ -195,3 +193,26 @@ def test_loader_batches_must_match_the_micro_batch(tmp_path):
     cfg = tiny_config(tmp_path, steps=2, micro=4)
     with pytest.raises(ValueError, match="micro_batch_size"):
         run_pretraining(cfg, loader=ListLoader(global_batches(cfg.model, 1, 8)))
+
+
+@pytest.mark.parametrize("precision", ["bf16", "fp16"])
+def test_low_precision_autocast_trains_and_keeps_fp32_weights(tmp_path, precision):
+    cfg = tiny_config(tmp_path, steps=10, precision=precision)
+    cfg.optim.warmup_steps = 0
+    trainer = Pretrainer(cfg, loader=ListLoader(global_batches(cfg.model, 1, 8)))
+    assert (trainer.scaler is not None) == (precision == "fp16")
+    trainer.fit()
+    history = losses(tmp_path)
+    assert history[-1] < 0.9 * history[0]
+    assert all(p.dtype == torch.float32 for p in trainer.model.parameters())
+
+
+def test_activation_checkpointing_recomputes_without_changing_the_result(tmp_path):
+    runs = []
+    for checkpointing in (False, True):
+        cfg = tiny_config(tmp_path / str(checkpointing), steps=3, activation_checkpointing=checkpointing)
+        trainer = Pretrainer(cfg, loader=ListLoader(global_batches(cfg.model, 3, 8)))
+        trainer.fit()
+        runs.append((losses(tmp_path / str(checkpointing)), trainer.model.state_dict()))
+    assert runs[1][0] == pytest.approx(runs[0][0], rel=1e-6)
+    assert set(runs[1][1]) == set(runs[0][1])  # parameter names unchanged by the wrapper

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import os
 import types
 import typing
 from pathlib import Path
@@ -223,8 +222,7 @@ def collect_overrides(args: argparse.Namespace) -> dict[str, Any]:
 
 def save_yaml(obj: Any, path: str | Path) -> None:
     """Writes the resolved config (temp file, then rename: never a half-written recipe)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(yaml.safe_dump(to_dict(obj), sort_keys=False))
-    os.replace(tmp, path)
+    from .utils import atomic_path
+
+    with atomic_path(path) as tmp:
+        tmp.write_text(yaml.safe_dump(to_dict(obj), sort_keys=False))

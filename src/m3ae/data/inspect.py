@@ -6,8 +6,7 @@ from collections import Counter
 
 import numpy as np
 
-from m3ae.data.loader import decode_caption
-from m3ae.data.sources import open_source
+from m3ae.data.sources import decode_caption, open_source
 from m3ae.data.tokenizer import Tokenizer
 from m3ae.data.transforms import SkipSample, decode_image
 

@@ -25,7 +25,7 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from m3ae.data.config import DataConfig
-from m3ae.data.sources import IndexedSource, RawRecord, Source, open_source
+from m3ae.data.sources import IndexedSource, RawRecord, Source, decode_caption, open_source
 from m3ae.data.tokenizer import Tokenizer
 from m3ae.data.transforms import ImageTransform, SkipSample, decode_image, normalize_batch
 
@@ -145,15 +145,6 @@ class WorkerStats:
             total.update({k: v for k, v in part.items() if k != "skipped"})
         return {**{name: total.get(name, 0) for name in WorkerStats.__dataclass_fields__ if name != "skipped"},
                 "skipped": dict(sorted(skipped.items()))}
-
-
-def decode_caption(raw: bytes | str | None) -> str:
-    if isinstance(raw, bytes):
-        try:
-            raw = raw.decode("utf-8")
-        except UnicodeDecodeError as error:
-            raise SkipSample("caption_not_utf8") from error
-    return (raw or "").strip()
 
 
 class BatchStream(IterableDataset):

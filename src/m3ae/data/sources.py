@@ -10,11 +10,14 @@ from __future__ import annotations
 import csv
 import glob
 import json
+import logging
 import os
 import tarfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator, Sequence
+
+from m3ae.data.transforms import SkipSample
 
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
 FOLDER_IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
@@ -29,6 +32,16 @@ class RawRecord:
     caption: bytes | str | None = None
     label: int = -1
     error: str = ""
+
+
+def decode_caption(raw: bytes | str | None) -> str:
+    """Caption text, stripped; non-UTF-8 bytes are a skip, a missing caption is empty."""
+    if isinstance(raw, bytes):
+        try:
+            raw = raw.decode("utf-8")
+        except UnicodeDecodeError as error:
+            raise SkipSample("caption_not_utf8") from error
+    return (raw or "").strip()
 
 
 class Source:
@@ -392,8 +405,6 @@ _warned: set[str] = set()
 
 
 def _warn_once(message: str) -> None:
-    import logging
-
     if message not in _warned:
         _warned.add(message)
         logging.getLogger("m3ae.data").warning(message)

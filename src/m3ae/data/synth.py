@@ -37,6 +37,7 @@ POSITIONS = {(0, 0): "top left", (1, 0): "top", (2, 0): "top right", (0, 1): "le
              (2, 1): "right", (0, 2): "bottom left", (1, 2): "bottom", (2, 2): "bottom right"}
 SPLITS = {"train": 0, "val": 1}
 SUPERSAMPLE = 2  # drawn at twice the size then box-filtered: anti-aliased edges
+MAX_TILT = math.radians(20)
 
 
 @dataclass(frozen=True)
@@ -136,7 +137,7 @@ def render_scene(seed: int, split: str, index: int, image_size: int = 64) -> tup
 
     label = int(rng.integers(len(SHAPES)))
     color, other_color = (str(c) for c in rng.choice([n for n in names if n != bg_color], 2, replace=False))
-    texture = str(rng.choice(TEXTURES, p=[0.55, 0.15, 0.15, 0.15]))
+    texture = str(rng.choice(TEXTURES, p=[0.7, 0.1, 0.1, 0.1]))
     scale = str(rng.choice(["small", "medium", "large"]))
     radius = {"small": 0.22, "medium": 0.28, "large": 0.34}[scale] * size * rng.uniform(0.94, 1.06)
     cell = (int(rng.integers(3)), int(rng.integers(3)))
@@ -155,7 +156,8 @@ def render_scene(seed: int, split: str, index: int, image_size: int = 64) -> tup
         distractors.append((shape, d_color))
 
     fill = _pattern(rng, size, texture, _jitter(rng, COLORS[color]), _jitter(rng, COLORS[other_color]))
-    mask = _shape_mask(size, SHAPES[label], cx, cy, radius, rng.uniform(0, 2 * math.pi))
+    # A tilt, not a free rotation: orientation stays a cue, as for most objects in photos.
+    mask = _shape_mask(size, SHAPES[label], cx, cy, radius, rng.uniform(-MAX_TILT, MAX_TILT))
     canvas.paste(Image.fromarray(fill.astype(np.uint8)), mask=mask)
     image = canvas.resize((image_size, image_size), Image.Resampling.BOX)
 

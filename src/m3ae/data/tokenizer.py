@@ -32,7 +32,7 @@ class Tokenizer:
         from tokenizers import Tokenizer as HFTokenizer
 
         if name in SHIPPED_VOCABS:
-            vocab = resources.files("m3ae.assets").joinpath(SHIPPED_VOCABS[name])
+            vocab = resources.files("m3ae").joinpath("assets", SHIPPED_VOCABS[name])
             with resources.as_file(vocab) as vocab_path:
                 backend = BertWordPieceTokenizer(str(vocab_path), lowercase=True)
             return cls(backend, max_length, name)
@@ -47,6 +47,9 @@ class Tokenizer:
             return cls(BertWordPieceTokenizer(str(path), lowercase=True), max_length, name)
         if path.suffix in (".json", ".txt") or name.startswith((".", "/", "~")) or path.exists():
             raise FileNotFoundError(f"tokenizer {name!r}: no tokenizer.json or vocab.txt at this path")
+        cached = _hub_cache_file(name)
+        if cached is not None:
+            return cls.from_name(cached, max_length)
         try:
             return cls(HFTokenizer.from_pretrained(name), max_length, name)
         except Exception as error:  # the hub client raises many types; all mean "not available"
@@ -72,3 +75,17 @@ class Tokenizer:
             ids[row, : len(token_ids)] = torch.tensor(token_ids, dtype=torch.long)
             padding[row, : len(token_ids)] = False
         return ids, padding
+
+
+def _hub_cache_file(name: str) -> str | None:
+    """A tokenizer file of hub model `name` already in the local Hugging Face cache, if any."""
+    try:
+        from huggingface_hub import hf_hub_download
+    except ImportError:
+        return None
+    for filename in ("tokenizer.json", "vocab.txt"):
+        try:
+            return hf_hub_download(name, filename, local_files_only=True)
+        except Exception:  # not cached (the hub client's error types vary across versions)
+            continue
+    return None

@@ -13,6 +13,7 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 
 _SIXTEEN_BIT_MODES = {"I;16", "I;16B", "I;16L", "I;16N", "I"}
 _ALPHA_MODES = {"RGBA", "LA", "PA", "RGBa", "La"}
+_REDUCIBLE_MODES = {"L", "LA", "RGB", "RGBA", "CMYK"}  # a palette or 16-bit image is converted first
 
 
 class SkipSample(Exception):
@@ -27,7 +28,8 @@ def decode_image(data: bytes, max_pixels: int, min_side: int, draft_side: int = 
     """Decode encoded image bytes into an upright 8-bit RGB image, or raise SkipSample.
 
     `draft_side` lets the JPEG decoder downscale by 1/2, 1/4 or 1/8 while keeping both sides at
-    least that long, which is most of the decode cost saved on large photos.
+    least that long, which is most of the decode cost saved on large photos; other formats (and
+    JPEGs still too large) get an integer box reduction before any mode conversion.
     """
     if not data:
         raise SkipSample("empty_image")
@@ -51,6 +53,10 @@ def decode_image(data: bytes, max_pixels: int, min_side: int, draft_side: int = 
         raise SkipSample("too_many_pixels", str(error)) from error
     except (UnidentifiedImageError, OSError, ValueError, SyntaxError, EOFError) as error:
         raise SkipSample("undecodable_image", str(error)) from error
+    if draft_side and image.mode in _REDUCIBLE_MODES:
+        factor = min(image.size) // draft_side
+        if factor >= 2:
+            image = image.reduce(factor)
     return to_rgb(_upright(image))
 
 

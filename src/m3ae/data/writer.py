@@ -10,6 +10,9 @@ from pathlib import Path
 
 from PIL import Image
 
+from m3ae.data.sources import decode_caption, open_source
+from m3ae.data.transforms import SkipSample
+
 # Formats readers decode directly; anything else Pillow can open is re-encoded as PNG.
 _KEPT_FORMATS = {"JPEG": "jpg", "PNG": "png", "WEBP": "webp"}
 
@@ -100,10 +103,6 @@ def build_shards(source_spec: str, out_dir: str | Path, fmt: str = "auto", shard
     Image bytes are copied unchanged when already JPEG/PNG/WebP; broken records are skipped and
     counted, so the shards hold exactly the usable samples in source order.
     """
-    from m3ae.data.loader import decode_caption
-    from m3ae.data.sources import open_source
-    from m3ae.data.transforms import SkipSample
-
     source = open_source(source_spec, fmt, unit_size=shard_size)
     skipped: dict[str, int] = {}
     written = 0

@@ -27,9 +27,23 @@ def masked_cross_entropy(
     """logits (B, K, V), targets (B, K), weight (B, K). Per sample: sum over weighted positions divided
     by max(count, 1e-5), so a sample without such positions adds 0 but still counts in the batch mean.
     Returns (loss, accuracy)."""
-    nll = F.cross_entropy(logits.float().transpose(1, 2), targets, reduction="none")  # (B, K)
+    B, K = targets.shape
+    rows = torch.arange(B, device=targets.device).repeat_interleave(K)
+    return cross_entropy_by_sample(logits.flatten(0, 1), targets.flatten(), weight.flatten(), rows, B)
+
+
+def cross_entropy_by_sample(
+    logits: torch.Tensor, targets: torch.Tensor, weight: torch.Tensor, rows: torch.Tensor, batch: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The same reduction over a flat list of positions: logits (M, V), targets, weight and the
+    sample index `rows` of each, all (M,). Returns (loss, accuracy)."""
+    nll = F.cross_entropy(logits.float(), targets, reduction="none")  # (M,)
     correct = (logits.argmax(dim=-1) == targets).float()
-    count = weight.sum(dim=1).clamp_min(1e-5)
-    loss = ((nll * weight).sum(dim=1) / count).mean()
-    accuracy = ((correct * weight).sum(dim=1) / count).mean()
-    return loss, accuracy
+    weight = weight.float()
+
+    def per_sample_mean(values: torch.Tensor) -> torch.Tensor:
+        totals = values.new_zeros(batch).index_add(0, rows, values * weight)
+        counts = values.new_zeros(batch).index_add(0, rows, weight)
+        return (totals / counts.clamp_min(1e-5)).mean()
+
+    return per_sample_mean(nll), per_sample_mean(correct)

@@ -17,7 +17,7 @@ from torch import nn
 
 from .config import M3AEConfig
 from .layers import OutputHead, Transformer, sincos_1d, sincos_2d, sincos_buffer
-from .losses import masked_cross_entropy, normalize_patches, patch_mse_loss
+from .losses import cross_entropy_by_sample, masked_cross_entropy, normalize_patches, patch_mse_loss
 from .masking import Masking, draw_noise, gather_tokens, random_masking, unshuffle
 
 CONFIG_NAME = "config.json"
@@ -262,16 +262,14 @@ class M3AE(nn.Module):
         if text is not None:
             decoded_text = decoded[:, -L:]  # (B, L, Dd)
             text_mask = text_masking.mask
-            real = (~pad).float()
             if compute_logits or c.text_loss_on_all:
                 text_logits = self.decoder_text_output(decoded_text)  # (B, L, V)
+                real = (~pad).float()
                 weight = real if c.text_loss_on_all else text_mask * real
                 text_loss, text_accuracy = masked_cross_entropy(text_logits, text, weight)
             else:
-                removed = text_masking.ids_removed  # (B, L - keep_t): fixed shape, no host sync
-                logits = self.decoder_text_output(gather_tokens(decoded_text, removed))  # (B, L - keep_t, V)
-                text_loss, text_accuracy = masked_cross_entropy(
-                    logits, torch.gather(text, 1, removed), torch.gather(real, 1, removed)
+                text_loss, text_accuracy = self._text_loss_where_read(
+                    decoded_text, text, pad, text_masking, sync_free=decoded_text.device.type != "cpu"
                 )
             loss = loss + c.text_loss_weight * text_loss
 
@@ -290,6 +288,20 @@ class M3AE(nn.Module):
             encoder_attentions=encoder_attentions,
             decoder_attentions=decoder_attentions,
         )
+
+    def _text_loss_where_read(
+        self, decoded_text: torch.Tensor, text: torch.Tensor, pad: torch.Tensor, masking: Masking, sync_free: bool
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The text loss with the V-way head run only where the loss reads. On accelerators, at every
+        removed position (a fixed shape, so no host-device sync); on CPU, where sizing a tensor from
+        data costs nothing, only at removed real words."""
+        if sync_free:
+            removed = masking.ids_removed  # (B, L - keep_t)
+            logits = self.decoder_text_output(gather_tokens(decoded_text, removed))  # (B, L - keep_t, V)
+            return masked_cross_entropy(logits, torch.gather(text, 1, removed), torch.gather((~pad).float(), 1, removed))
+        rows, cols = (masking.mask.bool() & ~pad).nonzero(as_tuple=True)
+        logits = self.decoder_text_output(decoded_text[rows, cols])  # (M, V)
+        return cross_entropy_by_sample(logits, text[rows, cols], torch.ones_like(rows), rows, text.shape[0])
 
     # ------------------------------------------------------------------ representations
     def encode(

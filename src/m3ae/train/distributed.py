@@ -142,6 +142,3 @@ def gradient_sync(model: nn.Module, enabled: bool) -> contextlib.AbstractContext
         model.set_requires_gradient_sync(enabled)
     return contextlib.nullcontext()
 
-
-def unwrap(model: nn.Module) -> nn.Module:
-    return model.module if hasattr(model, "no_sync") and hasattr(model, "module") else model

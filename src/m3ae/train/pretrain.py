@@ -62,6 +62,8 @@ class TrainConfig:
             raise ConfigError(
                 f"train.micro_batch_size={self.micro_batch_size}: must divide train.batch_size={self.batch_size}"
             )
+        if self.device not in ("auto", "cpu", "cuda") and not self.device.startswith("cuda:"):
+            raise ConfigError(f"train.device={self.device!r}: must be 'auto', 'cpu', 'cuda' or 'cuda:N'")
         if self.unpaired_text_weight < 0:
             raise ConfigError(f"train.unpaired_text_weight={self.unpaired_text_weight!r}: must be >= 0")
 
@@ -251,10 +253,13 @@ class Pretrainer:
             sources["text"] = batch["text"].shape[1]
         if "unpaired_text" in batch and self.cfg.train.unpaired_text_weight > 0:
             sources["unpaired_text"] = batch["unpaired_text"].shape[1]
-        return {
+        noise = {
             key: torch.rand((L,) if c.masking == "shared" else (copies * batch[key].shape[0], L), generator=self.noise)
             for key, L in sources.items()
         }
+        if self.info.device.type == "cuda":  # page-locked, so the copies below are truly asynchronous
+            noise = {k: v.pin_memory() for k, v in noise.items()}
+        return noise
 
     def _rows(self, noise: torch.Tensor, micro: int) -> torch.Tensor:
         """This process's rows of the global noise for micro-batch `micro`."""
@@ -459,7 +464,7 @@ class Pretrainer:
         with self.precision.autocast():
             written = reconstruction_figures(self.wrapped, self.model, _to_device(batch, self.info.device),
                                              _to_device(noise, self.info.device), out_dir, self.step,
-                                             self.info.is_main)
+                                             self.info.is_main, self.cfg.data.normalization_stats())
         if self.info.is_main:
             curves = plot_loss_curves(logger.path, out_dir / "loss_curves.png")
             written += [curves] if curves else []

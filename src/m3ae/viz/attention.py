@@ -12,6 +12,7 @@ import numpy as np
 import torch
 
 from ..model import M3AE
+from .plotting import pyplot, save_figure
 
 
 @torch.no_grad()
@@ -56,11 +57,7 @@ def plot_word_attention(
 ) -> Path:
     """picture (H, W, 3) in [0, 1]; maps {word index: (g, g) attention}. One panel per chosen word:
     the image with the word's attention over the patches overlaid."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     height, width = picture.shape[:2]
     fig, axes = plt.subplots(1, 1 + len(maps), figsize=(2.6 * (1 + len(maps)), 3.0), squeeze=False)
     axes[0, 0].imshow(picture)
@@ -72,7 +69,7 @@ def plot_word_attention(
     for ax in axes[0]:
         ax.axis("off")
     fig.suptitle(title or "word → image patches", fontsize=10)
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def plot_patch_attention(
@@ -81,11 +78,9 @@ def plot_patch_attention(
 ) -> Path:
     """The image with the chosen patch outlined, and the caption with each word shaded by the
     patch's attention to it (Fig. 8)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
     from matplotlib.patches import Rectangle
+
+    plt = pyplot()
 
     height, width = picture.shape[:2]
     ph, pw = height / grid_size, width / grid_size
@@ -107,16 +102,4 @@ def plot_patch_attention(
             x, y = 0.0, y - 0.15
     ax_text.axis("off")
     fig.suptitle(title or "image patch → words", fontsize=10)
-    return _save(fig, path)
-
-
-def _save(fig, path: str | Path) -> Path:
-    import matplotlib.pyplot as plt
-
-    from ..utils import atomic_path
-
-    path = Path(path)
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format=path.suffix.lstrip(".") or "png", dpi=100)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)

@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 
 from ..model import M3AE, M3AEOutput
-from ..utils import atomic_path
+from .plotting import pyplot, save_figure
 
 
 @dataclass
@@ -111,11 +111,7 @@ def plot_reconstructions(
 ) -> Path:
     """One row per sample: original, masked input, reconstruction, reconstruction pasted into the
     visible patches, and (when given) the caption with the model's guesses for its masked words."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     views = [to_display(v, mean, std, reference=rec.original)
              for v in (rec.original, rec.masked, rec.reconstruction, rec.pasted)]
     names = ["original", "masked input", "reconstruction", "visible + reconstruction"]
@@ -141,8 +137,4 @@ def plot_reconstructions(
             if rec.norm_pix else "pixel target")
     fig.suptitle(f"{title}  ({note})" if title else note, fontsize=9)
     fig.tight_layout()
-    path = Path(path)
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=80)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path, dpi=80)

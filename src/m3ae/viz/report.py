@@ -14,7 +14,9 @@ import re
 from pathlib import Path
 from typing import Any
 
+from ..train.metrics import read_metrics
 from ..utils import atomic_path
+from .plotting import loss_curves_figure, pyplot
 
 STYLE = """
 body{font-family:system-ui,sans-serif;margin:2em auto;max-width:1100px;color:#222}
@@ -33,36 +35,13 @@ def _figure(png: bytes, caption: str) -> str:
     return f'<figure><img src="{_data_uri(png)}" alt="{html.escape(caption)}"><figcaption>{html.escape(caption)}</figcaption></figure>'
 
 
-def _read_metrics(path: Path) -> list[dict[str, Any]]:
-    records = []
-    for line in path.read_text().splitlines():
-        try:
-            records.append(json.loads(line))
-        except json.JSONDecodeError:
-            continue  # a line cut by a killed run
-    return records
-
-
 def _loss_curves_png(records: list[dict[str, Any]]) -> bytes | None:
-    keys = [k for k in ("loss", "image_loss", "text_loss", "text_accuracy", "unpaired_text_loss", "lr")
-            if any(k in r for r in records)]
-    if not keys:
+    fig = loss_curves_figure(records)
+    if fig is None:
         return None
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(1, len(keys), figsize=(3.6 * len(keys), 3.0), squeeze=False)
-    for ax, key in zip(axes[0], keys):
-        points = [(r["step"], r[key]) for r in records if key in r and "step" in r]
-        ax.plot(*zip(*points))
-        ax.set_title(key, fontsize=9)
-        ax.set_xlabel("step", fontsize=8)
-    fig.tight_layout()
     buffer = io.BytesIO()
     fig.savefig(buffer, format="png", dpi=80)
-    plt.close(fig)
+    pyplot().close(fig)
     return buffer.getvalue()
 
 
@@ -116,9 +95,10 @@ def build_report(run_dir: str | Path, out_path: str | Path | None = None) -> Pat
     sections: list[str] = []
     config = next((p for p in (run_dir / "config.yaml", run_dir / "config.json") if p.is_file()), None)
     if config:
-        sections.append(f"<h2>Configuration</h2><pre>{html.escape(config.read_text())}</pre>")
+        sections.append(f"<h2>Configuration</h2><details><summary>{html.escape(config.name)}</summary>"
+                        f"<pre>{html.escape(config.read_text())}</pre></details>")
     metrics = run_dir / "metrics.jsonl"
-    records = _read_metrics(metrics) if metrics.is_file() else []
+    records = read_metrics(metrics)
     if records:
         png = _loss_curves_png(records)
         if png:

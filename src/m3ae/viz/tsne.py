@@ -25,13 +25,9 @@ def plot_tsne(
     seed: int = 0,
 ) -> Path:
     """panels {model name: (features (N, D), labels (N,))} -> one scatter per model, shared colours."""
-    import matplotlib
+    from .plotting import pyplot, save_figure
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    from ..utils import atomic_path
-
+    plt = pyplot()
     labels_all = np.unique(np.concatenate([labels for _, labels in panels.values()]))
     cmap = plt.get_cmap("tab10" if len(labels_all) <= 10 else "tab20")
     fig, axes = plt.subplots(1, len(panels), figsize=(5.0 * len(panels), 5.0), squeeze=False)
@@ -46,8 +42,4 @@ def plot_tsne(
         ax.set_yticks([])
     axes[0, -1].legend(loc="center left", bbox_to_anchor=(1.0, 0.5), fontsize=8, markerscale=2)
     fig.tight_layout()
-    path = Path(path)
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=100)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)

@@ -1,0 +1,63 @@
+"""Loading a checkpoint's inputs for the figure commands: images from files, captions tokenised."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ..model import M3AE
+
+
+def checkpoint_normalization(model_dir: str | Path) -> str:
+    """The input normalisation the model was trained with: the `data.normalization` of the run's
+    config.yaml when the checkpoint sits in a run directory (run/checkpoints/step_N/), else cc12m."""
+    import yaml
+
+    for parent in Path(model_dir).resolve().parents[:3]:
+        config = parent / "config.yaml"
+        if config.is_file():
+            data = (yaml.safe_load(config.read_text()) or {}).get("data") or {}
+            return str(data.get("normalization", "cc12m"))
+    return "cc12m"
+
+
+def normalization_stats(name: str) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    from ..data.config import NORMALIZATION_PRESETS
+
+    if name not in NORMALIZATION_PRESETS:
+        raise ValueError(f"normalization {name!r}: choose one of {sorted(NORMALIZATION_PRESETS)}")
+    return NORMALIZATION_PRESETS[name]
+
+
+def load_images(paths: list[str], size: int, normalization: str) -> tuple[torch.Tensor, np.ndarray]:
+    """Files -> (model input (B, 3, size, size), display pixels (B, size, size, 3) in [0, 1]),
+    with the evaluation transform (Resize + CenterCrop)."""
+    from ..data.transforms import ImageTransform, SkipSample, decode_image, normalize_batch
+
+    transform = ImageTransform(size, train=False)
+    pixels = []
+    for path in paths:
+        try:
+            image = decode_image(Path(path).read_bytes(), max_pixels=1 << 28, min_side=1)
+        except FileNotFoundError:
+            raise FileNotFoundError(f"{path}: no such image") from None
+        except SkipSample as error:
+            raise ValueError(f"{path}: cannot be used ({error})") from None
+        pixels.append(transform(image))
+    batch = np.stack(pixels)
+    mean, std = normalization_stats(normalization)
+    return normalize_batch(batch, mean, std), batch.astype(np.float32) / 255.0
+
+
+def tokenize(model: M3AE, captions: list[str], tokenizer_name: str = "bert-base-uncased"):
+    """Captions -> (ids, padding mask, tokenizer); the tokenizer must match the model's vocabulary."""
+    from ..data.tokenizer import Tokenizer
+
+    tokenizer = Tokenizer.from_name(tokenizer_name, max_length=model.config.text_length)
+    if tokenizer.vocab_size != model.config.vocab_size:
+        raise ValueError(f"tokenizer {tokenizer_name!r} has {tokenizer.vocab_size} tokens but the model "
+                         f"{model.config.vocab_size}: pass --tokenizer")
+    ids, pad = tokenizer(captions)
+    return ids, pad, tokenizer

@@ -1,0 +1,80 @@
+"""The figure commands end to end on a tiny model with the paper's vocabulary."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from m3ae import M3AE, M3AEConfig
+from m3ae.cli import main
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    torch.manual_seed(0)
+    directory = tmp_path_factory.mktemp("ckpt")
+    M3AE(M3AEConfig(image_size=32, patch_size=8, text_length=12, emb_dim=32, depth=2, num_heads=4, dec_emb_dim=16,
+                    dec_depth=1, dec_num_heads=2)).save_pretrained(directory)
+    return directory
+
+
+@pytest.fixture(scope="module")
+def pictures(tmp_path_factory):
+    root = tmp_path_factory.mktemp("pictures")
+    rng = np.random.default_rng(0)
+    paths = []
+    for i, mode in enumerate(("RGB", "RGBA")):
+        path = root / f"p{i}.png"
+        Image.fromarray(rng.integers(0, 255, (40, 50, len(mode)), dtype=np.uint8), mode).save(path)
+        paths.append(str(path))
+    return paths
+
+
+def _size(path):
+    with Image.open(path) as image:
+        return image.size
+
+
+def test_reconstruct_with_captions(model_dir, pictures, tmp_path, capsys):
+    out = tmp_path / "rec.png"
+    assert main(["reconstruct", str(model_dir), "--images", *pictures, "--captions", "a red dog", "two blue birds",
+                 "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "->" in printed and f"wrote {out}" in printed  # masked words with guesses
+    assert _size(out) == (int((4 * 2.2 + 4.4) * 80), int(2 * 2.2 * 80))  # 4 views + caption column, 2 rows
+
+
+def test_reconstruct_refuses_mismatched_captions(model_dir, pictures, tmp_path):
+    with pytest.raises(SystemExit, match="1 given for 2 images"):
+        main(["reconstruct", str(model_dir), "--images", *pictures, "--captions", "one", "--out", str(tmp_path / "x.png")])
+
+
+def test_attention_maps(model_dir, pictures, tmp_path):
+    prefix = tmp_path / "att"
+    assert main(["attention", str(model_dir), "--image", pictures[0], "--caption", "a red dog on grass",
+                 "--words", "red", "dog", "--layer", "mean", "--out-prefix", str(prefix)]) == 0
+    assert _size(f"{prefix}_words.png") == (780, 300) and _size(f"{prefix}_patch.png") == (800, 300)
+    with pytest.raises(SystemExit, match="'cat' is not a token"):
+        main(["attention", str(model_dir), "--image", pictures[0], "--caption", "a red dog", "--words", "cat",
+              "--out-prefix", str(prefix)])
+
+
+def test_missing_image_is_named(model_dir, tmp_path):
+    with pytest.raises(FileNotFoundError, match="nope.png"):
+        main(["reconstruct", str(model_dir), "--images", str(tmp_path / "nope.png"), "--out", str(tmp_path / "x.png")])
+
+
+def test_tsne_of_two_models_on_a_labelled_folder(model_dir, tmp_path):
+    rng = np.random.default_rng(0)
+    for label, colour in (("red", (220, 30, 30)), ("blue", (30, 30, 220))):
+        folder = tmp_path / "data" / "val" / label
+        folder.mkdir(parents=True)
+        for i in range(12):
+            pixels = np.clip(np.array(colour) + rng.normal(0, 20, (32, 32, 3)), 0, 255).astype(np.uint8)
+            Image.fromarray(pixels).save(folder / f"{i}.png")
+    out = tmp_path / "tsne.png"
+    assert main(["tsne", "--model", f"M3AE={model_dir}", "--model", f"MAE={model_dir}", "--data",
+                 str(tmp_path / "data"), "--out", str(out)]) == 0
+    assert _size(out) == (1000, 500)
