@@ -69,11 +69,9 @@ def evaluate(cfg: DemoConfig, pretrain_cfg, run_dir: Path) -> dict[str, float]:
 
 
 def bar_chart(results: dict[str, dict[str, float]], path: Path) -> Path:
-    from ..train.figures import _pyplot
-    from ..utils import atomic_path
+    from ..viz.plotting import pyplot, save_figure
 
-    plt = _pyplot()
-    fig, ax = plt.subplots(figsize=(5, 3.2))
+    fig, ax = pyplot().subplots(figsize=(5, 3.2))
     width = 0.38
     for i, model in enumerate(results):
         values = [results[model]["linear"], results[model]["knn"]]
@@ -84,10 +82,7 @@ def bar_chart(results: dict[str, dict[str, float]], path: Path) -> Path:
     ax.set_ylim(0, 100)
     ax.legend()
     fig.tight_layout()
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=120)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path, dpi=120)
 
 
 def table(results: dict[str, dict[str, float]]) -> str:
