@@ -24,11 +24,10 @@ def checkpoint_normalization(model_dir: str | Path) -> str:
 
 
 def normalization_stats(name: str) -> tuple[tuple[float, ...], tuple[float, ...]]:
-    from ..data.config import NORMALIZATION_PRESETS
+    """(mean, std) of a normalisation preset, validated as the data pipeline does."""
+    from ..data.config import DataConfig
 
-    if name not in NORMALIZATION_PRESETS:
-        raise ValueError(f"normalization {name!r}: choose one of {sorted(NORMALIZATION_PRESETS)}")
-    return NORMALIZATION_PRESETS[name]
+    return DataConfig(normalization=name).normalization_stats()
 
 
 def load_images(paths: list[str], size: int, normalization: str) -> tuple[torch.Tensor, np.ndarray]:
