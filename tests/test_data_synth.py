@@ -5,6 +5,7 @@ import pytest
 from data_helpers import cli
 
 from m3ae.data import DataConfig, build_eval_loader, build_pretrain_loader
+from m3ae.data.sources import label_names
 from m3ae.data.synth import SHAPES, SynthSpec, ensure_embedded_dataset, generate, render_scene
 
 SMALL = dict(train=60, val=20, image_size=32, shard_size=25)
@@ -29,6 +30,7 @@ def test_generation_is_deterministic_idempotent_and_checked(tmp_path):
     with pytest.raises(ValueError, match="different dataset"):
         ensure_embedded_dataset(first, seed=1, **SMALL)
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temporary left behind
+    assert label_names("embedded", embedded_root=str(first)) == list(SHAPES)  # the labels' names, from the manifest
 
 
 def test_captions_describe_the_scene_and_labels_match():

@@ -11,6 +11,7 @@ import torch
 
 from m3ae import M3AE
 from m3ae.model import M3AEConfig
+from m3ae.interop.hub import resolve
 from m3ae.train.checkpoint import CheckpointManager
 from m3ae.train.distributed import DistInfo
 from m3ae.train.metrics import LogConfig, read_metrics
@@ -19,6 +20,7 @@ from m3ae.train.pretrain import (
     CheckpointConfig, NonFiniteLossError, Pretrainer, PretrainConfig, TrainConfig, run_pretraining,
 )
 from m3ae.train.synthetic import ListLoader, synthetic_batch
+from m3ae.viz.inputs import checkpoint_normalization
 
 TINY = dict(emb_dim=32, depth=2, num_heads=2, dec_emb_dim=32, dec_depth=1, dec_num_heads=2,
             image_size=32, patch_size=8, text_length=16, vocab_size=100)
@@ -126,6 +128,7 @@ def test_kill_and_resume_continues_the_same_trajectory_bit_for_bit(tmp_path):
 def test_corrupted_latest_checkpoint_falls_back_to_the_previous_one_with_a_warning(tmp_path):
     cfg = tiny_config(tmp_path, steps=4)
     cfg.checkpoint = CheckpointConfig(every=1, keep=3)
+    cfg.data.normalization = "imagenet"  # recorded in the run's config.yaml, read back by the figure commands
     run_pretraining(cfg, loader=ListLoader(global_batches(cfg.model, 2, 8)))
     manager = CheckpointManager(tmp_path, keep=3, info=DistInfo(0, 1, 0, torch.device("cpu")))
     assert [p.name for p in manager.step_dirs()] == ["step_00000004", "step_00000003", "step_00000002"]
@@ -135,6 +138,13 @@ def test_corrupted_latest_checkpoint_falls_back_to_the_previous_one_with_a_warni
     weights.write_bytes(bytes(data))
     with pytest.warns(UserWarning, match="step_00000004.*corrupted"):
         assert manager.latest_good().name == "step_00000003"
+    # every command that takes a model accepts the run directory: its newest checkpoint that verifies
+    assert resolve(tmp_path) == manager.step_dirs()[1]
+    assert checkpoint_normalization(tmp_path) == "imagenet" == checkpoint_normalization(resolve(tmp_path))
+    M3AE.from_pretrained(tmp_path)
+    (tmp_path / "empty" / "checkpoints").mkdir(parents=True)
+    with pytest.raises(FileNotFoundError, match="no checkpoint under .* verifies"):
+        resolve(tmp_path / "empty")
     cfg.train.total_steps = 5
     with pytest.warns(UserWarning, match="corrupted"):
         trainer = Pretrainer(cfg, loader=ListLoader(global_batches(cfg.model, 2, 8)), resume="auto")

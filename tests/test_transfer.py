@@ -182,8 +182,13 @@ def test_demo_pretrains_both_models_and_writes_its_results(setup, tmp_path, caps
     for model in ("m3ae", "mae"):
         assert 0.0 <= results[model]["linear"] <= 100.0 and 0.0 <= results[model]["knn"] <= 100.0
         assert read_metrics(run / model / "metrics.jsonl")[-1]["step"] == 2  # equal steps for both
+    # held-out pairs scored with their own and with other images; class names only for the embedded set
+    grounding = results["m3ae"]["grounding"]
+    assert list(grounding) == ["all_words"] and "grounding" not in results["mae"]
+    assert grounding["all_words"]["words"] > 0 and 0.0 <= grounding["all_words"]["mismatched"] <= 100.0
     assert (run / "demo_results.png").stat().st_size > 0
-    assert "| M3AE |" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "| M3AE |" in out and "own image vs another image" in out
 
 
 def test_softmax_head_for_ood_is_confident_on_its_classes_and_not_between_them():

@@ -9,6 +9,7 @@ from PIL import Image
 
 from m3ae import M3AE, M3AEConfig
 from m3ae.cli import main
+from m3ae.data.sources import label_names
 
 
 @pytest.fixture(scope="module")
@@ -78,3 +79,5 @@ def test_tsne_of_two_models_on_a_labelled_folder(model_dir, tmp_path):
     assert main(["tsne", "--model", f"M3AE={model_dir}", "--model", f"MAE={model_dir}", "--data",
                  str(tmp_path / "data"), "--out", str(out)]) == 0
     assert _size(out) == (1000, 500)
+    # the legend names the classes by their folders, in label order
+    assert label_names(str(tmp_path / "data"), split="val") == ["blue", "red"]

@@ -401,6 +401,16 @@ def open_source(spec: str, fmt: str = "auto", *, role: str = "pair", split: str 
     raise ValueError(f"data source {spec!r}: unknown format {fmt!r}")
 
 
+def label_names(spec: str, fmt: str = "auto", split: str = "val", embedded_root: str = "data/embedded") -> list[str] | None:
+    """The class names behind a labelled source's integer labels where the source records them (the
+    embedded dataset's manifest, an image folder's class subfolders); None otherwise."""
+    if spec == "embedded":
+        manifest = Path(embedded_root) / "manifest.json"
+        return json.loads(manifest.read_text()).get("classes") if manifest.is_file() else None
+    source = open_source(spec, fmt, role="labelled", split=split, embedded_root=embedded_root)
+    return list(source.classes) if isinstance(source, FolderSource) else None
+
+
 _warned: set[str] = set()
 
 

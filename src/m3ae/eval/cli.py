@@ -9,7 +9,7 @@ from pathlib import Path
 
 
 def _add_feature_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--checkpoint", required=True, help="model directory, checkpoint step directory or run directory")
+    p.add_argument("--checkpoint", required=True, help="model directory, checkpoint step directory, run directory or Hub repo id")
     p.add_argument("--data", default="embedded", help="labelled source: image folder, .tar shards with .cls, "
                    "HDF5 ({split}_jpg/_labels), manifest, or 'embedded' (default)")
     p.add_argument("--train-data", default="", help="the training split when --data does not separate splits "
@@ -89,9 +89,10 @@ def _features(args: argparse.Namespace, model, source: str, fmt: str, split: str
 def embed_command(args: argparse.Namespace) -> int:
     from ..data import DataConfig, build_eval_loader
     from ..data.loader import BatchStream, PretrainLoader
-    from .features import FeatureSpec, extract_features, load_encoder, save_features
+    from ..model import M3AE
+    from .features import FeatureSpec, extract_features, save_features
 
-    model = load_encoder(args.checkpoint)
+    model = M3AE.from_pretrained(args.checkpoint)
     c = model.config
     data = DataConfig(source=args.data, format=args.format, normalization=args.normalization, image_size=c.image_size,
                       text_length=c.text_length, num_workers=0, eval_train_source=args.train_data,
@@ -130,10 +131,10 @@ def transfer_command(args: argparse.Namespace) -> int:
 
 
 def knn_command(args: argparse.Namespace) -> int:
-    from .features import load_encoder
+    from ..model import M3AE
     from .knn import knn_predict, topk_accuracy
 
-    model = load_encoder(args.checkpoint)
+    model = M3AE.from_pretrained(args.checkpoint)
     train = _features(args, model, args.data, args.format, "train", args.train_data)
     val = _features(args, model, args.data, args.format, "val", val_data=args.val_data)
     classes = int(max(train["labels"].max(), val["labels"].max())) + 1
@@ -144,10 +145,10 @@ def knn_command(args: argparse.Namespace) -> int:
 
 
 def ood_command(args: argparse.Namespace) -> int:
-    from .features import load_encoder
+    from ..model import M3AE
     from .ood import MahalanobisScorer, auroc, fit_softmax_head, max_softmax_score
 
-    model = load_encoder(args.checkpoint)
+    model = M3AE.from_pretrained(args.checkpoint)
     train = _features(args, model, args.data, args.format, "train", args.train_data)
     inside = _features(args, model, args.data, args.format, "val", val_data=args.val_data)
     outside = _features(args, model, args.out_data, args.out_format, "val")

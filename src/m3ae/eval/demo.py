@@ -1,6 +1,8 @@
 """`m3ae demo`: pretrain M3AE and MAE on the embedded dataset with equal steps and batch, probe both
 (cached linear probe and kNN) on its held-out labels, print a table, save a bar chart and
-`demo_results.json` in the run directory. Re-running with the same --out-dir resumes each part."""
+`demo_results.json` in the run directory. For M3AE it also measures how much its masked-word
+predictions depend on the image (eval.grounding): the text can only improve the image features once
+the model reads the picture to name words. Re-running with the same --out-dir resumes each part."""
 
 from __future__ import annotations
 
@@ -68,6 +70,54 @@ def evaluate(cfg: DemoConfig, pretrain_cfg, run_dir: Path) -> dict[str, float]:
             "knn": topk_accuracy(scores, val["labels"], ks=(1,))["top1"]}
 
 
+def caption_pairs(data):
+    """Held-out image-caption pairs of the recipe's data, or None when its validation split has no
+    captions to score."""
+    from ..data.loader import BatchStream, PretrainLoader
+
+    if data.source == "embedded":
+        spec = str(Path(data.embedded_root) / "val-*.tar")
+    elif data.eval_val_source:
+        spec = data.eval_val_source
+    else:
+        return None
+    # batches of 16: the full (16, L, 30 522) logits of two passes stay small
+    return PretrainLoader(BatchStream(dataclasses.replace(data, source=spec, num_workers=0), 16, 0, 1, epochs=1,
+                                      train_transform=False))
+
+
+def class_name_ids(data) -> list[int] | None:
+    """Token ids of the held-out labels' class names (the words the labels are), where the source
+    records them (the embedded dataset, an image folder); else None."""
+    from ..data.sources import label_names
+    from ..data.tokenizer import Tokenizer
+
+    names = label_names(data.eval_val_source or data.source, data.format, "val", data.embedded_root)
+    if not names:
+        return None
+    words = [name.replace("_", " ") for name in names]
+    return [i for ids in Tokenizer.from_name(data.tokenizer).encode(words) for i in ids]
+
+
+def grounding(pretrain_cfg) -> dict[str, dict[str, float]]:
+    """Masked-word accuracy of the M3AE run with each caption's own image vs another one's: all
+    words, and the class names alone when the data has them."""
+    import torch
+
+    from ..model import M3AE
+    from .grounding import grounding_accuracy
+
+    pairs = caption_pairs(pretrain_cfg.data)
+    if pairs is None:
+        return {}
+    word_sets = {"all_words": None}
+    if (names := class_name_ids(pretrain_cfg.data)) is not None:
+        word_sets["class_names"] = names
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return grounding_accuracy(M3AE.from_pretrained(pretrain_cfg.out_dir), pairs, device, pretrain_cfg.train.precision,
+                              word_sets)
+
+
 def bar_chart(results: dict[str, dict[str, float]], path: Path) -> Path:
     from ..viz.plotting import pyplot, save_figure
 
@@ -88,6 +138,9 @@ def bar_chart(results: dict[str, dict[str, float]], path: Path) -> Path:
 def table(results: dict[str, dict[str, float]]) -> str:
     lines = ["| model | linear probe top-1 (%) | kNN top-1 (%) |", "|---|---|---|"]
     lines += [f"| {m.upper()} | {r['linear']:.2f} | {r['knn']:.2f} |" for m, r in results.items()]
+    for words, g in results.get("m3ae", {}).get("grounding", {}).items():
+        lines.append(f"M3AE masked-word accuracy ({words.replace('_', ' ')}), own image vs another image: "
+                     f"{g['matched']:.1f} vs {g['mismatched']:.1f} % (gap {g['gap']:+.1f})")
     return "\n".join(lines)
 
 
@@ -104,6 +157,8 @@ def run_demo(cfg: DemoConfig) -> dict[str, dict[str, float]]:
         pretrain_s = time.perf_counter() - started
         started = time.perf_counter()
         results[model_type] = evaluate(cfg, pretrain, run_dir / model_type / "linear-probe")
+        if model_type == "m3ae":
+            results[model_type]["grounding"] = grounding(pretrain)
         results[model_type].update(pretrain_s=pretrain_s, probe_s=time.perf_counter() - started)
     with atomic_path(run_dir / "demo_results.json") as tmp:
         tmp.write_text(json.dumps({"config": dataclasses.asdict(cfg), **results}, indent=2) + "\n")

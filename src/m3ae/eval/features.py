@@ -21,32 +21,6 @@ Modality = Literal["image", "text", "pair"]
 Pool = Literal["cls", "mean"]
 
 
-def resolve_checkpoint(path: str | Path) -> Path:
-    """A `save_pretrained` directory, a checkpoint step directory (same files), or a run directory,
-    whose newest checkpoint that verifies is used."""
-    from ..train.checkpoint import CHECKPOINT_DIRNAME, CheckpointError, CheckpointManager
-
-    path = Path(path)
-    if (path / "config.json").is_file():
-        return path
-    if (path / CHECKPOINT_DIRNAME).is_dir():
-        manager = CheckpointManager(path, keep=1, info=None)
-        for step_dir in manager.step_dirs():
-            try:
-                manager.verify(step_dir)
-            except CheckpointError:
-                continue
-            return step_dir
-    raise FileNotFoundError(f"checkpoint {path}: neither a model directory (config.json + model.safetensors) "
-                            f"nor a run directory with a good checkpoint under {CHECKPOINT_DIRNAME}/")
-
-
-def load_encoder(path: str | Path, **overrides) -> M3AE:
-    """An M3AE / MAE model from any checkpoint (ours or converted official); `overrides` such as
-    `image_size` recompute the sin-cos position grid."""
-    return M3AE.from_pretrained(resolve_checkpoint(path), **overrides)
-
-
 @dataclass
 class FeatureSpec:
     modality: Modality = "image"

@@ -26,7 +26,7 @@ import torch.nn.functional as F
 
 from .. import config as config_io
 from ..data import DataConfig
-from ..model import ConfigError
+from ..model import M3AE, ConfigError
 from ..model.classifier import M3AEClassifier
 from ..train.metrics import LogConfig
 from ..train.precision import PrecisionName
@@ -76,7 +76,7 @@ class LinearProbeConfig:
 
     def validate_ready(self) -> None:
         if not self.checkpoint:
-            raise ConfigError("checkpoint: required (a model directory, checkpoint directory or run directory)")
+            raise ConfigError("checkpoint: required (a model directory, checkpoint directory, run directory or Hub repo id)")
 
     def peak_lr(self) -> float:
         return self.lr if self.lr is not None else self.base_lr * self.batch_size / 256
@@ -177,7 +177,6 @@ class TransferTrainer:
         from ..train.checkpoint import CheckpointManager
         from ..train.distributed import broadcast_object, init_distributed, wrap_model
         from ..train.precision import Precision
-        from .features import load_encoder
 
         cfg.validate_ready()
         self.cfg = cfg
@@ -192,7 +191,7 @@ class TransferTrainer:
         if cfg.image_size is not None:
             overrides["image_size"] = cfg.image_size
         torch.manual_seed(cfg.seed)
-        backbone = load_encoder(cfg.checkpoint, **overrides)
+        backbone = M3AE.from_pretrained(cfg.checkpoint, **overrides)
         cfg.data.image_size = backbone.config.image_size  # the data follow the model, as in pretraining
         self.features = self._cached_features(backbone) if cfg.cached else None
         if self.features is not None:

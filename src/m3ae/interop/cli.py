@@ -25,7 +25,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="export the image encoder to Hugging Face ViTModel or a timm ViT state dict",
         description="The exported encoder computes the unmasked image-only representation of M3AE.encode.",
     )
-    export.add_argument("model_dir", help="a from_pretrained directory (config.json + model.safetensors)")
+    export.add_argument("model_dir", help="a model directory, a pretraining run directory or a Hub repo id")
     export.add_argument("out_dir")
     export.add_argument("--format", choices=["hf", "timm"], default="hf")
     export.set_defaults(func=run_export)

@@ -14,11 +14,17 @@ _REPO_ID = re.compile(r"^[\w.-]+/[\w.-]+$")
 
 
 def resolve(name_or_path: str | Path, revision: str | None = None) -> Path:
-    """A local directory as is; otherwise a Hub repo id, downloaded (or read from the local cache,
-    which works offline) through huggingface_hub."""
+    """The directory holding a model's config.json + model.safetensors, from any of the names users
+    give: a `save_pretrained` or checkpoint step directory (as is), a pretraining run directory (its
+    newest checkpoint that verifies), or a Hub repo id (downloaded, or read from the local cache,
+    which works offline, through huggingface_hub)."""
+    from ..train.checkpoint import CHECKPOINT_DIRNAME
+
     path = Path(name_or_path)
     if path.is_dir():
-        return path
+        if (path / "config.json").is_file() or not (path / CHECKPOINT_DIRNAME).is_dir():
+            return path
+        return _newest_good_checkpoint(path)
     if not _REPO_ID.match(str(name_or_path)):
         raise FileNotFoundError(f"{name_or_path}: neither a directory nor a Hub repo id (owner/name)")
     try:
@@ -28,6 +34,19 @@ def resolve(name_or_path: str | Path, revision: str | None = None) -> Path:
             f"{name_or_path} is not a local directory; install huggingface_hub to load it from the Hub"
         ) from error
     return Path(snapshot_download(str(name_or_path), revision=revision, allow_patterns=HUB_FILES))
+
+
+def _newest_good_checkpoint(run_dir: Path) -> Path:
+    from ..train.checkpoint import CheckpointError, CheckpointManager
+
+    manager = CheckpointManager(run_dir, keep=1, info=None)
+    for step_dir in manager.step_dirs():
+        try:
+            manager.verify(step_dir)
+        except CheckpointError:
+            continue
+        return step_dir
+    raise FileNotFoundError(f"run directory {run_dir}: no checkpoint under {manager.directory} verifies")
 
 
 def model_card(config: M3AEConfig, info: dict[str, Any] | None = None) -> str:

@@ -7,9 +7,12 @@ import json
 from pathlib import Path
 
 
+MODEL_HELP = "a model directory, a pretraining run directory (its newest good checkpoint) or a Hub repo id"
+
+
 def register(subparsers: argparse._SubParsersAction) -> None:
     reconstruct = subparsers.add_parser("reconstruct", help="reconstructions of given images and captions (paper Fig. 1)")
-    reconstruct.add_argument("model_dir", help="a from_pretrained directory, e.g. RUN/checkpoints/step_N")
+    reconstruct.add_argument("model_dir", help=MODEL_HELP)
     reconstruct.add_argument("--images", nargs="+", required=True)
     reconstruct.add_argument("--captions", nargs="*", default=None, help="one per image; omit for image-only")
     reconstruct.add_argument("--out", default="reconstruction.png")
@@ -20,7 +23,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     reconstruct.set_defaults(func=run_reconstruct)
 
     attention = subparsers.add_parser("attention", help="word->patch and patch->word attention maps (paper Figs. 7-8)")
-    attention.add_argument("model_dir")
+    attention.add_argument("model_dir", help=MODEL_HELP)
     attention.add_argument("--image", required=True)
     attention.add_argument("--caption", required=True)
     attention.add_argument("--words", nargs="*", help="words to map over the image (default: up to 5 of the caption's)")
@@ -34,7 +37,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
     tsne = subparsers.add_parser("tsne", help="t-SNE of image features coloured by label, one panel per model (Fig. 9)")
     tsne.add_argument("--model", action="append", required=True, metavar="NAME=DIR",
-                      help="a model to embed, e.g. --model M3AE=runs/a/checkpoints/step_200 --model MAE=...")
+                      help="a model to embed (" + MODEL_HELP + "), e.g. --model M3AE=runs/a --model MAE=runs/b")
     tsne.add_argument("--data", default="embedded", help="labelled source (see docs/DATA.md); default: embedded")
     tsne.add_argument("--split", default="val", choices=["train", "val"])
     tsne.add_argument("--max-samples", type=int, default=1000)
@@ -136,6 +139,7 @@ def run_tsne(args: argparse.Namespace) -> int:
     import torch
 
     from ..data import DataConfig, build_eval_loader
+    from ..data.sources import label_names
     from ..model import M3AE
     from .inputs import checkpoint_normalization
     from .tsne import plot_tsne
@@ -157,7 +161,8 @@ def run_tsne(args: argparse.Namespace) -> int:
                 if seen >= args.max_samples:
                     break
         panels[name] = (torch.cat(features)[: args.max_samples].numpy(), torch.cat(labels)[: args.max_samples].numpy())
-    print(f"wrote {plot_tsne(panels, args.out, seed=args.seed)}")
+    class_names = label_names(args.data, split=args.split)
+    print(f"wrote {plot_tsne(panels, args.out, class_names, seed=args.seed)}")
     print(json.dumps({name: int(len(labels)) for name, (_, labels) in panels.items()}))
     return 0
 

@@ -12,10 +12,14 @@ from ..model import M3AE
 
 def checkpoint_normalization(model_dir: str | Path) -> str:
     """The input normalisation the model was trained with: the `data.normalization` of the run's
-    config.yaml when the checkpoint sits in a run directory (run/checkpoints/step_N/), else cc12m."""
+    config.yaml when given a run directory or a checkpoint in one (run/checkpoints/step_N/), else
+    cc12m (e.g. a Hub repo id)."""
     import yaml
 
-    for parent in Path(model_dir).resolve().parents[:3]:
+    path = Path(model_dir)
+    if not path.is_dir():
+        return "cc12m"
+    for parent in (path.resolve(), *path.resolve().parents[:3]):
         config = parent / "config.yaml"
         if config.is_file():
             data = (yaml.safe_load(config.read_text()) or {}).get("data") or {}
