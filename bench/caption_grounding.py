@@ -36,6 +36,7 @@ from m3ae.data.config import NORMALIZATION_PRESETS
 from m3ae.data.synth import COLORS, SHAPES, ensure_embedded_dataset
 from m3ae.data.tokenizer import Tokenizer
 from m3ae.eval.grounding import grounding_accuracy
+from m3ae.utils import atomic_path
 
 NAMES = {"color": list(COLORS), "shape": list(SHAPES)}
 
@@ -153,7 +154,8 @@ def main() -> None:
         print(arm, json.dumps(entry), flush=True)
     print(json.dumps(results, indent=1))
     if args.out:
-        Path(args.out).write_text(json.dumps(results, indent=1) + "\n")
+        with atomic_path(args.out) as tmp:
+            tmp.write_text(json.dumps(results, indent=1) + "\n")
 
 
 if __name__ == "__main__":

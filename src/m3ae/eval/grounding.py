@@ -4,8 +4,8 @@ Masked-word accuracy is measured twice on the same pairs with the same masks: on
 caption's own image, once with the image of another sample in the batch. The difference is the
 part of the text predictions that comes from the pixels. A gap near zero means the text decoder
 has learned a language model of the captions and nothing that ties words to image regions; the
-text loss then cannot shape the image features, which is what the linear probe measures. Restrict
-the count to chosen words (e.g. the class names) with `word_ids`."""
+text loss then cannot shape the image features, which is what the linear probe measures. Words
+can be counted in several sets at once (e.g. all of them, and the class names alone)."""
 
 from __future__ import annotations
 

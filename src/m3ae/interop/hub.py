@@ -37,16 +37,13 @@ def resolve(name_or_path: str | Path, revision: str | None = None) -> Path:
 
 
 def _newest_good_checkpoint(run_dir: Path) -> Path:
-    from ..train.checkpoint import CheckpointError, CheckpointManager
+    from ..train.checkpoint import CheckpointManager
 
     manager = CheckpointManager(run_dir, keep=1, info=None)
-    for step_dir in manager.step_dirs():
-        try:
-            manager.verify(step_dir)
-        except CheckpointError:
-            continue
-        return step_dir
-    raise FileNotFoundError(f"run directory {run_dir}: no checkpoint under {manager.directory} verifies")
+    step_dir = manager.newest_verified()
+    if step_dir is None:
+        raise FileNotFoundError(f"run directory {run_dir}: no checkpoint under {manager.directory} verifies")
+    return step_dir
 
 
 def model_card(config: M3AEConfig, info: dict[str, Any] | None = None) -> str:

@@ -149,19 +149,21 @@ class CheckpointManager:
                 raise CheckpointError(f"{file}: content does not match its SHA-256 in {META_FILE} (corrupted)")
         return step
 
+    def newest_verified(self) -> Path | None:
+        """Newest checkpoint that verifies, warning about each newer one skipped; this process only."""
+        for path in self.step_dirs():
+            try:
+                self.verify(path)
+            except CheckpointError as e:
+                warnings.warn(f"skipping checkpoint {path}: {e}; falling back to an earlier one", stacklevel=3)
+                continue
+            return path
+        return None
+
     def latest_good(self) -> Path | None:
-        """Newest checkpoint that verifies, warning about each newer one skipped. Rank 0 decides."""
-        chosen = None
-        if self.info.is_main:
-            for path in self.step_dirs():
-                try:
-                    self.verify(path)
-                except CheckpointError as e:
-                    warnings.warn(f"skipping checkpoint {path}: {e}; falling back to an earlier one", stacklevel=2)
-                    continue
-                chosen = str(path)
-                break
-        chosen = broadcast_object(chosen)
+        """`newest_verified` as rank 0 finds it, on every rank."""
+        chosen = self.newest_verified() if self.info.is_main else None
+        chosen = broadcast_object(None if chosen is None else str(chosen))
         return Path(chosen) if chosen else None
 
     # ------------------------------------------------------------------ load
