@@ -178,6 +178,35 @@ class M3AE(nn.Module):
             x = x + self.encoder_text_type_embedding
         return x
 
+    def _tokens(
+        self,
+        image: torch.Tensor | None,
+        text: torch.Tensor | None,
+        pad: torch.Tensor | None,
+        image_masking: Masking | None = None,
+        text_masking: Masking | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Encoder input `[CLS, image tokens, text tokens]` (B, S, D) and its key padding (B, S),
+        True = never attended to. With maskings, only the visible tokens, in the maskings' order."""
+        reference = image if image is not None else text
+        B, device = reference.shape[0], reference.device
+        tokens = [self.cls_token.expand(B, -1, -1)]  # (B, 1, D)
+        padding = [torch.zeros(B, 1, dtype=torch.bool, device=device)]
+        if image is not None:
+            x = self._embed_image(image)  # (B, N, D)
+            if image_masking is not None:
+                x = gather_tokens(x, image_masking.ids_keep)  # (B, keep_i, D)
+            tokens.append(x)
+            padding.append(torch.zeros(B, x.shape[1], dtype=torch.bool, device=device))
+        if text is not None:
+            x, text_pad = self._embed_text(text), pad  # (B, L, D)
+            if text_masking is not None:
+                # kept padding slots enter the encoder but are never attended to as keys
+                x, text_pad = gather_tokens(x, text_masking.ids_keep), torch.gather(pad, 1, text_masking.ids_keep)
+            tokens.append(x)
+            padding.append(text_pad)
+        return torch.cat(tokens, dim=1), torch.cat(padding, dim=1)
+
     def _decoder_tokens(self, visible: torch.Tensor, masking: Masking, modality: str) -> torch.Tensor:
         """Visible decoder tokens (B, keep, Dd) -> all positions (B, L, Dd) with mask tokens, positions, type."""
         x = unshuffle(visible, getattr(self, f"{modality}_mask_embedding"), masking.ids_restore)
@@ -205,72 +234,22 @@ class M3AE(nn.Module):
         only at removed positions (what the loss reads) and returns no `text_logits`.
         """
         c = self.config
-        B, pad = self._check_inputs(image, text, text_padding_mask)
-        device = (image if image is not None else text).device
-        cls = self.cls_token.expand(B, -1, -1)  # (B, 1, D)
-        tokens, key_padding = [cls], [torch.zeros(B, 1, dtype=torch.bool, device=device)]
+        _, pad = self._check_inputs(image, text, text_padding_mask)
+        image_masking, text_masking = self.random_masks(image, text, image_noise, text_noise)
+        latent, encoder_attentions = self.forward_encoder(image, text, pad, image_masking, text_masking, output_attentions)
+        decoded_image, decoded_text, decoder_attentions = self.forward_decoder(
+            latent, image_masking, text_masking, pad, output_attentions
+        )
 
-        # --- mask: keep int(L·(1 - ratio)) positions per modality, from independent noise
+        image_pred = image_loss = text_logits = text_loss = text_accuracy = None
+        loss = latent.new_zeros((), dtype=torch.float32)
         if image is not None:
-            N = c.num_patches
-            if image_noise is None:
-                image_noise = draw_noise(B, N, c.masking, device)
-            image_masking = random_masking(image_noise, B, N, c.image_keep)
-            tokens.append(gather_tokens(self._embed_image(image), image_masking.ids_keep))  # (B, keep_i, D)
-            key_padding.append(torch.zeros(B, c.image_keep, dtype=torch.bool, device=device))
-        if text is not None:
-            L = text.shape[1]
-            if text_noise is None:
-                text_noise = draw_noise(B, L, c.masking, device)
-            text_masking = random_masking(text_noise, B, L, c.text_keep(L))
-            tokens.append(gather_tokens(self._embed_text(text), text_masking.ids_keep))  # (B, keep_t, D)
-            # kept padding slots enter the encoder but are never attended to as keys
-            key_padding.append(torch.gather(pad, 1, text_masking.ids_keep))
-
-        # --- encode [CLS, visible image, visible text]
-        latent, encoder_attentions, _ = self.encoder(
-            torch.cat(tokens, dim=1), torch.cat(key_padding, dim=1), output_attentions
-        )  # (B, 1 + keep_i + keep_t, D)
-
-        # --- decode [CLS, all image positions, all text positions]
-        projected = self.decoder_input_projection(latent)  # (B, 1 + keep_i + keep_t, Dd)
-        decoder_tokens, decoder_padding = [projected[:, :1]], [key_padding[0]]
-        offset = 1
-        if image is not None:
-            visible = projected[:, offset : offset + c.image_keep]
-            decoder_tokens.append(self._decoder_tokens(visible, image_masking, "image"))  # (B, N, Dd)
-            decoder_padding.append(torch.zeros(B, N, dtype=torch.bool, device=device))
-            offset += c.image_keep
-        if text is not None:
-            decoder_tokens.append(self._decoder_tokens(projected[:, offset:], text_masking, "text"))  # (B, L, Dd)
-            decoder_padding.append(pad)
-        decoded, decoder_attentions, _ = self.decoder(
-            torch.cat(decoder_tokens, dim=1), torch.cat(decoder_padding, dim=1), output_attentions
-        )  # (B, 1 + N + L, Dd)
-
-        # --- heads and losses
-        image_pred = image_loss = image_mask = text_logits = text_loss = text_accuracy = text_mask = None
-        loss = decoded.new_zeros((), dtype=torch.float32)
-        if image is not None:
-            image_pred = self.decoder_image_output(decoded[:, 1 : 1 + N])  # (B, N, P)
-            target = self.patchify(image)
-            if c.norm_pix_loss:
-                target = normalize_patches(target.float())
-            image_mask = image_masking.mask
-            image_loss = patch_mse_loss(image_pred, target, torch.ones_like(image_mask) if c.image_loss_on_all else image_mask)
+            image_pred, image_loss = self.forward_image_loss(decoded_image, image, image_masking)
             loss = loss + c.image_loss_weight * image_loss
         if text is not None:
-            decoded_text = decoded[:, -L:]  # (B, L, Dd)
-            text_mask = text_masking.mask
-            if compute_logits or c.text_loss_on_all:
-                text_logits = self.decoder_text_output(decoded_text)  # (B, L, V)
-                real = (~pad).float()
-                weight = real if c.text_loss_on_all else text_mask * real
-                text_loss, text_accuracy = masked_cross_entropy(text_logits, text, weight)
-            else:
-                text_loss, text_accuracy = self._text_loss_where_read(
-                    decoded_text, text, pad, text_masking, sync_free=decoded_text.device.type != "cpu"
-                )
+            text_logits, text_loss, text_accuracy = self.forward_text_loss(
+                decoded_text, text, pad, text_masking, compute_logits
+            )
             loss = loss + c.text_loss_weight * text_loss
 
         return M3AEOutput(
@@ -280,14 +259,106 @@ class M3AE(nn.Module):
             text_accuracy=text_accuracy,
             image_pred=image_pred,
             text_logits=text_logits,
-            image_mask=image_mask,
-            text_mask=text_mask,
+            image_mask=image_masking.mask if image is not None else None,
+            text_mask=text_masking.mask if text is not None else None,
             latent=latent,
             image_ids_keep=image_masking.ids_keep if image is not None else None,
             text_ids_keep=text_masking.ids_keep if text is not None else None,
             encoder_attentions=encoder_attentions,
             decoder_attentions=decoder_attentions,
         )
+
+    def random_masks(
+        self,
+        image: torch.Tensor | None,
+        text: torch.Tensor | None,
+        image_noise: torch.Tensor | None = None,
+        text_noise: torch.Tensor | None = None,
+    ) -> tuple[Masking | None, Masking | None]:
+        """Per modality present: keep int(L·(1 - ratio)) positions, the lowest of independent noise
+        (drawn here, image first, unless given)."""
+        c = self.config
+        image_masking = text_masking = None
+        if image is not None:
+            B, N = image.shape[0], c.num_patches
+            if image_noise is None:
+                image_noise = draw_noise(B, N, c.masking, image.device)
+            image_masking = random_masking(image_noise, B, N, c.image_keep)  # ids_keep (B, keep_i)
+        if text is not None:
+            B, L = text.shape
+            if text_noise is None:
+                text_noise = draw_noise(B, L, c.masking, text.device)
+            text_masking = random_masking(text_noise, B, L, c.text_keep(L))  # ids_keep (B, keep_t)
+        return image_masking, text_masking
+
+    def forward_encoder(
+        self,
+        image: torch.Tensor | None,
+        text: torch.Tensor | None,
+        pad: torch.Tensor | None,
+        image_masking: Masking | None,
+        text_masking: Masking | None,
+        output_attentions: bool = False,
+    ) -> tuple[torch.Tensor, tuple[torch.Tensor, ...]]:
+        """[CLS, visible image, visible text] -> latent (B, 1 + keep_i + keep_t, D) and attentions."""
+        tokens, padding = self._tokens(image, text, pad, image_masking, text_masking)
+        latent, attentions, _ = self.encoder(tokens, padding, output_attentions)
+        return latent, attentions
+
+    def forward_decoder(
+        self,
+        latent: torch.Tensor,
+        image_masking: Masking | None,
+        text_masking: Masking | None,
+        pad: torch.Tensor | None,
+        output_attentions: bool = False,
+    ) -> tuple[torch.Tensor | None, torch.Tensor | None, tuple[torch.Tensor, ...]]:
+        """Latent -> decoded image (B, N, Dd) and text (B, L, Dd) at every position (mask tokens at the
+        removed ones), and attentions. The CLS token takes part but is not returned."""
+        c = self.config
+        B = latent.shape[0]
+        projected = self.decoder_input_projection(latent)  # (B, 1 + keep_i + keep_t, Dd)
+        tokens, padding = [projected[:, :1]], [torch.zeros(B, 1, dtype=torch.bool, device=latent.device)]
+        if image_masking is not None:
+            visible = projected[:, 1 : 1 + c.image_keep]  # (B, keep_i, Dd)
+            tokens.append(self._decoder_tokens(visible, image_masking, "image"))  # (B, N, Dd)
+            padding.append(torch.zeros(B, c.num_patches, dtype=torch.bool, device=latent.device))
+        if text_masking is not None:
+            visible = projected[:, projected.shape[1] - text_masking.ids_keep.shape[1] :]  # (B, keep_t, Dd)
+            tokens.append(self._decoder_tokens(visible, text_masking, "text"))  # (B, L, Dd)
+            padding.append(pad)
+        decoded, attentions, _ = self.decoder(torch.cat(tokens, dim=1), torch.cat(padding, dim=1), output_attentions)
+        n_image = c.num_patches if image_masking is not None else 0
+        decoded_image = decoded[:, 1 : 1 + n_image] if image_masking is not None else None
+        decoded_text = decoded[:, 1 + n_image :] if text_masking is not None else None
+        return decoded_image, decoded_text, attentions
+
+    def forward_image_loss(
+        self, decoded_image: torch.Tensor, image: torch.Tensor, masking: Masking
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Predicted patches (B, N, P) and their MSE against the (optionally per-patch normalised)
+        pixels, at removed patches (or all with `image_loss_on_all`)."""
+        c = self.config
+        image_pred = self.decoder_image_output(decoded_image)  # (B, N, P)
+        target = self.patchify(image)  # (B, N, P)
+        if c.norm_pix_loss:
+            target = normalize_patches(target.float())
+        weight = torch.ones_like(masking.mask) if c.image_loss_on_all else masking.mask
+        return image_pred, patch_mse_loss(image_pred, target, weight)
+
+    def forward_text_loss(
+        self, decoded_text: torch.Tensor, text: torch.Tensor, pad: torch.Tensor, masking: Masking, compute_logits: bool
+    ) -> tuple[torch.Tensor | None, torch.Tensor, torch.Tensor]:
+        """Logits (B, L, V) or None, and cross-entropy and accuracy at removed real words (or at every
+        real word with `text_loss_on_all`)."""
+        c = self.config
+        if compute_logits or c.text_loss_on_all:
+            text_logits = self.decoder_text_output(decoded_text)  # (B, L, V)
+            real = (~pad).float()
+            weight = real if c.text_loss_on_all else masking.mask * real
+            return (text_logits, *masked_cross_entropy(text_logits, text, weight))
+        return (None, *self._text_loss_where_read(decoded_text, text, pad, masking,
+                                                  sync_free=decoded_text.device.type != "cpu"))
 
     def _text_loss_where_read(
         self, decoded_text: torch.Tensor, text: torch.Tensor, pad: torch.Tensor, masking: Masking, sync_free: bool
@@ -315,21 +386,11 @@ class M3AE(nn.Module):
     ) -> M3AEEncoding:
         """Unmasked encoder over `[CLS, all patches, all text]` (either modality may be absent): the
         representation used for transfer; the linear probe reads `cls` of the image-only sequence."""
-        B, pad = self._check_inputs(image, text, text_padding_mask)
-        device = (image if image is not None else text).device
-        tokens = [self.cls_token.expand(B, -1, -1)]
-        key_padding = [torch.zeros(B, 1, dtype=torch.bool, device=device)]
-        if image is not None:
-            tokens.append(self._embed_image(image))
-            key_padding.append(torch.zeros(B, self.config.num_patches, dtype=torch.bool, device=device))
-        if text is not None:
-            tokens.append(self._embed_text(text))
-            key_padding.append(pad)
+        _, pad = self._check_inputs(image, text, text_padding_mask)
+        tokens, padding = self._tokens(image, text, pad)  # (B, 1 + N + L, D)
+        # an image alone has no padding: no mask lets the attention take its fastest path
         x, attentions, hidden_states = self.encoder(
-            torch.cat(tokens, dim=1),
-            torch.cat(key_padding, dim=1) if text is not None else None,
-            output_attentions,
-            output_hidden_states,
+            tokens, padding if text is not None else None, output_attentions, output_hidden_states
         )
         n_image = self.config.num_patches if image is not None else 0
         return M3AEEncoding(
