@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
+
+from . import __version__
 
 # Each module exposes `register(subparsers)`; handlers import heavy dependencies lazily so that
 # `m3ae --help` stays fast.
@@ -15,10 +18,14 @@ COMMAND_MODULES = [
     "m3ae.viz.cli",
     "m3ae.eval.cli",
 ]
+# What a user's input can cause (a bad value, a missing file or package, a full disk): reported in one
+# line with exit status 2. Anything else is a bug and keeps its traceback.
+USER_ERRORS = (ValueError, OSError, ModuleNotFoundError)
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="m3ae", description=__doc__)
+    parser.add_argument("--version", action="version", version=f"m3ae {__version__}")
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for module_name in COMMAND_MODULES:
         importlib.import_module(module_name).register(subparsers)
@@ -27,7 +34,23 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    return int(args.func(args) or 0)
+    try:
+        return int(args.func(args) or 0)
+    except USER_ERRORS as e:
+        if os.environ.get("M3AE_DEBUG") == "1":
+            raise
+        print(f"m3ae {args.command}: error: {one_line(e)} (M3AE_DEBUG=1 shows the traceback)", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"m3ae {args.command}: interrupted", file=sys.stderr)
+        return 130
+
+
+def one_line(error: BaseException) -> str:
+    if isinstance(error, ModuleNotFoundError) and error.name:
+        return f"the optional package {error.name!r} is not installed"
+    text = " ".join(str(error).split()) or type(error).__name__
+    return text if isinstance(error, (ValueError, OSError)) else f"{type(error).__name__}: {text}"
 
 
 if __name__ == "__main__":

@@ -1,0 +1,41 @@
+"""The top-level command line: --version, and user errors as one line with exit status 2."""
+
+from __future__ import annotations
+
+import pytest
+
+from m3ae import __version__
+from m3ae.cli import main, one_line
+
+
+def test_version(capsys):
+    with pytest.raises(SystemExit) as stop:
+        main(["--version"])
+    assert stop.value.code == 0
+    assert capsys.readouterr().out.strip() == f"m3ae {__version__}"
+
+
+@pytest.mark.parametrize("argv", [
+    ["knn", "--checkpoint", "no/such/run-dir", "--data", "embedded"],
+    ["reconstruct", "no-such-model", "--images", "no-such.jpg"],
+])
+def test_missing_path_is_one_line_and_exit_2(argv, capsys, monkeypatch, tmp_path):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("M3AE_DEBUG", raising=False)
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1
+    assert err.startswith(f"m3ae {argv[0]}: error: ") and "Traceback" not in err
+
+
+def test_debug_shows_the_traceback(capsys, monkeypatch, tmp_path):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("M3AE_DEBUG", "1")
+    with pytest.raises((ValueError, OSError)):
+        main(["reconstruct", "no-such-model", "--images", "no-such.jpg"])
+
+
+def test_missing_optional_package_names_it():
+    error = ModuleNotFoundError("No module named 'wandb'", name="wandb")
+    assert one_line(error) == "the optional package 'wandb' is not installed"
+    assert one_line(ValueError("bad\n  value")) == "bad value"
