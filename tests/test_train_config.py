@@ -11,11 +11,12 @@ from pathlib import Path
 from typing import Literal
 
 import pytest
+import yaml
 
 from m3ae import config as config_io
 from m3ae.cli import main
 from m3ae.config import ConfigError
-from m3ae.train.cli import REPO_CONFIGS
+from m3ae.train.cli import RECIPES
 from m3ae.train.pretrain import PretrainConfig
 
 
@@ -75,15 +76,15 @@ def test_model_section_starts_from_its_preset():
         config_io.load(PretrainConfig, None, {"model.preset": "giant"})
 
 
-@pytest.mark.parametrize("recipe", sorted(p.stem for p in REPO_CONFIGS.glob("*.yaml")))
+@pytest.mark.parametrize("recipe", sorted(p.stem for p in RECIPES.glob("*.yaml")))
 def test_every_recipe_loads(recipe):
-    cfg = config_io.load(PretrainConfig, REPO_CONFIGS / f"{recipe}.yaml")
+    cfg = config_io.load(PretrainConfig, RECIPES / f"{recipe}.yaml")
     assert cfg.train.batch_size >= 1
 
 
 def test_paper_recipes_follow_the_paper():
-    m3ae = config_io.load(PretrainConfig, REPO_CONFIGS / "cc12m_m3ae.yaml")
-    mae = config_io.load(PretrainConfig, REPO_CONFIGS / "cc12m_mae.yaml")
+    m3ae = config_io.load(PretrainConfig, RECIPES / "cc12m_m3ae.yaml")
+    mae = config_io.load(PretrainConfig, RECIPES / "cc12m_mae.yaml")
     for cfg in (m3ae, mae):
         assert cfg.train.batch_size == 4096 and cfg.optim.peak_lr(4096) == pytest.approx(1.5e-4 * 16)
         assert cfg.optim.betas == (0.9, 0.95) and cfg.optim.weight_decay == 0.05
@@ -116,9 +117,20 @@ def test_pretrain_command_rejects_bad_configs_before_any_work(tmp_path, monkeypa
 def test_pretrain_print_config_applies_cli_aliases(capsys, tmp_path):
     assert main(["pretrain", "--print-config", "--out-dir", str(tmp_path), "--max-steps", "7",
                  "--model.preset", "small", "--optim.lr", "1e-3"]) == 0
-    cfg = json.loads(capsys.readouterr().out)
+    printed = capsys.readouterr().out
+    cfg = yaml.safe_load(printed)
     assert cfg["out_dir"] == str(tmp_path) and cfg["train"]["max_steps"] == 7
     assert cfg["model"]["emb_dim"] == 384 and cfg["optim"]["lr"] == 1e-3
+    # what --print-config prints, --config reads back to the same config
+    (tmp_path / "printed.yaml").write_text(printed)
+    assert main(["pretrain", "--config", str(tmp_path / "printed.yaml"), "--print-config"]) == 0
+    assert capsys.readouterr().out == printed
+
+
+def test_list_recipes_names_the_packaged_recipes(capsys):
+    assert main(["pretrain", "--list-recipes"]) == 0
+    listed = {line.split("\t")[0] for line in capsys.readouterr().out.splitlines()}
+    assert {"tiny", "cc12m_m3ae", "cc12m_mae"} <= listed
 
 
 def test_bench_prints_one_json_object_with_throughput_and_mfu():

@@ -220,9 +220,14 @@ def collect_overrides(args: argparse.Namespace) -> dict[str, Any]:
     }
 
 
+def to_yaml(obj: Any) -> str:
+    """The YAML that `load` reads back into the same config (`--print-config` and config.yaml)."""
+    return yaml.safe_dump(to_dict(obj), sort_keys=False)
+
+
 def save_yaml(obj: Any, path: str | Path) -> None:
     """Writes the resolved config (temp file, then rename: never a half-written recipe)."""
     from .utils import atomic_path
 
     with atomic_path(path) as tmp:
-        tmp.write_text(yaml.safe_dump(to_dict(obj), sort_keys=False))
+        tmp.write_text(to_yaml(obj))

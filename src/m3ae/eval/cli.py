@@ -45,7 +45,8 @@ def register(subparsers) -> None:
                                   f"override, e.g. --checkpoint RUN --data.source DIR --epochs 10.")
         p.add_argument("--config", help="YAML file with config fields")
         p.add_argument("--resume", help="'auto': the latest good checkpoint in --out_dir, if any; or a checkpoint")
-        p.add_argument("--print-config", action="store_true")
+        p.add_argument("--print-config", action="store_true",
+                       help="print the resolved config as YAML (readable by --config) and exit")
         add_override_arguments(p, cls)
         p.set_defaults(func=transfer_command, config_cls=cls, command_name=name)
 
@@ -122,7 +123,7 @@ def transfer_command(args: argparse.Namespace) -> int:
         print(f"m3ae {args.command_name}: config error: {e}", file=sys.stderr)
         return 2
     if args.print_config:
-        print(json.dumps(config_io.to_dict(cfg), indent=2))
+        print(config_io.to_yaml(cfg), end="")
         return 0
     result = run_transfer(cfg, resume=args.resume)
     if result is not None:

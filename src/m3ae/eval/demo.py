@@ -23,7 +23,7 @@ class DemoConfig:
     batch_size: int = 32  # pretraining batch of each model
     probe_epochs: int = 50  # linear probe on cached features (seconds on CPU)
     knn_k: int = 20
-    recipe: str = "tiny"  # pretraining recipe (configs/<name>.yaml or a path): same for both models
+    recipe: str = "tiny"  # pretraining recipe (a packaged recipe's name or a YAML path): same for both models
     out_dir: str | None = None  # null: runs/demo-<date-time>
     progress: bool = True
 

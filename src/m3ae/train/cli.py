@@ -9,19 +9,22 @@ import sys
 from pathlib import Path
 
 DEFAULT_RECIPE = "tiny"
-# Recipes live in the repository's configs/ directory; a name resolves there, a path as given.
-REPO_CONFIGS = Path(__file__).resolve().parents[3] / "configs"
+# Recipes ship inside the package, so an installed wheel finds them from any directory.
+RECIPES = Path(__file__).resolve().parents[1] / "recipes"
+
+
+def recipe_names() -> list[str]:
+    return sorted(p.stem for p in RECIPES.glob("*.yaml"))
 
 
 def resolve_recipe(name: str) -> Path:
+    """A YAML file's path as given, else the packaged recipe of that name."""
     from ..config import ConfigError
 
-    candidates = [Path(name), Path("configs") / f"{name}.yaml", REPO_CONFIGS / f"{name}.yaml"]
-    for path in candidates:
+    for path in (Path(name), RECIPES / f"{name}.yaml"):
         if path.is_file():
             return path
-    known = sorted(p.stem for p in REPO_CONFIGS.glob("*.yaml")) if REPO_CONFIGS.is_dir() else []
-    raise ConfigError(f"--config {name!r}: no such file or recipe (recipes: {', '.join(known) or 'none found'})")
+    raise ConfigError(f"--config {name!r}: no such file or recipe (recipes: {', '.join(recipe_names())})")
 
 
 def register(subparsers) -> None:
@@ -34,11 +37,14 @@ def register(subparsers) -> None:
         "`m3ae pretrain --config cc12m_m3ae --model.preset base --optim.base_lr 1.5e-4`. "
         "With no arguments: the tiny model on the embedded dataset, on CPU, in a few minutes.",
     )
-    p.add_argument("--config", default=DEFAULT_RECIPE, help="recipe name in configs/ or a YAML path (default: tiny)")
+    p.add_argument("--config", default=DEFAULT_RECIPE,
+                   help="a packaged recipe's name (see --list-recipes) or a YAML path (default: tiny)")
+    p.add_argument("--list-recipes", action="store_true", help="list the packaged recipes and exit")
     p.add_argument("--out-dir", help="run directory (default: runs/<preset>-<date-time>); same as --out_dir")
     p.add_argument("--max-steps", type=int, help="stop after this step; resume later (train.max_steps)")
     p.add_argument("--resume", help="'auto': the latest good checkpoint in --out-dir, if any; or a checkpoint directory")
-    p.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
+    p.add_argument("--print-config", action="store_true",
+                   help="print the resolved config as YAML (readable by --config) and exit")
     add_override_arguments(p, PretrainConfig)
     p.set_defaults(func=pretrain_command)
 
@@ -74,6 +80,10 @@ def pretrain_command(args: argparse.Namespace) -> int:
     from .. import config as config_io
     from ..config import ConfigError
 
+    if args.list_recipes:
+        for name in recipe_names():
+            print(f"{name}\t{RECIPES / (name + '.yaml')}")
+        return 0
     try:
         cfg = build_config(args)
         if args.resume == "auto" and cfg.out_dir is None:
@@ -82,7 +92,7 @@ def pretrain_command(args: argparse.Namespace) -> int:
         print(f"m3ae pretrain: config error: {e}", file=sys.stderr)
         return 2
     if args.print_config:
-        print(json.dumps(config_io.to_dict(cfg), indent=2))
+        print(config_io.to_yaml(cfg), end="")
         return 0
     from .pretrain import NonFiniteLossError, run_pretraining
 
