@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import yaml
+
 from m3ae.cli import main
 from m3ae.data.synth import SynthSpec, generate
 from m3ae.train.metrics import read_metrics
@@ -21,3 +23,26 @@ def test_pretrain_command_trains_resumes_and_reports_where_outputs_are(tmp_path,
     assert (run / "figures" / "recon_00000004.png").is_file()
     assert (run / "figures" / "loss_curves.png").is_file()
     assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["step_00000002", "step_00000004"]
+
+
+def test_resume_reloads_the_run_config_and_max_steps_is_the_new_stopping_point(tmp_path, capsys):
+    data = generate(tmp_path / "data", SynthSpec(seed=0, train=24, val=8, image_size=64, shard_size=24))
+    run = tmp_path / "run"
+    assert main(["pretrain", "--out-dir", str(run), "--data.source", f"{data}/train-*.tar", "--data.num_workers", "0",
+                 "--train.batch_size", "4", "--train.total_steps", "3", "--max-steps", "2", "--log.every", "1",
+                 "--log.progress", "false", "--log.figures_every", "0"]) == 0
+    capsys.readouterr()
+    # a shape or data-order change is refused before any work, naming the field
+    assert main(["pretrain", "--out-dir", str(run), "--resume", "auto", "--train.batch_size", "8"]) == 2
+    assert "train.batch_size" in capsys.readouterr().err
+    # only the run directory and the new stopping point, past the old schedule's end
+    assert main(["pretrain", "--out-dir", str(run), "--resume", "auto", "--max-steps", "5"]) == 0
+    assert f"run finished at step 5: {run}" in capsys.readouterr().out
+    assert [m["step"] for m in read_metrics(run / "metrics.jsonl")] == [1, 2, 3, 4, 5]
+    saved = yaml.safe_load((run / "config.yaml").read_text())
+    assert saved["train"]["batch_size"] == 4 and saved["train"]["total_steps"] == 5
+
+
+def test_resume_latest_needs_a_checkpoint(tmp_path, capsys):
+    assert main(["pretrain", "--out-dir", str(tmp_path / "empty"), "--resume", "latest"]) == 2
+    assert "no checkpoint" in capsys.readouterr().err

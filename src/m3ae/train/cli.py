@@ -37,12 +37,15 @@ def register(subparsers) -> None:
         "`m3ae pretrain --config cc12m_m3ae --model.preset base --optim.base_lr 1.5e-4`. "
         "With no arguments: the tiny model on the embedded dataset, on CPU, in a few minutes.",
     )
-    p.add_argument("--config", default=DEFAULT_RECIPE,
-                   help="a packaged recipe's name (see --list-recipes) or a YAML path (default: tiny)")
+    p.add_argument("--config", help="a packaged recipe's name (see --list-recipes) or a YAML path (default: tiny; "
+                   "when resuming: the run's own config.yaml)")
     p.add_argument("--list-recipes", action="store_true", help="list the packaged recipes and exit")
     p.add_argument("--out-dir", help="run directory (default: runs/<preset>-<date-time>); same as --out_dir")
-    p.add_argument("--max-steps", type=int, help="stop after this step; resume later (train.max_steps)")
-    p.add_argument("--resume", help="'auto': the latest good checkpoint in --out-dir, if any; or a checkpoint directory")
+    p.add_argument("--max-steps", type=int, help="stop after this step; resume later (train.max_steps). When "
+                   "resuming: the new stopping point, past the schedule's end it stretches the schedule")
+    p.add_argument("--resume", help="'auto': continue the run in --out-dir from its newest good checkpoint, or start "
+                   "it; 'latest': the same, but the checkpoint must exist; or a checkpoint directory. The run's "
+                   "config.yaml is reloaded and only the flags given now apply")
     p.add_argument("--print-config", action="store_true",
                    help="print the resolved config as YAML (readable by --config) and exit")
     add_override_arguments(p, PretrainConfig)
@@ -64,6 +67,10 @@ def register(subparsers) -> None:
     b.set_defaults(func=bench_command)
 
 
+# What a resumed run may not change: its parameters' shapes, and which samples it reads in which order.
+FROZEN_ON_RESUME = ("model.", "data.", "train.batch_size", "train.micro_batch_size", "train.seed")
+
+
 def build_config(args: argparse.Namespace):
     from .. import config as config_io
     from .pretrain import PretrainConfig
@@ -73,7 +80,66 @@ def build_config(args: argparse.Namespace):
         overrides["out_dir"] = args.out_dir
     if args.max_steps is not None:
         overrides["train.max_steps"] = args.max_steps
-    return config_io.load(PretrainConfig, resolve_recipe(args.config), overrides)
+    saved = saved_run_config(args)
+    if saved is not None:
+        return resumed_config(saved, overrides, args.config)
+    return config_io.load(PretrainConfig, resolve_recipe(args.config or DEFAULT_RECIPE), overrides)
+
+
+def saved_run_config(args: argparse.Namespace) -> Path | None:
+    """The config.yaml of the run that --resume continues, if it was written."""
+    from ..config import ConfigError
+
+    if not args.resume:
+        return None
+    if args.resume in ("auto", "latest"):
+        if args.out_dir is None:
+            raise ConfigError(f"--resume {args.resume}: needs --out-dir, the run to continue")
+        run_dir = Path(args.out_dir)
+        if args.resume == "latest" and not any((run_dir / "checkpoints").glob("step_*")):
+            raise ConfigError(f"--resume latest: no checkpoint in {run_dir / 'checkpoints'}")
+    else:
+        checkpoint = Path(args.resume)
+        if not checkpoint.is_dir():
+            raise ConfigError(f"--resume {args.resume}: no such checkpoint directory")
+        run_dir = checkpoint.parent.parent  # <run>/checkpoints/step_N
+    path = run_dir / "config.yaml"
+    return path if path.is_file() else None
+
+
+def resumed_config(saved: Path, overrides: dict, recipe: str | None):
+    """The saved run's config with only the flags given now applied. `max_steps` was where the last
+    invocation stopped, so it is dropped unless given again; past the schedule's end it becomes the end."""
+    from .. import config as config_io
+    from ..config import ConfigError
+    from .pretrain import PretrainConfig
+
+    if recipe is not None:
+        raise ConfigError(f"--config {recipe}: a resumed run keeps its own config ({saved}); give single flags instead")
+    before = config_io.load(PretrainConfig, saved)
+    overrides = {"train.max_steps": None, **overrides}
+    max_steps = overrides["train.max_steps"]
+    if max_steps is not None and max_steps > overrides.get("train.total_steps", before.train.total_steps):
+        overrides["train.total_steps"] = max_steps
+        print(f"m3ae pretrain: --max-steps {max_steps} is past the schedule's end "
+              f"({before.train.total_steps}): the lr schedule now ends at step {max_steps}", file=sys.stderr)
+    after = config_io.load(PretrainConfig, saved, overrides)
+    old, new = _flatten(config_io.to_dict(before)), _flatten(config_io.to_dict(after))
+    for key in sorted(old.keys() | new.keys()):
+        if key.startswith(FROZEN_ON_RESUME) and old.get(key) != new.get(key):
+            raise ConfigError(f"--{key}: {old.get(key)!r} -> {new.get(key)!r} would change the shapes or the data "
+                              f"order of the run being resumed ({saved}); start a new --out-dir instead")
+    return after
+
+
+def _flatten(tree: dict, prefix: str = "") -> dict:
+    out = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            out.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
 
 
 def pretrain_command(args: argparse.Namespace) -> int:
@@ -86,8 +152,6 @@ def pretrain_command(args: argparse.Namespace) -> int:
         return 0
     try:
         cfg = build_config(args)
-        if args.resume == "auto" and cfg.out_dir is None:
-            raise ConfigError("--resume auto: needs --out-dir, the run to continue")
     except ConfigError as e:
         print(f"m3ae pretrain: config error: {e}", file=sys.stderr)
         return 2
@@ -97,7 +161,7 @@ def pretrain_command(args: argparse.Namespace) -> int:
     from .pretrain import NonFiniteLossError, run_pretraining
 
     try:
-        result = run_pretraining(cfg, resume=args.resume)
+        result = run_pretraining(cfg, resume="auto" if args.resume == "latest" else args.resume)
     except NonFiniteLossError as e:
         print(f"m3ae pretrain: stopped: {e}", file=sys.stderr)
         return 1
