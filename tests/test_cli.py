@@ -39,3 +39,18 @@ def test_missing_optional_package_names_it():
     error = ModuleNotFoundError("No module named 'wandb'", name="wandb")
     assert one_line(error) == "the optional package 'wandb' is not installed"
     assert one_line(ValueError("bad\n  value")) == "bad value"
+
+
+def test_config_flags_have_one_kebab_spelling_an_alias_help_and_defaults(capsys):
+    import yaml
+
+    assert main(["pretrain", "--print-config", "--optim.base-lr", "0.002", "--train.batch_size", "16"]) == 0
+    kebab = yaml.safe_load(capsys.readouterr().out)
+    assert main(["pretrain", "--print-config", "--optim.base_lr", "0.002", "--train.batch-size", "16"]) == 0
+    assert yaml.safe_load(capsys.readouterr().out) == kebab
+    assert kebab["optim"]["base_lr"] == 0.002 and kebab["train"]["batch_size"] == 16
+    with pytest.raises(SystemExit):
+        main(["pretrain", "--help"])
+    text = capsys.readouterr().out
+    assert "--optim.base-lr" in text and "--optim.base_lr" not in text  # the alias is not listed
+    assert "(default: 0.75)" in text  # the mask ratios' defaults are shown

@@ -11,6 +11,10 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import inspect
+import io
+import re
+import tokenize
 import types
 import typing
 from pathlib import Path
@@ -195,15 +199,73 @@ def leaf_fields(cls: type, prefix: str = "") -> dict[str, Any]:
 OVERRIDES_DEST = "config_overrides"
 
 
-def add_override_arguments(parser: argparse.ArgumentParser, cls: type) -> None:
-    """One `--section.field VALUE` option per leaf field of `cls`; parsed values land in
-    `args.config_overrides` as {"section.field": value} (only the ones given)."""
-    group = parser.add_argument_group("config overrides (any field of the recipe)")
+def field_help(cls: type) -> dict[str, str]:
+    """{field: text} from the comments beside (and the comment lines just below) each field of the
+    dataclass's source: the one place a field is documented, for code readers and `--help` alike."""
+    try:
+        lines, _ = inspect.getsourcelines(cls)
+    except (OSError, TypeError):
+        return {}
+    comments = {}
+    for token in tokenize.generate_tokens(io.StringIO("".join(lines)).readline):
+        if token.type == tokenize.COMMENT:
+            comments[token.start[0] - 1] = token.string.lstrip("#").strip()
+    names = {f.name for f in dataclasses.fields(cls)}
+    out: dict[str, str] = {}
+    for number, line in enumerate(lines):
+        match = re.match(r"\s+(\w+)\s*:", line)
+        if not match or match.group(1) not in names or match.group(1) in out or number not in comments:
+            continue
+        text = [comments[number]]
+        below = number + 1
+        while below < len(lines) and lines[below].strip().startswith("#") and below in comments:
+            text.append(comments[below])
+            below += 1
+        out[match.group(1)] = " ".join(text)
+    return out
+
+
+def leaf_help(cls: type, prefix: str = "") -> dict[str, str]:
+    """{"optim.lr": help text, ...} for every non-dataclass field, recursively."""
+    out: dict[str, str] = {}
+    docs = field_help(cls)
+    for f in dataclasses.fields(cls):
+        if not f.init:
+            continue
+        tp = _hints(cls)[f.name]
+        if _is_dataclass_type(tp):
+            out.update(leaf_help(tp, f"{prefix}{f.name}."))
+        else:
+            out[f"{prefix}{f.name}"] = docs.get(f.name, "")
+    return out
+
+
+def flag_name(dotted: str) -> str:
+    """The one spelling of a field's flag: kebab-case words, dotted sections (`--optim.base-lr`)."""
+    return "--" + dotted.replace("_", "-")
+
+
+def add_override_arguments(parser: argparse.ArgumentParser, cls: type, defaults: Any = None) -> None:
+    """One `--section.field-name VALUE` option per leaf field of `cls` (the underscore spelling is an
+    alias), with the field's comment as help and its default shown; parsed values land in
+    `args.config_overrides` as {"section.field_name": value} (only the ones given)."""
+    group = parser.add_argument_group("config fields (values are read as YAML: true, null, [0.9, 0.95], 1e-4)")
+    if parser.usage is None:
+        parser.usage = "%(prog)s [options] [--section.field VALUE ...]"
+    values = flatten(to_dict(defaults if defaults is not None else _default_instance(cls)))
+    docs = leaf_help(cls)
     for dotted, tp in leaf_fields(cls).items():
-        group.add_argument(
-            f"--{dotted}", metavar=_metavar(tp), dest=f"{OVERRIDES_DEST}:{dotted}",
-            default=argparse.SUPPRESS, type=parse_value,
-        )
+        common = dict(metavar=_metavar(tp), dest=f"{OVERRIDES_DEST}:{dotted}", default=argparse.SUPPRESS,
+                      type=parse_value)
+        text = docs[dotted] or dotted.rsplit(".", 1)[-1].replace("_", " ")
+        shown = _yaml_scalar(values[dotted]) if dotted in values else "required"
+        group.add_argument(flag_name(dotted), help=f"{text} (default: {shown})".replace("%", "%%"), **common)
+        if "_" in dotted:  # the Python spelling, accepted but not listed
+            group.add_argument(f"--{dotted}", help=argparse.SUPPRESS, **common)
+
+
+def _yaml_scalar(value: Any) -> str:
+    return yaml.safe_dump(value, default_flow_style=True).removesuffix("...\n").strip()
 
 
 def _metavar(tp: Any) -> str:
@@ -212,6 +274,24 @@ def _metavar(tp: Any) -> str:
     if get_origin(tp) in (typing.Union, types.UnionType):
         return "|".join(_metavar(a) for a in get_args(tp))
     return "null" if tp is type(None) else getattr(tp, "__name__", str(tp)).upper()
+
+
+def _default_instance(cls: type) -> Any:
+    try:
+        return cls()
+    except (TypeError, ValueError):  # a config with required fields: no defaults to show for them
+        return None
+
+
+def flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
+    """{"section.field": value} of a nested mapping (the inverse of `_set_dotted`)."""
+    out: dict[str, Any] = {}
+    for key, value in (tree or {}).items():
+        if isinstance(value, dict):
+            out.update(flatten(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
 
 
 def collect_overrides(args: argparse.Namespace) -> dict[str, Any]:

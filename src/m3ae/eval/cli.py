@@ -44,7 +44,7 @@ def register(subparsers) -> None:
         p = subparsers.add_parser(name, help=help_text, description=f"{help_text}. Any config field is an "
                                   f"override, e.g. --checkpoint RUN --data.source DIR --epochs 10.")
         p.add_argument("--config", help="YAML file with config fields")
-        p.add_argument("--resume", help="'auto': the latest good checkpoint in --out_dir, if any; or a checkpoint")
+        p.add_argument("--resume", help="'auto': the latest good checkpoint in --out-dir, if any; or a checkpoint")
         p.add_argument("--print-config", action="store_true",
                        help="print the resolved config as YAML (readable by --config) and exit")
         add_override_arguments(p, cls)
@@ -118,7 +118,7 @@ def transfer_command(args: argparse.Namespace) -> int:
         cfg = config_io.load(args.config_cls, args.config, config_io.collect_overrides(args))
         cfg.validate_ready()
         if args.resume == "auto" and cfg.out_dir is None:
-            raise ConfigError("--resume auto: needs --out_dir, the run to continue")
+            raise ConfigError("--resume auto: needs --out-dir, the run to continue")
     except (ConfigError, ValueError) as e:
         print(f"m3ae {args.command_name}: config error: {e}", file=sys.stderr)
         return 2

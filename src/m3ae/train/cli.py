@@ -40,7 +40,6 @@ def register(subparsers) -> None:
     p.add_argument("--config", help="a packaged recipe's name (see --list-recipes) or a YAML path (default: tiny; "
                    "when resuming: the run's own config.yaml)")
     p.add_argument("--list-recipes", action="store_true", help="list the packaged recipes and exit")
-    p.add_argument("--out-dir", help="run directory (default: runs/<preset>-<date-time>); same as --out_dir")
     p.add_argument("--max-steps", type=int, help="stop after this step; resume later (train.max_steps). When "
                    "resuming: the new stopping point, past the schedule's end it stretches the schedule")
     p.add_argument("--resume", help="'auto': continue the run in --out-dir from its newest good checkpoint, or start "
@@ -76,26 +75,24 @@ def build_config(args: argparse.Namespace):
     from .pretrain import PretrainConfig
 
     overrides = config_io.collect_overrides(args)
-    if args.out_dir is not None:
-        overrides["out_dir"] = args.out_dir
     if args.max_steps is not None:
         overrides["train.max_steps"] = args.max_steps
-    saved = saved_run_config(args)
+    saved = saved_run_config(args, overrides.get("out_dir"))
     if saved is not None:
         return resumed_config(saved, overrides, args.config)
     return config_io.load(PretrainConfig, resolve_recipe(args.config or DEFAULT_RECIPE), overrides)
 
 
-def saved_run_config(args: argparse.Namespace) -> Path | None:
+def saved_run_config(args: argparse.Namespace, out_dir: str | None) -> Path | None:
     """The config.yaml of the run that --resume continues, if it was written."""
     from ..config import ConfigError
 
     if not args.resume:
         return None
     if args.resume in ("auto", "latest"):
-        if args.out_dir is None:
+        if out_dir is None:
             raise ConfigError(f"--resume {args.resume}: needs --out-dir, the run to continue")
-        run_dir = Path(args.out_dir)
+        run_dir = Path(out_dir)
         if args.resume == "latest" and not any((run_dir / "checkpoints").glob("step_*")):
             raise ConfigError(f"--resume latest: no checkpoint in {run_dir / 'checkpoints'}")
     else:
@@ -124,22 +121,12 @@ def resumed_config(saved: Path, overrides: dict, recipe: str | None):
         print(f"m3ae pretrain: --max-steps {max_steps} is past the schedule's end "
               f"({before.train.total_steps}): the lr schedule now ends at step {max_steps}", file=sys.stderr)
     after = config_io.load(PretrainConfig, saved, overrides)
-    old, new = _flatten(config_io.to_dict(before)), _flatten(config_io.to_dict(after))
+    old, new = config_io.flatten(config_io.to_dict(before)), config_io.flatten(config_io.to_dict(after))
     for key in sorted(old.keys() | new.keys()):
         if key.startswith(FROZEN_ON_RESUME) and old.get(key) != new.get(key):
             raise ConfigError(f"--{key}: {old.get(key)!r} -> {new.get(key)!r} would change the shapes or the data "
                               f"order of the run being resumed ({saved}); start a new --out-dir instead")
     return after
-
-
-def _flatten(tree: dict, prefix: str = "") -> dict:
-    out = {}
-    for key, value in tree.items():
-        if isinstance(value, dict):
-            out.update(_flatten(value, f"{prefix}{key}."))
-        else:
-            out[f"{prefix}{key}"] = value
-    return out
 
 
 def pretrain_command(args: argparse.Namespace) -> int:
