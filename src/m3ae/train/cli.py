@@ -34,7 +34,7 @@ def register(subparsers) -> None:
     p = subparsers.add_parser(
         "pretrain", help="pretrain M3AE / MAE (single process, or under torchrun)",
         description="Pretrain from a YAML recipe with dotted overrides, e.g. "
-        "`m3ae pretrain --config cc12m_m3ae --model.preset base --optim.base_lr 1.5e-4`. "
+        "`m3ae pretrain --config cc12m_m3ae --model.preset base --optim.base-lr 1.5e-4`. "
         "With no arguments: the tiny model on the embedded dataset, on CPU, in a few minutes.",
     )
     p.add_argument("--config", help="a packaged recipe's name (see --list-recipes) or a YAML path (default: tiny; "
