@@ -93,7 +93,7 @@ def test_cached_probe_on_separable_features_reaches_100_percent_and_resumes_exac
         save_features(_separable(n, generator), run / f"features_{split}.safetensors")
     args = ["linear-probe", "--checkpoint", str(root / "model"), "--cached", "true", "--epochs", "3",
             "--batch_size", "32", "--optimizer", "sgd", "--lr", "0.5", "--warmup_epochs", "1", "--out_dir", str(run), "--log.progress", "false",
-            "--data.source", f"{data}/train-*.tar"]
+            "--data.source", f"{data}/train-*.tar", "--val-data", f"{data}/val-*.tar"]
     assert main(args) == 0
     results = json.loads((run / "results.json").read_text())
     assert results["last"]["top1"] == pytest.approx(100.0) and results["num_classes"] == 4

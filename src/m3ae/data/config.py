@@ -60,6 +60,8 @@ class DataConfig:
     # Labelled evaluation sources; empty: derived from `source` (see docs/DATA.md).
     eval_train_source: str = ""
     eval_val_source: str = ""
+    # > 0: both splits come from the train source, this fraction of it held out by key hash.
+    eval_val_fraction: float = 0.0
 
     def __post_init__(self) -> None:
         self.image_only_sources = [_as_weighted(s, "image_only_sources") for s in self.image_only_sources]
@@ -72,6 +74,8 @@ class DataConfig:
             raise ValueError(f"DataConfig.paired_fraction={self.paired_fraction}: expected a value in [0, 1]")
         if self.image_size < 1 or self.text_length < 1 or self.unpaired_text_length < 1:
             raise ValueError("DataConfig.image_size, text_length and unpaired_text_length must be positive")
+        if not 0.0 <= self.eval_val_fraction < 1.0:
+            raise ValueError(f"DataConfig.eval_val_fraction={self.eval_val_fraction}: expected a value in [0, 1)")
         self.normalization_stats()
 
     def normalization_stats(self) -> tuple[tuple[float, ...], tuple[float, ...]]:

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import copy
 import logging
-import zlib
 from collections import Counter
 from dataclasses import asdict, dataclass, field
 from typing import Iterator
@@ -26,6 +25,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from m3ae.data.config import DataConfig
 from m3ae.data.sources import IndexedSource, RawRecord, Source, decode_caption, open_source
+from m3ae.data.splits import key_hash, open_eval_split
 from m3ae.data.tokenizer import Tokenizer
 from m3ae.data.transforms import ImageTransform, SkipSample, decode_image, normalize_batch
 
@@ -38,10 +38,6 @@ _LOGGED_SKIPS_PER_REASON = 20
 
 def _rng(*counters: int) -> np.random.Generator:
     return np.random.default_rng([int(c) for c in counters])
-
-
-def key_hash(key: str) -> int:
-    return zlib.crc32(key.encode("utf-8", "surrogatepass"))
 
 
 @dataclass
@@ -162,8 +158,7 @@ class BatchStream(IterableDataset):
         self.num_workers = max(1, cfg.num_workers)
         open_kwargs = dict(unit_size=cfg.index_unit_size, embedded_root=cfg.embedded_root)
         if self.eval_mode:
-            spec = getattr(cfg, f"eval_{labelled_split}_source") or cfg.source
-            main = open_source(spec, cfg.format, role="labelled", split=labelled_split, **open_kwargs)
+            main = open_eval_split(cfg, labelled_split)
             image_sources: list[tuple[Source, float, bool]] = [(main, 1.0, True)]
             self.text_sources: list[tuple[Source, float]] = []
         else:

@@ -15,6 +15,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import sys
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -30,7 +31,7 @@ from ..model import M3AE, ConfigError
 from ..model.classifier import M3AEClassifier
 from ..train.metrics import LogConfig
 from ..train.precision import PrecisionName
-from .features import FeatureSpec, Pool
+from .features import FeatureSpec, Pool, require_labels
 
 OptimizerName = Literal["lars", "sgd", "adamw"]
 
@@ -120,17 +121,13 @@ class FinetuneConfig(LinearProbeConfig):
 def count_labelled(data: DataConfig, split: str) -> tuple[int, int]:
     """(samples, classes) of a labelled split, read without decoding images (random-access
     sources know their length; the classes then need one pass over the labels)."""
-    from ..data.sources import open_source
+    from ..data.splits import open_eval_split
 
-    spec = getattr(data, f"eval_{split}_source") or data.source
-    source = open_source(spec, data.format, role="labelled", split=split, unit_size=data.index_unit_size,
-                         embedded_root=data.embedded_root)
-    count, largest = 0, -1
-    for unit in source.units():
-        for record in source.read_unit(unit):
-            count += 1
-            largest = max(largest, record.label)
-    return count, largest + 1
+    source = open_eval_split(data, split)
+    labels = torch.tensor([record.label for unit in source.units() for record in source.read_unit(unit)],
+                          dtype=torch.long)
+    require_labels(labels, f"data source {source.name!r} ({split} split)")
+    return labels.numel(), int(labels.max()) + 1 if labels.numel() else 0
 
 
 def build_optimizer(model: M3AEClassifier, cfg: LinearProbeConfig, peak_lr: float) -> torch.optim.Optimizer:
@@ -193,8 +190,15 @@ class TransferTrainer:
         torch.manual_seed(cfg.seed)
         backbone = M3AE.from_pretrained(cfg.checkpoint, **overrides)
         cfg.data.image_size = backbone.config.image_size  # the data follow the model, as in pretraining
+        from ..data.splits import check_eval_split
+
+        self.split = check_eval_split(cfg.data)
+        if self.info.is_main:
+            print(self.split.describe(), file=sys.stderr)
         self.features = self._cached_features(backbone) if cfg.cached else None
         if self.features is not None:
+            for split, part in self.features.items():
+                require_labels(part["labels"], f"data source {cfg.data.source!r} ({split} split)")
             self.train_size = self.features["train"]["labels"].numel()
             labels_classes = int(self.features["train"]["labels"].max()) + 1
         else:
@@ -314,7 +318,9 @@ class TransferTrainer:
             labels.append(target)
         if not scores:
             raise ValueError("the validation split is empty")
-        return topk_accuracy(torch.cat(scores), torch.cat(labels))
+        labels = torch.cat(labels)
+        require_labels(labels, f"data source {self.cfg.data.source!r} (val split)")
+        return topk_accuracy(torch.cat(scores), labels)
 
     def fit(self) -> ProbeResult:
         from ..train.distributed import barrier
@@ -346,7 +352,8 @@ class TransferTrainer:
                              self.last.get("top5", float("nan")), self.best["top1"], self.best["epoch"])
         if info.is_main:
             summary = {"last": {"epoch": result.epoch, "top1": result.top1, "top5": result.top5},
-                       "best": self.best, "num_classes": self.num_classes, "train_samples": self.train_size}
+                       "best": self.best, "num_classes": self.num_classes, "train_samples": self.train_size,
+                       "split": self.split.to_dict()}
             with atomic_path(self.run_dir / "results.json") as tmp:
                 tmp.write_text(json.dumps(summary, indent=2) + "\n")
         return result
