@@ -34,6 +34,18 @@ from ..train.precision import PrecisionName
 from .features import FeatureSpec, Pool, require_labels
 
 OptimizerName = Literal["lars", "sgd", "adamw"]
+RecipeName = Literal["auto", "mae", "sgd"]
+
+# MAE's linear probe (LARS, base lr 0.1, trust coefficient 0.001) was tuned for a 16,384 batch: its
+# update moves the head by about lr x 1e-3 of its norm per step, so with the linearly scaled lr of a
+# smaller batch the head hardly leaves its initialisation (docs/RESULTS.md, "Probe recipes").
+MAE_PROBE_BATCH = 16384
+PROBE_RECIPES: dict[str, dict] = {
+    "mae": dict(optimizer="lars", base_lr=0.1, warmup_epochs=10.0),
+    # plain SGD with momentum and the same linear scaling reaches a logistic regression's accuracy at
+    # any batch (bench/probe_recipes.py)
+    "sgd": dict(optimizer="sgd", base_lr=0.1, warmup_epochs=5.0),
+}
 
 
 @dataclass
@@ -46,10 +58,13 @@ class LinearProbeConfig:
     image_size: int | None = None  # null: the pretraining size; another size recomputes the sin-cos grid
     epochs: int = 90
     batch_size: int = 256  # global
-    optimizer: OptimizerName = "lars"
-    base_lr: float = 0.1  # peak lr = base_lr × batch_size / 256 ...
+    # Linear probe: fills optimizer, base_lr and warmup_epochs left null. auto: "mae" (MAE's LARS
+    # protocol) from a batch of MAE_PROBE_BATCH, else "sgd". Replaced by the recipe used.
+    recipe: RecipeName = "auto"
+    optimizer: OptimizerName | None = None
+    base_lr: float | None = None  # peak lr = base_lr × batch_size / 256 ...
     lr: float | None = None  # ... unless given directly
-    warmup_epochs: float = 10.0
+    warmup_epochs: float | None = None
     weight_decay: float = 0.0
     momentum: float = 0.9  # LARS and SGD
     precision: PrecisionName = "bf16"
@@ -67,6 +82,16 @@ class LinearProbeConfig:
         for name in ("epochs", "batch_size", "keep"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name}={getattr(self, name)!r}: must be >= 1")
+        if self.finetune:
+            if self.recipe != "auto":
+                raise ConfigError(f"recipe={self.recipe!r}: recipes are the linear probe's; fine-tuning is "
+                                  f"configured by its own fields")
+        else:
+            if self.recipe == "auto":
+                self.recipe = "mae" if self.batch_size >= MAE_PROBE_BATCH else "sgd"
+            for name, value in PROBE_RECIPES[self.recipe].items():
+                if getattr(self, name) is None:
+                    setattr(self, name, value)
         for name in ("base_lr", "warmup_epochs", "weight_decay", "momentum"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"{name}={getattr(self, name)!r}: must be >= 0")
@@ -353,7 +378,9 @@ class TransferTrainer:
         if info.is_main:
             summary = {"last": {"epoch": result.epoch, "top1": result.top1, "top5": result.top5},
                        "best": self.best, "num_classes": self.num_classes, "train_samples": self.train_size,
-                       "split": self.split.to_dict()}
+                       "split": self.split.to_dict(),
+                       "optimizer": {"name": cfg.optimizer, "peak_lr": self.peak_lr,
+                                     **({} if cfg.finetune else {"recipe": cfg.recipe})}}
             with atomic_path(self.run_dir / "results.json") as tmp:
                 tmp.write_text(json.dumps(summary, indent=2) + "\n")
         return result
