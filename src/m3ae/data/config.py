@@ -11,6 +11,12 @@ NORMALIZATION_PRESETS: dict[str, tuple[tuple[float, float, float], tuple[float, 
     "none": ((0.0, 0.0, 0.0), (1.0, 1.0, 1.0)),
 }
 
+DEFAULT_IMAGE_SIZE = 256
+
+
+class SizeMismatchError(ValueError):
+    pass
+
 FORMATS = ("auto", "wds", "hdf5", "manifest", "folder")
 
 
@@ -30,7 +36,9 @@ class DataConfig:
     source: str = "embedded"
     format: str = "auto"
     embedded_root: str = "data/embedded"
-    image_size: int = 256
+    # null: the model's size (training and evaluation commands fill it in; a standalone loader reads
+    # DEFAULT_IMAGE_SIZE); a size that disagrees with the model's is an error (`follow_model`).
+    image_size: int | None = None
     # Images with a side shorter than this (one ViT patch) carry no usable patch: skipped.
     min_image_size: int = 16
     text_length: int = 64
@@ -72,11 +80,19 @@ class DataConfig:
             raise ValueError(f"DataConfig.caption_drop={self.caption_drop!r}: expected 'deterministic' or 'random'")
         if not 0.0 <= self.paired_fraction <= 1.0:
             raise ValueError(f"DataConfig.paired_fraction={self.paired_fraction}: expected a value in [0, 1]")
-        if self.image_size < 1 or self.text_length < 1 or self.unpaired_text_length < 1:
+        if (self.image_size is not None and self.image_size < 1) or self.text_length < 1 or self.unpaired_text_length < 1:
             raise ValueError("DataConfig.image_size, text_length and unpaired_text_length must be positive")
         if not 0.0 <= self.eval_val_fraction < 1.0:
             raise ValueError(f"DataConfig.eval_val_fraction={self.eval_val_fraction}: expected a value in [0, 1)")
         self.normalization_stats()
+
+    def follow_model(self, image_size: int, model_field: str = "model.image_size") -> None:
+        """Images are read at the model's size: fills an unset `image_size`, refuses another one
+        (silently replacing it would train or score at a size the user did not ask for)."""
+        if self.image_size is not None and self.image_size != image_size:
+            raise SizeMismatchError(f"data.image_size={self.image_size} disagrees with {model_field}={image_size}: the data "
+                             f"are read at the model's size; drop data.image_size or change {model_field}")
+        self.image_size = image_size
 
     def normalization_stats(self) -> tuple[tuple[float, ...], tuple[float, ...]]:
         if self.normalization == "custom":

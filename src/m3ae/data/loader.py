@@ -23,7 +23,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from m3ae.data.config import DataConfig
+from m3ae.data.config import DEFAULT_IMAGE_SIZE, DataConfig
 from m3ae.data.sources import IndexedSource, RawRecord, Source, decode_caption, open_source
 from m3ae.data.splits import key_hash, open_eval_split
 from m3ae.data.tokenizer import Tokenizer
@@ -183,7 +183,7 @@ class BatchStream(IterableDataset):
                         f"num_workers = {slots}: some workers would get no data. Use fewer workers or "
                         f"reshard (`m3ae data build --shard-size`)."
                     )
-        self.transform = ImageTransform(cfg.image_size, train=train_transform, scale=tuple(cfg.crop_scale),
+        self.transform = ImageTransform(cfg.image_size or DEFAULT_IMAGE_SIZE, train=train_transform, scale=tuple(cfg.crop_scale),
                                         flip=cfg.horizontal_flip)
         self.mean, self.std = cfg.normalization_stats()
         self.text_batch_size = cfg.unpaired_text_batch_size or batch_size

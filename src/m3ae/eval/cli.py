@@ -115,12 +115,13 @@ def _one_line_errors(command):
 
     @functools.wraps(command)
     def wrapped(args: argparse.Namespace) -> int:
+        from ..data.config import SizeMismatchError
         from ..data.splits import OverlappingSplitsError
         from .features import MissingLabelsError
 
         try:
             return command(args)
-        except (OverlappingSplitsError, MissingLabelsError, FileNotFoundError) as error:
+        except (OverlappingSplitsError, MissingLabelsError, SizeMismatchError, FileNotFoundError) as error:
             print(f"m3ae {args.command}: error: {error}", file=sys.stderr)
             return 2
 

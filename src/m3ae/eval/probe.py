@@ -214,7 +214,7 @@ class TransferTrainer:
             overrides["image_size"] = cfg.image_size
         torch.manual_seed(cfg.seed)
         backbone = M3AE.from_pretrained(cfg.checkpoint, **overrides)
-        cfg.data.image_size = backbone.config.image_size  # the data follow the model, as in pretraining
+        cfg.data.follow_model(backbone.config.image_size, "image_size" if cfg.image_size else "the checkpoint's image_size")
         from ..data.splits import check_eval_split
 
         self.split = check_eval_split(cfg.data)

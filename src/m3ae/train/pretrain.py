@@ -101,7 +101,7 @@ class PretrainConfig:
     def __post_init__(self) -> None:
         # The model is the source of truth for shapes: `--model.preset base` alone must give 256 px
         # images and 64-token captions, so the data section follows it.
-        self.data.image_size = self.model.image_size
+        self.data.follow_model(self.model.image_size)
         self.data.text_length = self.model.text_length
 
 
