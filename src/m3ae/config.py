@@ -206,6 +206,12 @@ def add_override_arguments(parser: argparse.ArgumentParser, cls: type) -> None:
         )
 
 
+def add_override_alias(parser: argparse.ArgumentParser, flag: str, dotted: str) -> None:
+    """Another name for the override `--{dotted}` (e.g. the spelling other tools use)."""
+    parser.add_argument(flag, metavar="VALUE", dest=f"{OVERRIDES_DEST}:{dotted}", default=argparse.SUPPRESS,
+                        type=parse_value, help=f"alias of --{dotted}")
+
+
 def _metavar(tp: Any) -> str:
     if get_origin(tp) is Literal:
         return "{" + ",".join(str(a) for a in get_args(tp)) + "}"

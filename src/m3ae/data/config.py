@@ -17,7 +17,7 @@ DEFAULT_IMAGE_SIZE = 256
 class SizeMismatchError(ValueError):
     pass
 
-FORMATS = ("auto", "wds", "hdf5", "manifest", "folder")
+FORMATS = ("auto", "wds", "hdf5", "manifest", "folder", "flat", "parquet")
 
 
 @dataclass
@@ -30,12 +30,31 @@ class WeightedSource:
 
 
 @dataclass
+class TableColumns:
+    """Column names of CSV/TSV/JSONL tables and parquet files (open_clip's --csv-img-key,
+    --csv-caption-key and --csv-separator set `image`, `caption` and `separator`)."""
+
+    image: str = ""  # "": "image" in tables; in parquet the first of jpg, png, webp, image present
+    caption: str = "caption"
+    label: str = "label"
+    key: str = "key"
+    separator: str = ""  # "": tab for .tsv files, comma otherwise
+
+    def __post_init__(self) -> None:
+        if self.separator.startswith("\\"):  # "\t" as typed in a shell or YAML
+            self.separator = self.separator.encode().decode("unicode_escape")
+        if len(self.separator) > 1:
+            raise ValueError(f"DataConfig.columns.separator={self.separator!r}: expected one character")
+
+
+@dataclass
 class DataConfig:
     # Main image-text source: a path, a glob, a brace pattern ("shards-{0000..0009}.tar"), a URL or
     # `pipe:` command, a comma-separated list of those, or "embedded" for the procedural dataset.
     source: str = "embedded"
     format: str = "auto"
     embedded_root: str = "data/embedded"
+    columns: TableColumns = field(default_factory=TableColumns)
     # null: the model's size (training and evaluation commands fill it in; a standalone loader reads
     # DEFAULT_IMAGE_SIZE); a size that disagrees with the model's is an error (`follow_model`).
     image_size: int | None = None

@@ -156,7 +156,7 @@ class BatchStream(IterableDataset):
         self.epochs = epochs
         self.eval_mode = bool(labelled_split)
         self.num_workers = max(1, cfg.num_workers)
-        open_kwargs = dict(unit_size=cfg.index_unit_size, embedded_root=cfg.embedded_root)
+        open_kwargs = dict(unit_size=cfg.index_unit_size, embedded_root=cfg.embedded_root, columns=cfg.columns)
         if self.eval_mode:
             main = open_eval_split(cfg, labelled_split)
             image_sources: list[tuple[Source, float, bool]] = [(main, 1.0, True)]
@@ -390,6 +390,26 @@ def build_pretrain_loader(cfg: DataConfig, batch_size: int, rank: int = 0, world
     """Pretraining batches for one rank. `epochs=None` (training) streams forever; a number ends
     after that many passes over the main source, the last batch possibly short."""
     return PretrainLoader(BatchStream(cfg, batch_size, rank, world_size, epochs), pin_memory)
+
+
+def caption_coverage(cfg: DataConfig, limit: int = 256) -> tuple[int, int]:
+    """(records with a caption, records read) over the first `limit` intact records of the main
+    source in unit order, without decoding images: a cheap look before a paired run starts."""
+    source = open_source(cfg.source, cfg.format, unit_size=cfg.index_unit_size, embedded_root=cfg.embedded_root,
+                         columns=cfg.columns)
+    captioned = read = 0
+    for unit in source.units():
+        for record in source.read_unit(unit):
+            if record.error:
+                continue
+            try:
+                captioned += bool(decode_caption(record.caption))
+            except SkipSample:
+                pass
+            read += 1
+            if read >= limit:
+                return captioned, read
+    return captioned, read
 
 
 def build_eval_loader(cfg: DataConfig, batch_size: int, split: str = "train", train_transform: bool = False,

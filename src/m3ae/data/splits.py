@@ -14,6 +14,7 @@ from dataclasses import asdict, dataclass
 from typing import Iterator, Sequence
 
 from m3ae.data.config import DataConfig
+from m3ae.data.layouts import ParquetSource
 from m3ae.data.sources import (FolderSource, HDF5Source, ManifestSource, RawRecord, Source, WebDatasetSource,
                                _is_remote, open_source)
 
@@ -65,7 +66,8 @@ class EvalSplit:
 
 def open_eval_split(cfg: DataConfig, split: str) -> Source:
     """The labelled source of `split` ("train" or "val") as `cfg` defines it."""
-    kwargs = dict(role="labelled", unit_size=cfg.index_unit_size, embedded_root=cfg.embedded_root)
+    kwargs = dict(role="labelled", unit_size=cfg.index_unit_size, embedded_root=cfg.embedded_root,
+                  columns=cfg.columns)
     if cfg.eval_val_fraction > 0:
         base = open_source(cfg.eval_train_source or cfg.source, cfg.format, split="train", **kwargs)
         return HashSplitSource(base, cfg.eval_val_fraction, val=split == "val")
@@ -81,6 +83,8 @@ def _footprint(source: Source) -> set[str]:
         return {f"{os.path.realpath(source.path)}#{source.fields[0]}"}
     if isinstance(source, FolderSource):
         return {os.path.realpath(path) for path, _ in source.files}
+    if isinstance(source, ParquetSource):
+        return {os.path.realpath(path) for path, _ in source.groups}
     if isinstance(source, ManifestSource):
         return {os.path.realpath(source.root / str(row["image"])) for row in source.rows if row}
     return {source.name}

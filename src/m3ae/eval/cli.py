@@ -28,7 +28,7 @@ def _add_feature_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def register(subparsers) -> None:
-    from ..config import OVERRIDES_DEST, add_override_arguments
+    from ..config import add_override_alias, add_override_arguments
     from .probe import FinetuneConfig, LinearProbeConfig
 
     e = subparsers.add_parser("embed", help="features of images, captions or pairs from any checkpoint",
@@ -51,11 +51,9 @@ def register(subparsers) -> None:
         p.add_argument("--resume", help="'auto': the latest good checkpoint in --out_dir, if any; or a checkpoint")
         p.add_argument("--print-config", action="store_true")
         add_override_arguments(p, cls)
-        # the names knn and ood take, as aliases of the data fields
-        p.add_argument("--val-data", metavar="SOURCE", dest=f"{OVERRIDES_DEST}:data.eval_val_source",
-                       default=argparse.SUPPRESS, help="alias of --data.eval_val_source")
-        p.add_argument("--val-fraction", metavar="FLOAT", type=float, dest=f"{OVERRIDES_DEST}:data.eval_val_fraction",
-                       default=argparse.SUPPRESS, help="alias of --data.eval_val_fraction")
+        # the names knn and ood take
+        add_override_alias(p, "--val-data", "data.eval_val_source")
+        add_override_alias(p, "--val-fraction", "data.eval_val_fraction")
         p.set_defaults(func=transfer_command, config_cls=cls, command_name=name)
 
     k = subparsers.add_parser("knn", help="k-NN accuracy on frozen features (cosine, temperature-weighted)")

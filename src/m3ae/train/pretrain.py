@@ -9,6 +9,7 @@ the same computation whatever the number of processes or micro-batches.
 from __future__ import annotations
 
 import dataclasses
+import logging
 import math
 import signal
 import time
@@ -208,7 +209,14 @@ class Pretrainer:
     # ------------------------------------------------------------------ set-up
     def _build_loader(self):
         from ..data import build_pretrain_loader
+        from ..data.loader import caption_coverage
 
+        if self.cfg.model.has_text and self.cfg.data.paired_fraction > 0 and self.info.is_main:
+            captioned, read = caption_coverage(self.cfg.data)
+            if read and not captioned:
+                logging.getLogger("m3ae.train").warning(
+                    "%d of %d samples have a caption: training is image-only (data source %r; a caption is x.txt "
+                    "beside x.jpg, a .txt shard member or a caption column)", captioned, read, self.cfg.data.source)
         return build_pretrain_loader(self.cfg.data, batch_size=self.micro_batch, rank=self.info.rank,
                                      world_size=self.info.world_size, pin_memory=self.info.device.type == "cuda")
 
