@@ -31,7 +31,8 @@ def resolve(name_or_path: str | Path, revision: str | None = None) -> Path:
         from huggingface_hub import snapshot_download
     except ImportError as error:
         raise FileNotFoundError(
-            f"{name_or_path} is not a local directory; install huggingface_hub to load it from the Hub"
+            f"{name_or_path} is not a local directory; loading it from the Hub needs huggingface_hub: "
+            f"pip install 'm3ae[hub]'"
         ) from error
     return Path(snapshot_download(str(name_or_path), revision=revision, allow_patterns=HUB_FILES))
 

@@ -9,6 +9,7 @@ the same computation whatever the number of processes or micro-batches.
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import logging
 import math
 import signal
@@ -199,6 +200,12 @@ class Pretrainer:
         self.scaler = self.precision.grad_scaler()
         self.noise = torch.Generator().manual_seed(t.seed + 1)
         self.loader = loader if loader is not None else self._build_loader()
+        if cfg.log.figures_every and importlib.util.find_spec("matplotlib") is None:
+            # figures are on by default: a core install trains without them rather than failing
+            logging.getLogger("m3ae.train").warning(
+                "log.figures_every=%d: figures need matplotlib, which is not installed (pip install 'm3ae[viz]'); "
+                "training without figures", cfg.log.figures_every)
+            cfg.log.figures_every = 0
         self.checkpoints = CheckpointManager(self.run_dir, cfg.checkpoint.keep, self.info)
         self.step = 0
         self.nonfinite_total = torch.zeros((), device=self.info.device)
