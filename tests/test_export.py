@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -53,3 +54,23 @@ def test_timm_state_dict_layout(trained_like, tmp_path):
     torch.testing.assert_close(conv.flatten(2).transpose(1, 2), linear)
     assert set(timm_state_dict(model)) == set(state)
     assert {"blocks.1.attn.qkv.weight", "norm.weight", "cls_token"} <= set(state)
+
+
+def test_auto_image_processor_and_vit_model_reproduce_encode_on_a_pil_image(trained_like, tmp_path):
+    transformers = pytest.importorskip("transformers")
+    from PIL import Image
+
+    from m3ae.data.config import NORMALIZATION_PRESETS
+    from m3ae.data.transforms import ImageTransform, normalize_batch
+
+    model, directory = trained_like
+    assert main(["export", str(directory), str(tmp_path / "hf"), "--format", "hf", "--normalization", "imagenet"]) == 0
+    image = Image.fromarray(np.random.default_rng(0).integers(0, 256, (45, 45, 3), dtype=np.uint8))
+    processor = transformers.AutoImageProcessor.from_pretrained(tmp_path / "hf")
+    vit = transformers.ViTModel.from_pretrained(tmp_path / "hf", add_pooling_layer=False).eval()
+    pixels = processor(image, return_tensors="pt")["pixel_values"]
+    ours = normalize_batch(ImageTransform(32, train=False)(image)[None].copy(), *NORMALIZATION_PRESETS["imagenet"])
+    with torch.no_grad():
+        theirs = vit(pixel_values=pixels).last_hidden_state
+        expected = model.encode(ours).last_hidden_state
+    torch.testing.assert_close(theirs, expected, atol=1e-5, rtol=1e-5)
