@@ -87,7 +87,8 @@ def main() -> None:
     reference = _logistic_regression(features)
     print(f"{features['train']['labels'].numel()} train / {features['val']['labels'].numel()} val features of "
           f"width {width}; logistic regression top-1 {reference:.2f}%\n")
-    print("| batch | default recipe | top-1 (%) | `--recipe mae` top-1 (%) | logistic regression (%) | seconds (default / mae) |")
+    print("| batch | default recipe | top-1 (%) | `--recipe mae` top-1 (%) | logistic regression (%) "
+          "| seconds (default / mae) |")
     print("|---|---|---|---|---|---|")
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)

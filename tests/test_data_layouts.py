@@ -101,7 +101,8 @@ def test_img2dataset_parquet_reads_like_shards_skips_failed_rows_and_resumes_exa
     pq.write_table(table, tmp_path / "pq" / "00000.parquet", row_group_size=3)
     shards = tmp_path / "shards"
     shards.mkdir()
-    write_tar(shards / "s.tar", [m for k, i, c, _ in rows for m in ((f"{k}.png", image_bytes(i)), (f"{k}.txt", c.encode()))])
+    write_tar(shards / "s.tar", [m for k, i, c, _ in rows
+                                 for m in ((f"{k}.png", image_bytes(i)), (f"{k}.txt", c.encode()))])
     assert detect_layout(str(tmp_path / "pq"))[0] == "parquet"
     ours, stats = _read(_config(str(tmp_path / "pq")))
     _assert_same(ours, _read(_config(str(shards / "s.tar")))[0])

@@ -99,7 +99,8 @@ class DataConfig:
             raise ValueError(f"DataConfig.caption_drop={self.caption_drop!r}: expected 'deterministic' or 'random'")
         if not 0.0 <= self.paired_fraction <= 1.0:
             raise ValueError(f"DataConfig.paired_fraction={self.paired_fraction}: expected a value in [0, 1]")
-        if (self.image_size is not None and self.image_size < 1) or self.text_length < 1 or self.unpaired_text_length < 1:
+        sizes = (1 if self.image_size is None else self.image_size, self.text_length, self.unpaired_text_length)
+        if min(sizes) < 1:
             raise ValueError("DataConfig.image_size, text_length and unpaired_text_length must be positive")
         if not 0.0 <= self.eval_val_fraction < 1.0:
             raise ValueError(f"DataConfig.eval_val_fraction={self.eval_val_fraction}: expected a value in [0, 1)")
@@ -109,8 +110,9 @@ class DataConfig:
         """Images are read at the model's size: fills an unset `image_size`, refuses another one
         (silently replacing it would train or score at a size the user did not ask for)."""
         if self.image_size is not None and self.image_size != image_size:
-            raise SizeMismatchError(f"data.image_size={self.image_size} disagrees with {model_field}={image_size}: the data "
-                             f"are read at the model's size; drop data.image_size or change {model_field}")
+            raise SizeMismatchError(f"data.image_size={self.image_size} disagrees with {model_field}={image_size}: "
+                                    f"the data are read at the model's size; drop data.image_size or change "
+                                    f"{model_field}")
         self.image_size = image_size
 
     def normalization_stats(self) -> tuple[tuple[float, ...], tuple[float, ...]]:

@@ -150,7 +150,8 @@ class ParquetSource(Source):
         table = handle.read_row_group(group, columns=wanted).to_pydict()
         rows = len(table[self._image])
         for i in range(rows):
-            key = str(table[c.key][i]) if c.key in table and table[c.key][i] is not None else f"{Path(path).stem}/{group}/{i}"
+            key = table[c.key][i] if c.key in table else None
+            key = str(key) if key is not None else f"{Path(path).stem}/{group}/{i}"
             label = table[c.label][i] if c.label in table else None
             record = RawRecord(key=key, caption=table[c.caption][i] if c.caption in table else None,
                                label=int(label) if label is not None else -1)

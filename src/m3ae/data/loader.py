@@ -183,8 +183,8 @@ class BatchStream(IterableDataset):
                         f"num_workers = {slots}: some workers would get no data. Use fewer workers or "
                         f"reshard (`m3ae data build --shard-size`)."
                     )
-        self.transform = ImageTransform(cfg.image_size or DEFAULT_IMAGE_SIZE, train=train_transform, scale=tuple(cfg.crop_scale),
-                                        flip=cfg.horizontal_flip)
+        self.transform = ImageTransform(cfg.image_size or DEFAULT_IMAGE_SIZE, train=train_transform,
+                                        scale=tuple(cfg.crop_scale), flip=cfg.horizontal_flip)
         self.mean, self.std = cfg.normalization_stats()
         self.text_batch_size = cfg.unpaired_text_batch_size or batch_size
         # Set by PretrainLoader before every DataLoader start.

@@ -19,7 +19,7 @@ def _add_feature_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--val-fraction", type=float, default=0.0,
                    help="hold out this fraction of the training source by key hash as the evaluation split "
                         "(for sources without separate splits)")
-    p.add_argument("--format", default="auto", help="source format (auto, wds, hdf5, manifest, folder)")
+    p.add_argument("--format", default="auto", help="source format (auto, wds, hdf5, manifest, folder, flat, parquet)")
     p.add_argument("--normalization", default="cc12m", help="pixel statistics preset (cc12m, imagenet, none)")
     p.add_argument("--pool", choices=["cls", "mean"], default="cls")
     p.add_argument("--batch-size", type=int, default=256)
@@ -90,13 +90,14 @@ def _data_config(args: argparse.Namespace, model, **fields):
                                 eval_val_fraction=args.val_fraction), **fields})
 
 
-def _features(args: argparse.Namespace, model, data, split: str) -> dict:
+def _features(args: argparse.Namespace, model, data, split: str, labelled: bool = True) -> dict:
     from ..data import build_eval_loader
     from .features import FeatureSpec, extract_features, require_labels
 
     out = extract_features(model, build_eval_loader(data, args.batch_size, split=split),
                            FeatureSpec("image", args.pool), _device(args), args.precision, progress=True)
-    require_labels(out["labels"], f"data source {data.source!r} ({split} split)")
+    if labelled:
+        require_labels(out["labels"], f"data source {data.source!r} ({split} split)")
     return out
 
 
@@ -198,7 +199,7 @@ def ood_command(args: argparse.Namespace) -> int:
     train, inside = _features(args, model, data, "train"), _features(args, model, data, "val")
     outside_data = _data_config(args, model, source=args.out_data, format=args.out_format, eval_train_source="",
                                 eval_val_source="", eval_val_fraction=0.0)
-    outside = _features(args, model, outside_data, "val")
+    outside = _features(args, model, outside_data, "val", labelled=False)  # scored, never classified
     mahalanobis = MahalanobisScorer(train["features"], train["labels"])
     head = fit_softmax_head(train["features"], train["labels"])
     result = {

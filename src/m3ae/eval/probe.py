@@ -196,6 +196,7 @@ class TransferTrainer:
     """One run of `linear-probe` or `finetune`."""
 
     def __init__(self, cfg: LinearProbeConfig, resume: str | None = None) -> None:
+        from ..data.splits import check_eval_split
         from ..train.checkpoint import CheckpointManager
         from ..train.distributed import broadcast_object, init_distributed, wrap_model
         from ..train.precision import Precision
@@ -214,9 +215,8 @@ class TransferTrainer:
             overrides["image_size"] = cfg.image_size
         torch.manual_seed(cfg.seed)
         backbone = M3AE.from_pretrained(cfg.checkpoint, **overrides)
-        cfg.data.follow_model(backbone.config.image_size, "image_size" if cfg.image_size else "the checkpoint's image_size")
-        from ..data.splits import check_eval_split
-
+        model_field = "image_size" if cfg.image_size else "the checkpoint's image_size"
+        cfg.data.follow_model(backbone.config.image_size, model_field)
         self.split = check_eval_split(cfg.data)
         if self.info.is_main:
             print(self.split.describe(), file=sys.stderr)

@@ -40,7 +40,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     push.add_argument("model_dir", help="a model directory, a pretraining run directory or a checkpoint directory")
     push.add_argument("repo_id", help="owner/name")
     push.add_argument("--probe", action="append", default=[], metavar="RUN_DIR",
-                      help="a linear-probe or finetune run directory whose results.json goes into the card (repeatable)")
+                      help="a linear-probe or finetune run directory whose results.json goes into the card "
+                           "(repeatable)")
     push.add_argument("--private", action="store_true")
     push.add_argument("--branch", help="upload to this branch")
     push.add_argument("--create-pr", action="store_true", help="open a pull request instead of committing")
