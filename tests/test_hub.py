@@ -23,10 +23,11 @@ class FolderHub:
     def create_repo(self, repo_id, private=False, exist_ok=False):
         self.calls.append(("create_repo", repo_id, private))
 
-    def upload_folder(self, repo_id, folder_path, commit_message):
-        shutil.copytree(folder_path, self.root / repo_id, dirs_exist_ok=True)
+    def upload_folder(self, repo_id, folder_path, commit_message, revision=None, create_pr=False):
+        target = self.root / repo_id if revision is None else self.root / revision / repo_id
+        shutil.copytree(folder_path, target, dirs_exist_ok=True)
         self.calls.append(("upload_folder", repo_id, commit_message))
-        return f"{self.root / repo_id}"
+        return f"{target}"
 
 
 def test_push_to_hub_then_from_pretrained_round_trip(tmp_path):
@@ -44,24 +45,21 @@ def test_push_to_hub_then_from_pretrained_round_trip(tmp_path):
         assert torch.equal(loaded.state_dict()[name], tensor)
 
 
-def test_repo_id_resolves_from_the_offline_hf_cache(tmp_path, monkeypatch):
+def test_repo_id_resolves_from_the_offline_hf_cache_by_revision(tmp_path, monkeypatch):
     pytest.importorskip("huggingface_hub")
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     import huggingface_hub.constants as constants
 
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
-    # the cache layout huggingface_hub reads: models--owner--name/{refs/main, snapshots/<rev>/...}
+    # the cache layout huggingface_hub reads: models--owner--name/{refs/<name>, snapshots/<rev>/...}
     cache = tmp_path / "cache"
-    snapshot = cache / "models--me--cached" / "snapshots" / "abc123"
-    M3AE(M3AEConfig(**CONFIG)).save_pretrained(snapshot)
-    (cache / "models--me--cached" / "refs").mkdir(parents=True)
-    (cache / "models--me--cached" / "refs" / "main").write_text("abc123")
-    from huggingface_hub import snapshot_download
-
-    monkeypatch.setattr("huggingface_hub.snapshot_download",
-                        lambda repo_id, **kw: snapshot_download(repo_id, cache_dir=cache, **kw))
-    model = M3AE.from_pretrained("me/cached")
-    assert model.config.emb_dim == 32
+    repo = cache / "models--me--cached"
+    (repo / "refs").mkdir(parents=True)
+    for ref, commit, width in (("main", "abc123", 32), ("v2", "def456", 48)):
+        M3AE(M3AEConfig(**{**CONFIG, "emb_dim": width})).save_pretrained(repo / "snapshots" / commit)
+        (repo / "refs" / ref).write_text(commit)
+    assert M3AE.from_pretrained("me/cached", cache_dir=cache).config.emb_dim == 32
+    assert M3AE.from_pretrained("me/cached", revision="v2", cache_dir=cache, local_files_only=True).config.emb_dim == 48
 
 
 def test_not_a_directory_nor_a_repo_id(tmp_path):
@@ -74,3 +72,33 @@ def test_model_card_states_what_the_files_are():
     card = model_card(mae, {"encoder_only": True})
     assert "MAE (image only)" in card and "image encoder only" in card and "normalised pixels" in card
     assert "not recorded" in card  # no data or steps given: said so, not invented
+
+
+def test_push_to_hub_command_writes_the_run_config_and_probe_results_into_the_card(tmp_path, monkeypatch):
+    import json
+
+    import huggingface_hub
+    import yaml
+
+    from m3ae.cli import main
+
+    run = tmp_path / "run"
+    step = run / "checkpoints" / "step_00000300"
+    model = M3AE(M3AEConfig(**CONFIG))
+    model.save_pretrained(step)
+    (run / "config.yaml").write_text(yaml.safe_dump({"model": CONFIG, "data": {"source": "shards/{0..9}.tar"},
+                                                     "train": {"total_steps": 300}}))
+    probe = tmp_path / "lp"
+    probe.mkdir()
+    (probe / "results.json").write_text(json.dumps({"last": {"epoch": 90, "top1": 61.234, "top5": 90.0},
+                                                    "split": {"val": "classes [0.2 held out by key hash]"}}))
+    hub = FolderHub(tmp_path / "hub")
+    monkeypatch.setattr(huggingface_hub, "HfApi", lambda token=None: hub)
+    assert main(["push-to-hub", str(step), "me/tiny", "--probe", str(probe), "--branch", "v1"]) == 0
+    uploaded = tmp_path / "hub" / "v1" / "me" / "tiny"
+    card = (uploaded / "README.md").read_text()
+    assert "| training data | shards/{0..9}.tar |" in card and "| training length | 300 steps |" in card
+    assert "linear probe top-1, lp (classes [0.2 held out by key hash]) | 61.23%" in card
+    assert "total_steps: 300" in card  # the run's config, as YAML
+    loaded = M3AE.from_pretrained(uploaded)
+    assert all(torch.equal(loaded.state_dict()[k], v) for k, v in model.state_dict().items())

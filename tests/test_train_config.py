@@ -145,3 +145,10 @@ def test_bench_prints_one_json_object_with_throughput_and_mfu():
     assert result["mfu"] == pytest.approx(result["flops_per_s"] / result["peak_flops_per_s"])
     assert result["samples_per_s"] == pytest.approx(2 / result["step_s"])
     assert (result["text_length"], result["image_mask_ratio"], result["text_mask_ratio"]) == (16, 0.75, 0.75)
+
+
+def test_a_data_image_size_other_than_the_models_is_an_error_naming_both():
+    cfg = config_io.load(PretrainConfig, None, {"model.preset": "tiny", "data.image_size": 64})
+    assert cfg.data.image_size == 64  # the same size, given twice, is fine
+    with pytest.raises(ConfigError, match=r"data.image_size=48 disagrees with model.image_size=64"):
+        config_io.load(PretrainConfig, None, {"model.preset": "tiny", "data.image_size": 48})

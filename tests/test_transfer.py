@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import shutil
 
 import numpy as np
@@ -93,7 +94,7 @@ def test_cached_probe_on_separable_features_reaches_100_percent_and_resumes_exac
         save_features(_separable(n, generator), run / f"features_{split}.safetensors")
     args = ["linear-probe", "--checkpoint", str(root / "model"), "--cached", "true", "--epochs", "3",
             "--batch_size", "32", "--optimizer", "sgd", "--lr", "0.5", "--warmup_epochs", "1", "--out_dir", str(run), "--log.progress", "false",
-            "--data.source", f"{data}/train-*.tar"]
+            "--data.source", f"{data}/train-*.tar", "--val-data", f"{data}/val-*.tar"]
     assert main(args) == 0
     results = json.loads((run / "results.json").read_text())
     assert results["last"]["top1"] == pytest.approx(100.0) and results["num_classes"] == 4
@@ -202,3 +203,23 @@ def test_softmax_head_for_ood_is_confident_on_its_classes_and_not_between_them()
     # halfway between two class centres: no class is more likely than the other
     between = (torch.eye(32)[0] + torch.eye(32)[1]) * 3.0 + 3.0 + 0.1 * torch.randn(50, 32, generator=generator)
     assert auroc(max_softmax_score(head(inside)), max_softmax_score(head(between))) > 0.95
+
+
+@pytest.mark.parametrize("batch", [8, 256])
+def test_the_default_probe_recipe_learns_at_small_and_large_batches(setup, tmp_path, batch):
+    root, data = setup
+    generator = torch.Generator().manual_seed(1)
+    losses = {}
+    for recipe in ("auto", "mae"):
+        run = tmp_path / recipe
+        for split, n in (("train", 512), ("val", 128)):
+            save_features(_separable(n, generator), run / f"features_{split}.safetensors")
+        assert main(["linear-probe", "--checkpoint", str(root / "model"), "--cached", "true", "--epochs", "10",
+                     "--batch_size", str(batch), "--recipe", recipe, "--out_dir", str(run), "--log.progress", "false",
+                     "--data.source", f"{data}/train-*.tar", "--val-data", f"{data}/val-*.tar"]) == 0
+        results = json.loads((run / "results.json").read_text())
+        losses[results["optimizer"]["recipe"]] = read_metrics(run / "metrics.jsonl")[-1]["train_loss"]
+        if recipe == "auto":
+            assert results["optimizer"]["name"] == "sgd" and results["last"]["top1"] >= 98.0
+    # MAE's LARS protocol, meant for a 16,384 batch, leaves the loss near ln 4 at these batches
+    assert losses["sgd"] < 0.3 and losses["mae"] > 0.9 * math.log(4)

@@ -268,6 +268,12 @@ def _yaml_scalar(value: Any) -> str:
     return yaml.safe_dump(value, default_flow_style=True).removesuffix("...\n").strip()
 
 
+def add_override_alias(parser: argparse.ArgumentParser, flag: str, dotted: str) -> None:
+    """Another name for the override `--{dotted}` (e.g. the spelling other tools use)."""
+    parser.add_argument(flag, metavar="VALUE", dest=f"{OVERRIDES_DEST}:{dotted}", default=argparse.SUPPRESS,
+                        type=parse_value, help=f"alias of --{dotted}")
+
+
 def _metavar(tp: Any) -> str:
     if get_origin(tp) is Literal:
         return "{" + ",".join(str(a) for a in get_args(tp)) + "}"

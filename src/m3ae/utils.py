@@ -25,3 +25,19 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
+
+
+class MissingExtraError(ImportError):
+    pass
+
+
+def require(module: str, extra: str, feature: str):
+    """`module`, imported; or an error that names the optional extra that installs it."""
+    import importlib
+
+    try:
+        return importlib.import_module(module)
+    except ImportError as error:
+        package = module.split(".")[0]
+        raise MissingExtraError(f"{feature} needs the {package!r} package, which is not installed: "
+                                f"pip install 'm3ae[{extra}]'") from error

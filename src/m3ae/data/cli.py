@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 import json
 
+from m3ae.data.config import FORMATS
+
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     data = subparsers.add_parser("data", help="datasets: generate, convert, inspect")
@@ -22,18 +24,42 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     build = commands.add_parser("build", help="convert a manifest (JSONL/CSV) or image folder into tar shards")
     build.add_argument("source")
     build.add_argument("out", help="output directory")
-    build.add_argument("--format", default="auto", choices=["auto", "wds", "hdf5", "manifest", "folder"])
+    build.add_argument("--format", default="auto", choices=FORMATS)
     build.add_argument("--shard-size", type=int, default=1000)
     build.add_argument("--prefix", default="shard")
+    _add_column_arguments(build)
     build.set_defaults(func=_build)
 
     inspect = commands.add_parser("inspect", help="print JSON statistics of a source")
     inspect.add_argument("source")
-    inspect.add_argument("--format", default="auto", choices=["auto", "wds", "hdf5", "manifest", "folder"])
+    inspect.add_argument("--format", default="auto", choices=FORMATS)
+    _add_column_arguments(inspect)
     inspect.add_argument("--limit", type=int, default=None, help="read at most this many records")
     inspect.add_argument("--tokenizer", default="bert-base-uncased")
     inspect.add_argument("--text-length", type=int, default=64)
     inspect.set_defaults(func=_inspect)
+
+
+def _add_column_arguments(parser: argparse.ArgumentParser) -> None:
+    """Table and parquet column names; open_clip's spellings are accepted too."""
+    from m3ae.data.config import TableColumns
+
+    defaults = TableColumns()
+    parser.add_argument("--image-column", "--csv-img-key", dest="image_column", default=defaults.image,
+                        help="image path (tables) or image bytes (parquet) column; default: image (tables), "
+                             "the first of jpg, png, webp, image (parquet)")
+    parser.add_argument("--caption-column", "--csv-caption-key", dest="caption_column", default=defaults.caption)
+    parser.add_argument("--label-column", default=defaults.label)
+    parser.add_argument("--key-column", default=defaults.key)
+    parser.add_argument("--separator", "--csv-separator", dest="separator", default=defaults.separator,
+                        help="CSV field separator; default: tab for .tsv, comma otherwise")
+
+
+def _columns(args: argparse.Namespace):
+    from m3ae.data.config import TableColumns
+
+    return TableColumns(args.image_column, args.caption_column, args.label_column, args.key_column,
+                        args.separator)
 
 
 def _synth(args: argparse.Namespace) -> int:
@@ -51,12 +77,14 @@ def _synth(args: argparse.Namespace) -> int:
 def _build(args: argparse.Namespace) -> int:
     from m3ae.data.writer import build_shards
 
-    print(json.dumps(build_shards(args.source, args.out, args.format, args.shard_size, args.prefix), indent=1))
+    print(json.dumps(build_shards(args.source, args.out, args.format, args.shard_size, args.prefix,
+                                   _columns(args)), indent=1))
     return 0
 
 
 def _inspect(args: argparse.Namespace) -> int:
     from m3ae.data.inspect import inspect_source
 
-    print(json.dumps(inspect_source(args.source, args.format, args.limit, args.tokenizer, args.text_length), indent=1))
+    print(json.dumps(inspect_source(args.source, args.format, args.limit, args.tokenizer, args.text_length,
+                                     columns=_columns(args)), indent=1))
     return 0

@@ -11,7 +11,13 @@ NORMALIZATION_PRESETS: dict[str, tuple[tuple[float, float, float], tuple[float, 
     "none": ((0.0, 0.0, 0.0), (1.0, 1.0, 1.0)),
 }
 
-FORMATS = ("auto", "wds", "hdf5", "manifest", "folder")
+DEFAULT_IMAGE_SIZE = 256
+
+
+class SizeMismatchError(ValueError):
+    pass
+
+FORMATS = ("auto", "wds", "hdf5", "manifest", "folder", "flat", "parquet")
 
 
 @dataclass
@@ -24,13 +30,34 @@ class WeightedSource:
 
 
 @dataclass
+class TableColumns:
+    """Column names of CSV/TSV/JSONL tables and parquet files (open_clip's --csv-img-key,
+    --csv-caption-key and --csv-separator set `image`, `caption` and `separator`)."""
+
+    image: str = ""  # "": "image" in tables; in parquet the first of jpg, png, webp, image present
+    caption: str = "caption"
+    label: str = "label"
+    key: str = "key"
+    separator: str = ""  # "": tab for .tsv files, comma otherwise
+
+    def __post_init__(self) -> None:
+        if self.separator.startswith("\\"):  # "\t" as typed in a shell or YAML
+            self.separator = self.separator.encode().decode("unicode_escape")
+        if len(self.separator) > 1:
+            raise ValueError(f"DataConfig.columns.separator={self.separator!r}: expected one character")
+
+
+@dataclass
 class DataConfig:
     # Main image-text source: a path, a glob, a brace pattern ("shards-{0000..0009}.tar"), a URL or
     # `pipe:` command, a comma-separated list of those, or "embedded" for the procedural dataset.
     source: str = "embedded"
     format: str = "auto"
     embedded_root: str = "data/embedded"
-    image_size: int = 256
+    columns: TableColumns = field(default_factory=TableColumns)
+    # null: the model's size (training and evaluation commands fill it in; a standalone loader reads
+    # DEFAULT_IMAGE_SIZE); a size that disagrees with the model's is an error (`follow_model`).
+    image_size: int | None = None
     # Images with a side shorter than this (one ViT patch) carry no usable patch: skipped.
     min_image_size: int = 16
     text_length: int = 64
@@ -60,6 +87,8 @@ class DataConfig:
     # Labelled evaluation sources; empty: derived from `source` (see docs/DATA.md).
     eval_train_source: str = ""
     eval_val_source: str = ""
+    # > 0: both splits come from the train source, this fraction of it held out by key hash.
+    eval_val_fraction: float = 0.0
 
     def __post_init__(self) -> None:
         self.image_only_sources = [_as_weighted(s, "image_only_sources") for s in self.image_only_sources]
@@ -70,9 +99,21 @@ class DataConfig:
             raise ValueError(f"DataConfig.caption_drop={self.caption_drop!r}: expected 'deterministic' or 'random'")
         if not 0.0 <= self.paired_fraction <= 1.0:
             raise ValueError(f"DataConfig.paired_fraction={self.paired_fraction}: expected a value in [0, 1]")
-        if self.image_size < 1 or self.text_length < 1 or self.unpaired_text_length < 1:
+        sizes = (1 if self.image_size is None else self.image_size, self.text_length, self.unpaired_text_length)
+        if min(sizes) < 1:
             raise ValueError("DataConfig.image_size, text_length and unpaired_text_length must be positive")
+        if not 0.0 <= self.eval_val_fraction < 1.0:
+            raise ValueError(f"DataConfig.eval_val_fraction={self.eval_val_fraction}: expected a value in [0, 1)")
         self.normalization_stats()
+
+    def follow_model(self, image_size: int, model_field: str = "model.image_size") -> None:
+        """Images are read at the model's size: fills an unset `image_size`, refuses another one
+        (silently replacing it would train or score at a size the user did not ask for)."""
+        if self.image_size is not None and self.image_size != image_size:
+            raise SizeMismatchError(f"data.image_size={self.image_size} disagrees with {model_field}={image_size}: "
+                                    f"the data are read at the model's size; drop data.image_size or change "
+                                    f"{model_field}")
+        self.image_size = image_size
 
     def normalization_stats(self) -> tuple[tuple[float, ...], tuple[float, ...]]:
         if self.normalization == "custom":

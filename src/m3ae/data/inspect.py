@@ -21,9 +21,13 @@ def _summary(values: list[int]) -> dict:
 
 
 def inspect_source(spec: str, fmt: str = "auto", limit: int | None = None, tokenizer: str = "bert-base-uncased",
-                   text_length: int = 64, max_image_pixels: int = 89_478_485, min_image_size: int = 16) -> dict:
+                   text_length: int = 64, max_image_pixels: int = 89_478_485, min_image_size: int = 16,
+                   columns=None) -> dict:
     """Read `spec` in order (at most `limit` records), decoding every image and caption."""
-    source = open_source(spec, fmt)
+    from m3ae.data.layouts import detect_layout
+
+    layout = dict(zip(("format", "why"), detect_layout(spec))) if fmt == "auto" else {"format": fmt, "why": "--format"}
+    source = open_source(spec, fmt, columns=columns)
     tok = Tokenizer.from_name(tokenizer, text_length)
     skipped: Counter = Counter()
     widths: list[int] = []
@@ -56,6 +60,7 @@ def inspect_source(spec: str, fmt: str = "auto", limit: int | None = None, token
     unknown = sum(ids.count(tok.unk_id) for ids in encoded)
     return {
         "source": spec,
+        "layout": layout,
         "records": records,
         "samples": len(captions),
         "skipped": dict(sorted(skipped.items())),

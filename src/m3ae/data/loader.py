@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import copy
 import logging
-import zlib
 from collections import Counter
 from dataclasses import asdict, dataclass, field
 from typing import Iterator
@@ -24,8 +23,9 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from m3ae.data.config import DataConfig
+from m3ae.data.config import DEFAULT_IMAGE_SIZE, DataConfig
 from m3ae.data.sources import IndexedSource, RawRecord, Source, decode_caption, open_source
+from m3ae.data.splits import key_hash, open_eval_split
 from m3ae.data.tokenizer import Tokenizer
 from m3ae.data.transforms import ImageTransform, SkipSample, decode_image, normalize_batch
 
@@ -38,10 +38,6 @@ _LOGGED_SKIPS_PER_REASON = 20
 
 def _rng(*counters: int) -> np.random.Generator:
     return np.random.default_rng([int(c) for c in counters])
-
-
-def key_hash(key: str) -> int:
-    return zlib.crc32(key.encode("utf-8", "surrogatepass"))
 
 
 @dataclass
@@ -160,10 +156,9 @@ class BatchStream(IterableDataset):
         self.epochs = epochs
         self.eval_mode = bool(labelled_split)
         self.num_workers = max(1, cfg.num_workers)
-        open_kwargs = dict(unit_size=cfg.index_unit_size, embedded_root=cfg.embedded_root)
+        open_kwargs = dict(unit_size=cfg.index_unit_size, embedded_root=cfg.embedded_root, columns=cfg.columns)
         if self.eval_mode:
-            spec = getattr(cfg, f"eval_{labelled_split}_source") or cfg.source
-            main = open_source(spec, cfg.format, role="labelled", split=labelled_split, **open_kwargs)
+            main = open_eval_split(cfg, labelled_split)
             image_sources: list[tuple[Source, float, bool]] = [(main, 1.0, True)]
             self.text_sources: list[tuple[Source, float]] = []
         else:
@@ -188,8 +183,8 @@ class BatchStream(IterableDataset):
                         f"num_workers = {slots}: some workers would get no data. Use fewer workers or "
                         f"reshard (`m3ae data build --shard-size`)."
                     )
-        self.transform = ImageTransform(cfg.image_size, train=train_transform, scale=tuple(cfg.crop_scale),
-                                        flip=cfg.horizontal_flip)
+        self.transform = ImageTransform(cfg.image_size or DEFAULT_IMAGE_SIZE, train=train_transform,
+                                        scale=tuple(cfg.crop_scale), flip=cfg.horizontal_flip)
         self.mean, self.std = cfg.normalization_stats()
         self.text_batch_size = cfg.unpaired_text_batch_size or batch_size
         # Set by PretrainLoader before every DataLoader start.
@@ -395,6 +390,26 @@ def build_pretrain_loader(cfg: DataConfig, batch_size: int, rank: int = 0, world
     """Pretraining batches for one rank. `epochs=None` (training) streams forever; a number ends
     after that many passes over the main source, the last batch possibly short."""
     return PretrainLoader(BatchStream(cfg, batch_size, rank, world_size, epochs), pin_memory)
+
+
+def caption_coverage(cfg: DataConfig, limit: int = 256) -> tuple[int, int]:
+    """(records with a caption, records read) over the first `limit` intact records of the main
+    source in unit order, without decoding images: a cheap look before a paired run starts."""
+    source = open_source(cfg.source, cfg.format, unit_size=cfg.index_unit_size, embedded_root=cfg.embedded_root,
+                         columns=cfg.columns)
+    captioned = read = 0
+    for unit in source.units():
+        for record in source.read_unit(unit):
+            if record.error:
+                continue
+            try:
+                captioned += bool(decode_caption(record.caption))
+            except SkipSample:
+                pass
+            read += 1
+            if read >= limit:
+                return captioned, read
+    return captioned, read
 
 
 def build_eval_loader(cfg: DataConfig, batch_size: int, split: str = "train", train_transform: bool = False,

@@ -216,7 +216,9 @@ class HDF5Source(IndexedSource):
 
     def __init__(self, path: str, image_field: str | None, caption_field: str | None,
                  label_field: str | None = None, unit_size: int = 64) -> None:
-        import h5py
+        from m3ae.utils import require
+
+        h5py = require("h5py", "hdf5", f"data source {path!r} (HDF5)")
 
         if not os.path.isfile(path):
             raise FileNotFoundError(f"data source {path!r}: HDF5 file does not exist")
@@ -370,9 +372,12 @@ def detect_format(spec: str) -> str:
 
 
 def open_source(spec: str, fmt: str = "auto", *, role: str = "pair", split: str = "",
-                unit_size: int = 64, embedded_root: str = "data/embedded") -> Source:
+                unit_size: int = 64, embedded_root: str = "data/embedded", columns=None) -> Source:
     """A `Source` for a user spec. `role` is "pair" (image + caption), "labelled" (image + label,
-    of `split`) or "text" (text-only corpus)."""
+    of `split`) or "text" (text-only corpus). `columns` (a `TableColumns`) names table and parquet
+    columns."""
+    from m3ae.data import layouts
+
     if spec == "embedded":
         from m3ae.data.synth import ensure_embedded_dataset
 
@@ -387,7 +392,7 @@ def open_source(spec: str, fmt: str = "auto", *, role: str = "pair", split: str 
         if fmt == "hdf5" or spec.lower().endswith((".h5", ".hdf5")):
             return HDF5Source(spec, None, "text", unit_size=unit_size)
         return TextFileSource(spec, unit_size)
-    fmt = detect_format(spec) if fmt == "auto" else fmt
+    fmt = layouts.detect_layout(spec)[0] if fmt == "auto" else fmt
     if fmt == "wds":
         return WebDatasetSource(spec)
     if fmt == "hdf5":
@@ -395,9 +400,13 @@ def open_source(spec: str, fmt: str = "auto", *, role: str = "pair", split: str 
             return HDF5Source(spec, f"{split}_jpg", None, f"{split}_labels", unit_size)
         return HDF5Source(spec, "jpg", "caption", unit_size=unit_size)
     if fmt == "manifest":
-        return ManifestSource(spec, unit_size)
+        return layouts.TableSource(spec, columns, unit_size)
     if fmt == "folder":
         return FolderSource(spec, unit_size)
+    if fmt == "flat":
+        return layouts.CaptionFolderSource(spec, unit_size)
+    if fmt == "parquet":
+        return layouts.ParquetSource(spec, columns)
     raise ValueError(f"data source {spec!r}: unknown format {fmt!r}")
 
 

@@ -97,13 +97,13 @@ class ShardWriter:
 
 
 def build_shards(source_spec: str, out_dir: str | Path, fmt: str = "auto", shard_size: int = 1000,
-                 prefix: str = "shard") -> dict:
+                 prefix: str = "shard", columns=None) -> dict:
     """Convert any readable source (typically a manifest or an image folder) into tar shards.
 
     Image bytes are copied unchanged when already JPEG/PNG/WebP; broken records are skipped and
     counted, so the shards hold exactly the usable samples in source order.
     """
-    source = open_source(source_spec, fmt, unit_size=shard_size)
+    source = open_source(source_spec, fmt, unit_size=shard_size, columns=columns)
     skipped: dict[str, int] = {}
     written = 0
     with ShardWriter(Path(out_dir), prefix, shard_size) as writer:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import sys
 from pathlib import Path
@@ -15,7 +16,10 @@ def _add_feature_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--train-data", default="", help="the training split when --data does not separate splits "
                    "(e.g. 'dir/train-*.tar'); default: derived from --data")
     p.add_argument("--val-data", default="", help="the evaluation split, likewise")
-    p.add_argument("--format", default="auto", help="source format (auto, wds, hdf5, manifest, folder)")
+    p.add_argument("--val-fraction", type=float, default=0.0,
+                   help="hold out this fraction of the training source by key hash as the evaluation split "
+                        "(for sources without separate splits)")
+    p.add_argument("--format", default="auto", help="source format (auto, wds, hdf5, manifest, folder, flat, parquet)")
     p.add_argument("--normalization", default="cc12m", help="pixel statistics preset (cc12m, imagenet, none)")
     p.add_argument("--pool", choices=["cls", "mean"], default="cls")
     p.add_argument("--batch-size", type=int, default=256)
@@ -24,7 +28,7 @@ def _add_feature_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def register(subparsers) -> None:
-    from ..config import add_override_arguments
+    from ..config import add_override_alias, add_override_arguments
     from .probe import FinetuneConfig, LinearProbeConfig
 
     e = subparsers.add_parser("embed", help="features of images, captions or pairs from any checkpoint",
@@ -48,6 +52,9 @@ def register(subparsers) -> None:
         p.add_argument("--print-config", action="store_true",
                        help="print the resolved config as YAML (readable by --config) and exit")
         add_override_arguments(p, cls)
+        # the names knn and ood take
+        add_override_alias(p, "--val-data", "data.eval_val_source")
+        add_override_alias(p, "--val-fraction", "data.eval_val_fraction")
         p.set_defaults(func=transfer_command, config_cls=cls, command_name=name)
 
     k = subparsers.add_parser("knn", help="k-NN accuracy on frozen features (cosine, temperature-weighted)")
@@ -75,30 +82,64 @@ def _device(args: argparse.Namespace):
     return torch.device(args.device)
 
 
-def _features(args: argparse.Namespace, model, source: str, fmt: str, split: str, train_data: str = "",
-              val_data: str = "") -> dict:
-    from ..data import DataConfig, build_eval_loader
-    from .features import FeatureSpec, extract_features
+def _data_config(args: argparse.Namespace, model, **fields):
+    from ..data import DataConfig
 
-    data = DataConfig(source=source, format=fmt, normalization=args.normalization,
-                      image_size=model.config.image_size, num_workers=0, eval_train_source=train_data,
-                      eval_val_source=val_data)
-    return extract_features(model, build_eval_loader(data, args.batch_size, split=split),
-                            FeatureSpec("image", args.pool), _device(args), args.precision, progress=True)
+    return DataConfig(**{**dict(source=args.data, format=args.format, normalization=args.normalization,
+                                image_size=model.config.image_size, text_length=model.config.text_length,
+                                num_workers=0, eval_train_source=args.train_data, eval_val_source=args.val_data,
+                                eval_val_fraction=args.val_fraction), **fields})
 
 
+def _features(args: argparse.Namespace, model, data, split: str, labelled: bool = True) -> dict:
+    from ..data import build_eval_loader
+    from .features import FeatureSpec, extract_features, require_labels
+
+    out = extract_features(model, build_eval_loader(data, args.batch_size, split=split),
+                           FeatureSpec("image", args.pool), _device(args), args.precision, progress=True)
+    if labelled:
+        require_labels(out["labels"], f"data source {data.source!r} ({split} split)")
+    return out
+
+
+def _checked_split(data) -> dict:
+    from ..data.splits import check_eval_split
+
+    split = check_eval_split(data)
+    print(split.describe(), file=sys.stderr)
+    return split.to_dict()
+
+
+def _one_line_errors(command):
+    """Errors in what the user gave (data, paths) as one line and exit status 2, not a traceback."""
+
+    @functools.wraps(command)
+    def wrapped(args: argparse.Namespace) -> int:
+        from ..data.config import SizeMismatchError
+        from ..data.splits import OverlappingSplitsError
+        from .features import MissingLabelsError
+
+        try:
+            return command(args)
+        except (OverlappingSplitsError, MissingLabelsError, SizeMismatchError, FileNotFoundError) as error:
+            print(f"m3ae {args.command}: error: {error}", file=sys.stderr)
+            return 2
+
+    return wrapped
+
+
+@_one_line_errors
 def embed_command(args: argparse.Namespace) -> int:
-    from ..data import DataConfig, build_eval_loader
+    from ..data import build_eval_loader
     from ..data.loader import BatchStream, PretrainLoader
     from ..model import M3AE
     from .features import FeatureSpec, extract_features, save_features
 
     model = M3AE.from_pretrained(args.checkpoint)
-    c = model.config
-    data = DataConfig(source=args.data, format=args.format, normalization=args.normalization, image_size=c.image_size,
-                      text_length=c.text_length, num_workers=0, eval_train_source=args.train_data,
-                      eval_val_source=args.val_data)
+    data = _data_config(args, model)
     if args.modality == "image":
+        if args.split == "val":  # the scoring side: it must not repeat the training side
+            _checked_split(data)
         batches = build_eval_loader(data, args.batch_size, split=args.split)
     else:  # captions come from the pair source, one pass with the evaluation transform
         batches = PretrainLoader(BatchStream(data, args.batch_size, 0, 1, epochs=1, train_transform=False))
@@ -109,6 +150,7 @@ def embed_command(args: argparse.Namespace) -> int:
     return 0
 
 
+@_one_line_errors
 def transfer_command(args: argparse.Namespace) -> int:
     from .. import config as config_io
     from ..config import ConfigError
@@ -131,28 +173,34 @@ def transfer_command(args: argparse.Namespace) -> int:
     return 0
 
 
+@_one_line_errors
 def knn_command(args: argparse.Namespace) -> int:
     from ..model import M3AE
     from .knn import knn_predict, topk_accuracy
 
     model = M3AE.from_pretrained(args.checkpoint)
-    train = _features(args, model, args.data, args.format, "train", args.train_data)
-    val = _features(args, model, args.data, args.format, "val", val_data=args.val_data)
+    data = _data_config(args, model)
+    split = _checked_split(data)
+    train, val = _features(args, model, data, "train"), _features(args, model, data, "val")
     classes = int(max(train["labels"].max(), val["labels"].max())) + 1
     scores = knn_predict(train["features"], train["labels"], val["features"], classes, args.k, args.temperature)
     accuracy = topk_accuracy(scores, val["labels"])
-    print(json.dumps({"k": args.k, "temperature": args.temperature, **accuracy}))
+    print(json.dumps({"k": args.k, "temperature": args.temperature, **accuracy, "split": split}))
     return 0
 
 
+@_one_line_errors
 def ood_command(args: argparse.Namespace) -> int:
     from ..model import M3AE
     from .ood import MahalanobisScorer, auroc, fit_softmax_head, max_softmax_score
 
     model = M3AE.from_pretrained(args.checkpoint)
-    train = _features(args, model, args.data, args.format, "train", args.train_data)
-    inside = _features(args, model, args.data, args.format, "val", val_data=args.val_data)
-    outside = _features(args, model, args.out_data, args.out_format, "val")
+    data = _data_config(args, model)
+    split = _checked_split(data)
+    train, inside = _features(args, model, data, "train"), _features(args, model, data, "val")
+    outside_data = _data_config(args, model, source=args.out_data, format=args.out_format, eval_train_source="",
+                                eval_val_source="", eval_val_fraction=0.0)
+    outside = _features(args, model, outside_data, "val", labelled=False)  # scored, never classified
     mahalanobis = MahalanobisScorer(train["features"], train["labels"])
     head = fit_softmax_head(train["features"], train["labels"])
     result = {
@@ -160,6 +208,7 @@ def ood_command(args: argparse.Namespace) -> int:
         "max_softmax_auroc": auroc(max_softmax_score(head(inside["features"])),
                                    max_softmax_score(head(outside["features"]))),
         "in_samples": int(inside["labels"].numel()), "out_samples": int(outside["labels"].numel()),
+        "split": split,
     }
     print(json.dumps(result))
     return 0

@@ -75,6 +75,18 @@ def extract_features(model: M3AE, batches: Iterable[dict], spec: FeatureSpec, de
     return {"features": torch.cat(features), "labels": torch.cat(labels).long(), "keys": keys}
 
 
+class MissingLabelsError(ValueError):
+    pass
+
+
+def require_labels(labels: torch.Tensor, what: str) -> None:
+    """A labelled command on unlabelled data fails here, in one line, rather than deep in indexing."""
+    missing = int((labels < 0).sum())
+    if missing:
+        raise MissingLabelsError(f"{what}: {missing} of {labels.numel()} samples have no label; this command needs "
+                         f"labelled data (class subfolders, .cls members or a label column)")
+
+
 def save_features(data: dict, path: str | Path) -> Path:
     """Atomically writes `.safetensors` or `.npz` (chosen by the suffix)."""
     from ..utils import atomic_path

@@ -20,6 +20,9 @@ def knn_predict(
     with weight exp(cosine / temperature)."""
     if train_features.shape[0] != train_labels.shape[0]:
         raise ValueError(f"{train_features.shape[0]} training features but {train_labels.shape[0]} labels")
+    if train_labels.numel() and not 0 <= int(train_labels.min()) <= int(train_labels.max()) < num_classes:
+        raise ValueError(f"training labels span [{int(train_labels.min())}, {int(train_labels.max())}]: "
+                         f"expected classes 0..{num_classes - 1}")
     if k < 1:
         raise ValueError(f"k={k}: must be >= 1")
     k = min(k, train_features.shape[0])

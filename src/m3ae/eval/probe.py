@@ -15,6 +15,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import sys
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -30,9 +31,21 @@ from ..model import M3AE, ConfigError
 from ..model.classifier import M3AEClassifier
 from ..train.metrics import LogConfig
 from ..train.precision import PrecisionName
-from .features import FeatureSpec, Pool
+from .features import FeatureSpec, Pool, require_labels
 
 OptimizerName = Literal["lars", "sgd", "adamw"]
+RecipeName = Literal["auto", "mae", "sgd"]
+
+# MAE's linear probe (LARS, base lr 0.1, trust coefficient 0.001) was tuned for a 16,384 batch: its
+# update moves the head by about lr x 1e-3 of its norm per step, so with the linearly scaled lr of a
+# smaller batch the head hardly leaves its initialisation (docs/RESULTS.md, "Probe recipes").
+MAE_PROBE_BATCH = 16384
+PROBE_RECIPES: dict[str, dict] = {
+    "mae": dict(optimizer="lars", base_lr=0.1, warmup_epochs=10.0),
+    # plain SGD with momentum and the same linear scaling reaches a logistic regression's accuracy at
+    # any batch (bench/probe_recipes.py)
+    "sgd": dict(optimizer="sgd", base_lr=0.1, warmup_epochs=5.0),
+}
 
 
 @dataclass
@@ -45,10 +58,13 @@ class LinearProbeConfig:
     image_size: int | None = None  # null: the pretraining size; another size recomputes the sin-cos grid
     epochs: int = 90
     batch_size: int = 256  # global
-    optimizer: OptimizerName = "lars"
-    base_lr: float = 0.1  # peak lr = base_lr × batch_size / 256 ...
+    # Linear probe: fills optimizer, base_lr and warmup_epochs left null. auto: "mae" (MAE's LARS
+    # protocol) from a batch of MAE_PROBE_BATCH, else "sgd". Replaced by the recipe used.
+    recipe: RecipeName = "auto"
+    optimizer: OptimizerName | None = None
+    base_lr: float | None = None  # peak lr = base_lr × batch_size / 256 ...
     lr: float | None = None  # ... unless given directly
-    warmup_epochs: float = 10.0
+    warmup_epochs: float | None = None
     weight_decay: float = 0.0
     momentum: float = 0.9  # LARS and SGD
     precision: PrecisionName = "bf16"
@@ -66,6 +82,16 @@ class LinearProbeConfig:
         for name in ("epochs", "batch_size", "keep"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name}={getattr(self, name)!r}: must be >= 1")
+        if self.finetune:
+            if self.recipe != "auto":
+                raise ConfigError(f"recipe={self.recipe!r}: recipes are the linear probe's; fine-tuning is "
+                                  f"configured by its own fields")
+        else:
+            if self.recipe == "auto":
+                self.recipe = "mae" if self.batch_size >= MAE_PROBE_BATCH else "sgd"
+            for name, value in PROBE_RECIPES[self.recipe].items():
+                if getattr(self, name) is None:
+                    setattr(self, name, value)
         for name in ("base_lr", "warmup_epochs", "weight_decay", "momentum"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"{name}={getattr(self, name)!r}: must be >= 0")
@@ -120,17 +146,13 @@ class FinetuneConfig(LinearProbeConfig):
 def count_labelled(data: DataConfig, split: str) -> tuple[int, int]:
     """(samples, classes) of a labelled split, read without decoding images (random-access
     sources know their length; the classes then need one pass over the labels)."""
-    from ..data.sources import open_source
+    from ..data.splits import open_eval_split
 
-    spec = getattr(data, f"eval_{split}_source") or data.source
-    source = open_source(spec, data.format, role="labelled", split=split, unit_size=data.index_unit_size,
-                         embedded_root=data.embedded_root)
-    count, largest = 0, -1
-    for unit in source.units():
-        for record in source.read_unit(unit):
-            count += 1
-            largest = max(largest, record.label)
-    return count, largest + 1
+    source = open_eval_split(data, split)
+    labels = torch.tensor([record.label for unit in source.units() for record in source.read_unit(unit)],
+                          dtype=torch.long)
+    require_labels(labels, f"data source {source.name!r} ({split} split)")
+    return labels.numel(), int(labels.max()) + 1 if labels.numel() else 0
 
 
 def build_optimizer(model: M3AEClassifier, cfg: LinearProbeConfig, peak_lr: float) -> torch.optim.Optimizer:
@@ -174,6 +196,7 @@ class TransferTrainer:
     """One run of `linear-probe` or `finetune`."""
 
     def __init__(self, cfg: LinearProbeConfig, resume: str | None = None) -> None:
+        from ..data.splits import check_eval_split
         from ..train.checkpoint import CheckpointManager
         from ..train.distributed import broadcast_object, init_distributed, wrap_model
         from ..train.precision import Precision
@@ -192,9 +215,15 @@ class TransferTrainer:
             overrides["image_size"] = cfg.image_size
         torch.manual_seed(cfg.seed)
         backbone = M3AE.from_pretrained(cfg.checkpoint, **overrides)
-        cfg.data.image_size = backbone.config.image_size  # the data follow the model, as in pretraining
+        model_field = "image_size" if cfg.image_size else "the checkpoint's image_size"
+        cfg.data.follow_model(backbone.config.image_size, model_field)
+        self.split = check_eval_split(cfg.data)
+        if self.info.is_main:
+            print(self.split.describe(), file=sys.stderr)
         self.features = self._cached_features(backbone) if cfg.cached else None
         if self.features is not None:
+            for split, part in self.features.items():
+                require_labels(part["labels"], f"data source {cfg.data.source!r} ({split} split)")
             self.train_size = self.features["train"]["labels"].numel()
             labels_classes = int(self.features["train"]["labels"].max()) + 1
         else:
@@ -314,7 +343,9 @@ class TransferTrainer:
             labels.append(target)
         if not scores:
             raise ValueError("the validation split is empty")
-        return topk_accuracy(torch.cat(scores), torch.cat(labels))
+        labels = torch.cat(labels)
+        require_labels(labels, f"data source {self.cfg.data.source!r} (val split)")
+        return topk_accuracy(torch.cat(scores), labels)
 
     def fit(self) -> ProbeResult:
         from ..train.distributed import barrier
@@ -346,7 +377,10 @@ class TransferTrainer:
                              self.last.get("top5", float("nan")), self.best["top1"], self.best["epoch"])
         if info.is_main:
             summary = {"last": {"epoch": result.epoch, "top1": result.top1, "top5": result.top5},
-                       "best": self.best, "num_classes": self.num_classes, "train_samples": self.train_size}
+                       "best": self.best, "num_classes": self.num_classes, "train_samples": self.train_size,
+                       "split": self.split.to_dict(),
+                       "optimizer": {"name": cfg.optimizer, "peak_lr": self.peak_lr,
+                                     **({} if cfg.finetune else {"recipe": cfg.recipe})}}
             with atomic_path(self.run_dir / "results.json") as tmp:
                 tmp.write_text(json.dumps(summary, indent=2) + "\n")
         return result

@@ -28,15 +28,46 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     export.add_argument("model_dir", help="a model directory, a pretraining run directory or a Hub repo id")
     export.add_argument("out_dir")
     export.add_argument("--format", choices=["hf", "timm"], default="hf")
+    export.add_argument("--normalization", default="cc12m",
+                        help="pixel statistics the model was pretrained with (cc12m, imagenet, none), written "
+                             "to the HF image processor")
     export.set_defaults(func=run_export)
+
+    push = subparsers.add_parser(
+        "push-to-hub", help="upload a model (config.json, model.safetensors, model card) to the Hugging Face Hub",
+        description="The model card states the pretraining run's config and length (found beside a checkpoint) "
+                    "and the results of the probe runs given with --probe.")
+    push.add_argument("model_dir", help="a model directory, a pretraining run directory or a checkpoint directory")
+    push.add_argument("repo_id", help="owner/name")
+    push.add_argument("--probe", action="append", default=[], metavar="RUN_DIR",
+                      help="a linear-probe or finetune run directory whose results.json goes into the card "
+                           "(repeatable)")
+    push.add_argument("--private", action="store_true")
+    push.add_argument("--branch", help="upload to this branch")
+    push.add_argument("--create-pr", action="store_true", help="open a pull request instead of committing")
+    push.add_argument("--token", help="Hub token (default: the one huggingface_hub has stored)")
+    push.set_defaults(func=run_push)
 
 
 def run_export(args: argparse.Namespace) -> int:
     from ..model import M3AE
     from .export import export
 
-    export(M3AE.from_pretrained(args.model_dir), args.out_dir, args.format)
+    export(M3AE.from_pretrained(args.model_dir), args.out_dir, args.format, args.normalization)
     print(f"wrote the {args.format} image encoder to {args.out_dir}")
+    return 0
+
+
+def run_push(args: argparse.Namespace) -> int:
+    from ..model import M3AE
+    from .hub import card_info_from_runs, resolve
+
+    directory = resolve(args.model_dir)
+    model = M3AE.from_pretrained(directory)
+    result = model.push_to_hub(args.repo_id, card_info=card_info_from_runs(directory, args.probe),
+                               private=args.private or None, token=args.token, branch=args.branch,
+                               create_pr=args.create_pr)
+    print(f"pushed {directory} to {args.repo_id}: {result}")
     return 0
 
 

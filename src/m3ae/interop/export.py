@@ -98,26 +98,66 @@ def hf_vit_state_dict(model: M3AE) -> dict[str, torch.Tensor]:
     return {name: tensor.contiguous().clone() for name, tensor in state.items()}
 
 
-def export(model: M3AE, out_dir: str | Path, fmt: str) -> Path:
+def hf_image_processor_config(model: M3AE, normalization: str = "cc12m") -> dict:
+    """`preprocessor_config.json` of a ViTImageProcessor that prepares images as our evaluation
+    transform does: a square image is resized to the model's size (bicubic), scaled to [0, 1] and
+    normalised with the pretraining statistics. (It resizes a non-square image without our centre
+    crop: crop it to a square first for identical inputs.)"""
+    from ..data.config import NORMALIZATION_PRESETS
+
+    if normalization not in NORMALIZATION_PRESETS:
+        raise ValueError(f"normalization={normalization!r}: expected one of {sorted(NORMALIZATION_PRESETS)}")
+    mean, std = NORMALIZATION_PRESETS[normalization]
+    size = model.config.image_size
+    return {"image_processor_type": "ViTImageProcessor", "do_resize": True, "size": {"height": size, "width": size},
+            "resample": 3, "do_rescale": True, "rescale_factor": 1 / 255, "do_normalize": True,
+            "image_mean": list(mean), "image_std": list(std)}
+
+
+def timm_config(model: M3AE, normalization: str = "cc12m") -> dict:
+    """timm's Hub `config.json`: with it beside model.safetensors, `timm.create_model("local-dir:DIR",
+    pretrained=True)` (or "hf-hub:owner/name" once uploaded) builds and loads the encoder in one call."""
+    c = model.config
+    if c.layer_norm_eps != 1e-6:  # timm's ViT LayerNorm eps, which its config cannot change
+        raise ValueError(f"timm export: layer_norm_eps={c.layer_norm_eps} but timm's ViT uses 1e-6")
+    processor = hf_image_processor_config(model, normalization)
+    return {
+        "architecture": "vit_base_patch16_224",  # the registered constructor; model_args set every size
+        "num_classes": 0,
+        "num_features": c.emb_dim,
+        "global_pool": "token",
+        "model_args": dict(img_size=c.image_size, patch_size=c.patch_size, in_chans=c.in_chans, embed_dim=c.emb_dim,
+                           depth=c.depth, num_heads=c.num_heads, mlp_ratio=c.mlp_ratio, qkv_bias=True,
+                           class_token=True, global_pool="token", num_classes=0, act_layer="gelu_tanh"),
+        "pretrained_cfg": {"input_size": [c.in_chans, c.image_size, c.image_size], "fixed_input_size": True,
+                           "interpolation": "bicubic", "crop_pct": 1.0, "crop_mode": "center",
+                           "mean": processor["image_mean"], "std": processor["image_std"], "num_classes": 0,
+                           "first_conv": "patch_embed.proj", "classifier": "head"},
+    }
+
+
+def export(model: M3AE, out_dir: str | Path, fmt: str, normalization: str = "cc12m") -> Path:
     """Writes the image encoder: `hf` -> config.json + model.safetensors loadable by
-    `transformers.ViTModel.from_pretrained(out_dir, add_pooling_layer=False)`; `timm` ->
-    model.safetensors + m3ae_timm_args.json (the VisionTransformer arguments)."""
+    `transformers.ViTModel.from_pretrained(out_dir, add_pooling_layer=False)`, and the
+    preprocessor_config.json `transformers.AutoImageProcessor` reads; `timm` -> model.safetensors +
+    timm's config.json (`timm.create_model("local-dir:" + out_dir, pretrained=True)`)."""
     from safetensors.torch import save_file
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     if fmt == "hf":
         state, meta_name, meta = hf_vit_state_dict(model), "config.json", hf_vit_config(model)
+        _write_json(out_dir / "preprocessor_config.json", hf_image_processor_config(model, normalization))
     elif fmt == "timm":
-        c = model.config
-        state, meta_name = timm_state_dict(model), "m3ae_timm_args.json"
-        meta = dict(img_size=c.image_size, patch_size=c.patch_size, embed_dim=c.emb_dim, depth=c.depth,
-                    num_heads=c.num_heads, mlp_ratio=c.mlp_ratio, qkv_bias=True, class_token=True,
-                    global_pool="token", num_classes=0, layer_norm_eps=c.layer_norm_eps, gelu="tanh")
+        state, meta_name, meta = timm_state_dict(model), "config.json", timm_config(model, normalization)
     else:
         raise ValueError(f"export format {fmt!r}: choose 'hf' or 'timm'")
     with atomic_path(out_dir / "model.safetensors") as tmp:
         save_file(state, str(tmp), metadata={"format": "pt", "source": "m3ae image encoder"})
-    with atomic_path(out_dir / meta_name) as tmp:
-        tmp.write_text(json.dumps(meta, indent=2) + "\n")
+    _write_json(out_dir / meta_name, meta)
     return out_dir
+
+
+def _write_json(path: Path, data: dict) -> None:
+    with atomic_path(path) as tmp:
+        tmp.write_text(json.dumps(data, indent=2) + "\n")

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import json
 import re
 import tempfile
 from pathlib import Path
 from typing import Any
+
+import yaml
 
 from ..model.config import M3AEConfig
 
@@ -13,11 +16,12 @@ HUB_FILES = ["config.json", "model.safetensors", "README.md"]
 _REPO_ID = re.compile(r"^[\w.-]+/[\w.-]+$")
 
 
-def resolve(name_or_path: str | Path, revision: str | None = None) -> Path:
+def resolve(name_or_path: str | Path, revision: str | None = None, **download) -> Path:
     """The directory holding a model's config.json + model.safetensors, from any of the names users
     give: a `save_pretrained` or checkpoint step directory (as is), a pretraining run directory (its
     newest checkpoint that verifies), or a Hub repo id (downloaded, or read from the local cache,
-    which works offline, through huggingface_hub)."""
+    which works offline, through huggingface_hub). `download` takes `snapshot_download`'s
+    `cache_dir`, `force_download`, `local_files_only` and `token`."""
     from ..train.checkpoint import CHECKPOINT_DIRNAME
 
     path = Path(name_or_path)
@@ -31,9 +35,10 @@ def resolve(name_or_path: str | Path, revision: str | None = None) -> Path:
         from huggingface_hub import snapshot_download
     except ImportError as error:
         raise FileNotFoundError(
-            f"{name_or_path} is not a local directory; install huggingface_hub to load it from the Hub"
+            f"{name_or_path} is not a local directory; loading it from the Hub needs huggingface_hub: "
+            f"pip install 'm3ae[hub]'"
         ) from error
-    return Path(snapshot_download(str(name_or_path), revision=revision, allow_patterns=HUB_FILES))
+    return Path(snapshot_download(str(name_or_path), revision=revision, allow_patterns=HUB_FILES, **download))
 
 
 def _newest_good_checkpoint(run_dir: Path) -> Path:
@@ -77,12 +82,15 @@ def model_card(config: M3AEConfig, info: dict[str, Any] | None = None) -> str:
         f"| training length | {info.get('steps', 'not recorded')} steps"
         + (f" ({info['epochs']} epochs)" if info.get("epochs") is not None else "") + " |",
     ]
+    run_config = info.get("run_config")
     probe = info.get("probe") or {}
     if probe:
         lines += ["", "## Evaluation", "", "| metric | value |", "|---|---|"]
         lines += [f"| {name} | {value} |" for name, value in probe.items()]
     if info.get("notes"):
         lines += ["", str(info["notes"])]
+    lines += ["", "## Configuration", "", "```yaml",
+              yaml.safe_dump(run_config or {"model": config.to_dict()}, sort_keys=False).rstrip(), "```"]
     lines += [
         "",
         "## Use",
@@ -98,14 +106,38 @@ def model_card(config: M3AEConfig, info: dict[str, Any] | None = None) -> str:
     return "\n".join(lines) + "\n"
 
 
-def push_to_hub(model: Any, repo_id: str, *, card_info: dict[str, Any] | None = None, private: bool = False,
-                token: str | None = None, commit_message: str = "Upload M3AE", api: Any = None) -> Any:
-    """Creates `repo_id` if needed and uploads config, weights and a model card."""
+def push_to_hub(model: Any, repo_id: str, *, card_info: dict[str, Any] | None = None, private: bool | None = None,
+                token: str | None = None, commit_message: str = "Upload M3AE", branch: str | None = None,
+                create_pr: bool = False, api: Any = None) -> Any:
+    """Creates `repo_id` if needed and uploads config, weights and a model card (generated from
+    `card_info`, or from the config alone), with huggingface_hub's `push_to_hub` arguments."""
     if api is None:
-        from huggingface_hub import HfApi
+        from ..utils import require
 
-        api = HfApi(token=token)
+        api = require("huggingface_hub", "hub", "push_to_hub").HfApi(token=token)
     with tempfile.TemporaryDirectory() as staging:
-        model.save_pretrained(staging, card_info=card_info)
+        model.save_pretrained(staging, card_info=card_info or {})
         api.create_repo(repo_id, private=private, exist_ok=True)
-        return api.upload_folder(repo_id=repo_id, folder_path=staging, commit_message=commit_message)
+        return api.upload_folder(repo_id=repo_id, folder_path=staging, commit_message=commit_message,
+                                 revision=branch, create_pr=create_pr)
+
+
+def card_info_from_runs(model_dir: Path, probe_runs: list[str | Path] = ()) -> dict[str, Any]:
+    """What the model card says about a model: the pretraining run's config and length, found beside
+    a checkpoint (`<run>/checkpoints/step_N/`), and the results of probe or fine-tuning runs."""
+    info: dict[str, Any] = {}
+    run_dir = model_dir.parent.parent
+    if model_dir.parent.name == "checkpoints" and (run_dir / "config.yaml").is_file():
+        run_config = yaml.safe_load((run_dir / "config.yaml").read_text())
+        info.update(run_config=run_config, data=run_config.get("data", {}).get("source", "not recorded"),
+                    steps=int(model_dir.name.removeprefix("step_")))
+    probe = {}
+    for run in map(Path, probe_runs):
+        results = json.loads((run / "results.json").read_text())
+        command = yaml.safe_load((run / "config.yaml").read_text()) if (run / "config.yaml").is_file() else {}
+        kind = "fine-tuning" if "layer_decay" in command else "linear probe"
+        probe[f"{kind} top-1, {run.name} ({results.get('split', {}).get('val', 'val split')})"] = \
+            f"{results['last']['top1']:.2f}%"
+    if probe:
+        info["probe"] = probe
+    return info

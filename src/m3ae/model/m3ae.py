@@ -431,14 +431,19 @@ class M3AE(nn.Module):
         return push_to_hub(self, repo_id, **kwargs)
 
     @classmethod
-    def from_pretrained(cls, name_or_path: str | Path, revision: str | None = None, **config_overrides) -> "M3AE":
-        """Loads a `save_pretrained` directory or a Hub repo id. Overrides may change non-structural
-        fields (mask ratios, loss options, attention implementation, image size)."""
+    def from_pretrained(cls, name_or_path: str | Path, revision: str | None = None, *, cache_dir: str | None = None,
+                        force_download: bool = False, local_files_only: bool = False, token: str | None = None,
+                        **config_overrides) -> "M3AE":
+        """Loads a `save_pretrained` directory, a run or checkpoint directory, or a Hub repo id (with
+        huggingface_hub's revision, cache, offline and token arguments). Overrides may change
+        non-structural fields (mask ratios, loss options, attention implementation, image size)."""
         from safetensors.torch import load_file
 
         from ..interop.hub import resolve
 
-        directory = resolve(name_or_path, revision)
+        download = dict(cache_dir=cache_dir, force_download=force_download, local_files_only=local_files_only,
+                        token=token)
+        directory = resolve(name_or_path, revision, **download)
         config_path, weights_path = directory / CONFIG_NAME, directory / WEIGHTS_NAME
         for path in (config_path, weights_path):
             if not path.is_file():

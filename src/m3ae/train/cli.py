@@ -28,7 +28,7 @@ def resolve_recipe(name: str) -> Path:
 
 
 def register(subparsers) -> None:
-    from ..config import add_override_arguments
+    from ..config import add_override_alias, add_override_arguments
     from .pretrain import PretrainConfig
 
     p = subparsers.add_parser(
@@ -48,6 +48,9 @@ def register(subparsers) -> None:
     p.add_argument("--print-config", action="store_true",
                    help="print the resolved config as YAML (readable by --config) and exit")
     add_override_arguments(p, PretrainConfig)
+    for flag, dotted in (("--csv-img-key", "data.columns.image"), ("--csv-caption-key", "data.columns.caption"),
+                         ("--csv-separator", "data.columns.separator")):  # open_clip's names
+        add_override_alias(p, flag, dotted)
     p.set_defaults(func=pretrain_command)
 
     from .bench import BenchConfig

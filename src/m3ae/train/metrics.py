@@ -11,6 +11,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from ..utils import require
+
 METRICS_FILE = "metrics.jsonl"
 
 
@@ -59,17 +61,16 @@ class MetricsLogger:
             # Steps after the checkpoint will be run again: drop their old lines.
             kept = [m for m in read_metrics(self.path) if m["step"] <= resume_step]
             self.path.write_text("".join(json.dumps(m) + "\n" for m in kept))
-        self._file = open(self.path, "a", buffering=1)
         use_tb = cfg.tensorboard if cfg.tensorboard is not None else importlib.util.find_spec("tensorboard") is not None
+        if use_tb:
+            require("tensorboard", "tensorboard", "log.tensorboard=true")
+        wandb = require("wandb", "wandb", "log.wandb=true") if cfg.wandb else None
+        self._file = open(self.path, "a", buffering=1)
         if use_tb:
             from torch.utils.tensorboard import SummaryWriter
 
             self._tb = SummaryWriter(log_dir=str(Path(run_dir) / "tensorboard"))
-        if cfg.wandb:
-            try:
-                import wandb
-            except ImportError as e:
-                raise RuntimeError("log.wandb=true but the `wandb` package is not installed (pip install wandb)") from e
+        if wandb is not None:
             self._wandb = wandb.init(project=cfg.wandb_project, dir=str(run_dir), config=config,
                                      resume="allow", id=Path(run_dir).name)
 

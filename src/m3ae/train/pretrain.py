@@ -9,6 +9,8 @@ the same computation whatever the number of processes or micro-batches.
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
+import logging
 import math
 import signal
 import time
@@ -101,7 +103,7 @@ class PretrainConfig:
     def __post_init__(self) -> None:
         # The model is the source of truth for shapes: `--model.preset base` alone must give 256 px
         # images and 64-token captions, so the data section follows it.
-        self.data.image_size = self.model.image_size
+        self.data.follow_model(self.model.image_size)
         self.data.text_length = self.model.text_length
 
 
@@ -198,6 +200,12 @@ class Pretrainer:
         self.scaler = self.precision.grad_scaler()
         self.noise = torch.Generator().manual_seed(t.seed + 1)
         self.loader = loader if loader is not None else self._build_loader()
+        if cfg.log.figures_every and importlib.util.find_spec("matplotlib") is None:
+            # figures are on by default: a core install trains without them rather than failing
+            logging.getLogger("m3ae.train").warning(
+                "log.figures_every=%d: figures need matplotlib, which is not installed (pip install 'm3ae[viz]'); "
+                "training without figures", cfg.log.figures_every)
+            cfg.log.figures_every = 0
         self.checkpoints = CheckpointManager(self.run_dir, cfg.checkpoint.keep, self.info)
         self.step = 0
         self.nonfinite_total = torch.zeros((), device=self.info.device)
@@ -208,7 +216,14 @@ class Pretrainer:
     # ------------------------------------------------------------------ set-up
     def _build_loader(self):
         from ..data import build_pretrain_loader
+        from ..data.loader import caption_coverage
 
+        if self.cfg.model.has_text and self.cfg.data.paired_fraction > 0 and self.info.is_main:
+            captioned, read = caption_coverage(self.cfg.data)
+            if read and not captioned:
+                logging.getLogger("m3ae.train").warning(
+                    "%d of %d samples have a caption: training is image-only (data source %r; a caption is x.txt "
+                    "beside x.jpg, a .txt shard member or a caption column)", captioned, read, self.cfg.data.source)
         return build_pretrain_loader(self.cfg.data, batch_size=self.micro_batch, rank=self.info.rank,
                                      world_size=self.info.world_size, pin_memory=self.info.device.type == "cuda")
 

@@ -5,12 +5,11 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from ..utils import atomic_path
+from ..utils import atomic_path, require
 
 
 def pyplot():
-    import matplotlib
-
+    matplotlib = require("matplotlib", "viz", "figures")
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 

@@ -9,8 +9,9 @@ import numpy as np
 
 def embed_2d(features: np.ndarray, seed: int = 0, perplexity: float = 30.0, max_iter: int = 1000) -> np.ndarray:
     """(N, D) -> (N, 2) with scikit-learn's t-SNE (PCA initialisation, deterministic for a seed)."""
-    from sklearn.manifold import TSNE
+    from ..utils import require
 
+    TSNE = require("sklearn.manifold", "viz", "t-SNE").TSNE
     perplexity = min(perplexity, max(1.0, (features.shape[0] - 1) / 3))  # t-SNE needs N > 3·perplexity
     # small sets: the exact gradient is cheaper than Barnes-Hut's threaded tree code
     method = "exact" if features.shape[0] <= 500 else "barnes_hut"

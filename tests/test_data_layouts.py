@@ -1,0 +1,146 @@
+"""Caption folders, tables with their own column names and img2dataset parquet read the same samples
+as the equivalent tar shards; layout detection explains itself; image-only data is announced."""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+
+import pytest
+import torch
+from data_helpers import cli, image_bytes, samples, write_shards, write_tar
+
+from m3ae.data import DataConfig
+from m3ae.data.config import TableColumns
+from m3ae.data.inspect import inspect_source
+from m3ae.data.layouts import detect_layout
+from m3ae.data.loader import BatchStream, PretrainLoader, caption_coverage
+from m3ae.utils import MissingExtraError, require
+
+
+def _read(cfg: DataConfig) -> tuple[dict, dict]:
+    """Every sample of one epoch by key (pixels after Resize + CenterCrop, tokens, label), and the stats."""
+    loader = PretrainLoader(BatchStream(cfg, 4, 0, 1, epochs=1, train_transform=False))
+    out = {}
+    for batch in loader:
+        for i, key in enumerate(batch["key"]):
+            out[key] = (batch["image"][i], batch["text"][i], int(batch["label"][i]))
+    return out, loader.stats()
+
+
+def _config(source: str, **kw) -> DataConfig:
+    return DataConfig(**{"source": source, "image_size": 32, "text_length": 16, "shuffle_buffer": 0, **kw})
+
+
+def _assert_same(ours: dict, shards: dict) -> None:
+    assert sorted(ours) == sorted(shards)
+    for key, (image, text, label) in shards.items():
+        assert torch.equal(ours[key][0], image) and torch.equal(ours[key][1], text) and ours[key][2] == label, key
+
+
+def test_a_flat_caption_folder_reads_like_shards_recursively(tmp_path):
+    flat, members = tmp_path / "flat", []
+    (flat / "00001").mkdir(parents=True)
+    for i, (key, index, caption, _) in enumerate(samples(6)):
+        name = key if i < 3 else f"00001/{key}"  # img2dataset `files` output nests images in numbered folders
+        (flat / f"{name}.png").write_bytes(image_bytes(index))
+        (flat / f"{name}.txt").write_text(caption)
+        members += [(f"{name}.png", image_bytes(index)), (f"{name}.txt", caption.encode())]
+    write_tar(tmp_path / "same.tar", members)
+    layout, why = detect_layout(str(flat))
+    assert layout == "flat" and "3 image file(s) at its top level" in why
+    ours, _ = _read(_config(str(flat)))
+    _assert_same(ours, _read(_config(str(tmp_path / "same.tar")))[0])
+    assert len(ours) == 6 and {label for *_, label in ours.values()} == {-1}
+
+
+def test_numbered_subfolders_alone_are_a_caption_folder_and_named_ones_are_classes(tmp_path):
+    for folder in ("00000", "00001"):
+        (tmp_path / "numbered" / folder).mkdir(parents=True)
+        (tmp_path / "named" / f"cat{folder}").mkdir(parents=True)
+    assert detect_layout(str(tmp_path / "numbered"))[0] == "flat"
+    assert detect_layout(str(tmp_path / "named")) == ("folder", detect_layout(str(tmp_path / "named"))[1])
+    assert "labelled by sorted subfolder name" in detect_layout(str(tmp_path / "named"))[1]
+    with pytest.raises(ValueError, match="no image file .* x.jpg \\+ x.txt"):
+        _read(_config(str(tmp_path / "numbered")))
+
+
+def test_a_table_with_its_own_columns_and_separator_reads_like_shards(tmp_path):
+    shards = write_shards(tmp_path / "shards", 7, 4)
+    (tmp_path / "img").mkdir()
+    lines = ["id;title;filepath;cls"]
+    for key, index, caption, label in samples(7):
+        (tmp_path / "img" / f"{key}.png").write_bytes(image_bytes(index))
+        lines.append(f"{key};{caption};img/{key}.png;{label}")
+    (tmp_path / "table.csv").write_text("\n".join(lines) + "\n")
+    columns = TableColumns(image="filepath", caption="title", label="cls", key="id", separator=";")
+    _assert_same(_read(_config(str(tmp_path / "table.csv"), columns=columns))[0], _read(_config(shards))[0])
+    with pytest.raises(ValueError, match=r"no column 'image' \(columns: \['id;title;filepath;cls'\]"):
+        _read(_config(str(tmp_path / "table.csv")))  # the default names and separator do not fit this table
+
+
+def test_open_clip_flag_names_reach_the_table_reader(tmp_path, capsys):
+    (tmp_path / "a.png").write_bytes(image_bytes(0))
+    (tmp_path / "t.tsv").write_text("filepath\ttitle\na.png\ta red square\n")
+    cli(["data", "inspect", str(tmp_path / "t.tsv"), "--csv-img-key", "filepath", "--csv-caption-key", "title"])
+    report = json.loads(capsys.readouterr().out)
+    assert report["samples"] == 1 and report["empty_captions"] == 0 and report["layout"]["format"] == "manifest"
+
+
+def test_img2dataset_parquet_reads_like_shards_skips_failed_rows_and_resumes_exactly(tmp_path):
+    pa = pytest.importorskip("pyarrow")
+    import pyarrow.parquet as pq
+
+    rows = samples(9)
+    table = pa.table({"key": [k for k, *_ in rows] + ["failed"],
+                      "jpg": [image_bytes(i) for _, i, _, _ in rows] + [None],
+                      "caption": [c for *_, c, _ in rows] + ["lost"],
+                      "status": ["success"] * 9 + ["failed_to_download"]})
+    (tmp_path / "pq").mkdir()
+    pq.write_table(table, tmp_path / "pq" / "00000.parquet", row_group_size=3)
+    shards = tmp_path / "shards"
+    shards.mkdir()
+    write_tar(shards / "s.tar", [m for k, i, c, _ in rows
+                                 for m in ((f"{k}.png", image_bytes(i)), (f"{k}.txt", c.encode()))])
+    assert detect_layout(str(tmp_path / "pq"))[0] == "parquet"
+    ours, stats = _read(_config(str(tmp_path / "pq")))
+    _assert_same(ours, _read(_config(str(shards / "s.tar")))[0])
+    assert stats["skipped"] == {"missing_image": 1}
+    # exact resume: stop after one batch, restore the state into a fresh loader, continue
+    cfg = _config(str(tmp_path / "pq"), seed=3, shuffle_buffer=4)
+    first = PretrainLoader(BatchStream(cfg, 2, 0, 1, epochs=2))
+    batches = iter(first)
+    next(batches)
+    state = first.state_dict()
+    expected = [b["key"] for b in batches]
+    second = PretrainLoader(BatchStream(cfg, 2, 0, 1, epochs=2))
+    second.load_state_dict(state)
+    assert [b["key"] for b in second] == expected and len(expected) > 4
+
+
+def test_parquet_without_pyarrow_names_the_extra(tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "pyarrow.parquet", None)  # what an environment without it raises
+    (tmp_path / "x.parquet").write_bytes(b"")
+    with pytest.raises(MissingExtraError, match=r"pip install 'm3ae\[parquet\]'"):
+        _read(_config(str(tmp_path / "x.parquet")))
+    with pytest.raises(MissingExtraError, match=r"log.wandb=true needs the 'no_such_package_m3ae' package"):
+        require("no_such_package_m3ae", "wandb", "log.wandb=true")
+
+
+def test_inspect_says_which_layout_and_why(tmp_path):
+    write_shards(tmp_path / "shards", 3, 3)
+    report = inspect_source(str(tmp_path / "shards"))
+    assert report["layout"]["format"] == "wds" and "directory of .tar files" in report["layout"]["why"]
+
+
+def test_a_paired_run_on_data_without_captions_warns_that_it_is_image_only(tmp_path, caplog):
+    from m3ae.train.pretrain import Pretrainer, PretrainConfig
+
+    for key, index, _, _ in samples(5):
+        (tmp_path / f"{key}.png").write_bytes(image_bytes(index))
+    assert caption_coverage(_config(str(tmp_path))) == (0, 5)
+    cfg = PretrainConfig(data=DataConfig(source=str(tmp_path)), out_dir=str(tmp_path / "run"))
+    with caplog.at_level(logging.WARNING, logger="m3ae.train"):
+        Pretrainer(cfg)
+    assert "0 of 5 samples have a caption: training is image-only" in caplog.text
