@@ -27,7 +27,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from m3ae.data.config import DataConfig
 from m3ae.data.sources import IndexedSource, RawRecord, Source, decode_caption, open_source
 from m3ae.data.tokenizer import Tokenizer
-from m3ae.data.transforms import ImageTransform, SkipSample, decode_image, normalize_batch
+from m3ae.data.transforms import ImageTransform, SkipSample, decode_image, normalize_batch, unexpected_skip
 
 logger = logging.getLogger("m3ae.data")
 
@@ -264,7 +264,10 @@ class BatchStream(IterableDataset):
             try:
                 sample = self._decode(record, stream, paired)
             except SkipSample as skip:
-                stats.skip(skip.reason, record.key, stream.source.name)
+                stats.skip(skip.reason, record.key, record.shard or stream.source.name)
+                continue
+            except Exception as error:  # a hostile sample must not end the run: count it
+                stats.skip(unexpected_skip(error), record.key, record.shard or stream.source.name)
                 continue
             stream.position.valid += 1
             if not self.eval_mode:
@@ -308,7 +311,7 @@ class BatchStream(IterableDataset):
             try:
                 text = decode_caption(record.caption)
             except SkipSample as skip:
-                stats.skip(skip.reason, record.key, stream.source.name)
+                stats.skip(skip.reason, record.key, record.shard or stream.source.name)
                 continue
             if not text:
                 stats.skip("empty_text", record.key, stream.source.name)
