@@ -13,8 +13,10 @@ On resume the worker that would have produced the next batch is made DataLoader 
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import logging
+import signal
 import zlib
 from collections import Counter
 from dataclasses import asdict, dataclass, field
@@ -339,6 +341,29 @@ def _normalised(weights: list[float]) -> np.ndarray | None:
     return array / array.sum()
 
 
+_STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+
+def ignore_stop_signals(worker_id: int = 0) -> None:
+    """DataLoader `worker_init_fn`: schedulers (Slurm, Kubernetes, torchrun) signal every process of
+    a job; a worker that died of it would fail the main process's next batch before the main
+    process could checkpoint. Workers ignore SIGTERM/SIGINT and leave the decision to it."""
+    for sig in _STOP_SIGNALS:
+        signal.signal(sig, signal.SIG_IGN)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, _STOP_SIGNALS)
+
+
+@contextlib.contextmanager
+def _stop_signals_blocked():
+    # Forked workers inherit the blocked mask, so a signal sent while one starts stays pending until
+    # `ignore_stop_signals` discards it; the main process receives its own copy on unblocking.
+    previous = signal.pthread_sigmask(signal.SIG_BLOCK, _STOP_SIGNALS)
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
+
+
 class PretrainLoader:
     """Iterable over batches (see module doc); `state_dict()` captures what has been consumed."""
 
@@ -356,8 +381,11 @@ class PretrainLoader:
             self.dataset, batch_size=None, num_workers=self.dataset.cfg.num_workers,
             pin_memory=self.pin_memory,
             prefetch_factor=self.prefetch_factor if self.dataset.cfg.num_workers else None,
+            worker_init_fn=ignore_stop_signals,
         )
-        for batch in loader:
+        with _stop_signals_blocked():  # workers start here; none may die of a signal before it ignores it
+            batches = iter(loader)
+        for batch in batches:
             self._worker_states[batch.pop("_worker")] = batch.pop("_state")
             self._batches += 1
             yield batch

@@ -140,7 +140,8 @@ def _default_run_dir(cfg: PretrainConfig) -> Path:
 
 
 class _StopSignal:
-    """SIGTERM / SIGINT set a flag; the loop checkpoints at the end of the step and returns."""
+    """SIGTERM / SIGINT set a flag; the loop checkpoints at the end of the step and returns. A second
+    signal ends the process at once."""
 
     def __init__(self) -> None:
         self.received: int | None = None
@@ -155,6 +156,10 @@ class _StopSignal:
         return self
 
     def _handle(self, signum, frame) -> None:
+        if self.received is not None:
+            # A second signal means "now": no checkpoint, the conventional 128 + signal status.
+            signal.signal(signum, signal.SIG_DFL)
+            signal.raise_signal(signum)
         self.received = signum
 
     def __exit__(self, *exc) -> None:
