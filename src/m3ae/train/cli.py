@@ -84,11 +84,12 @@ def pretrain_command(args: argparse.Namespace) -> int:
     if args.print_config:
         print(json.dumps(config_io.to_dict(cfg), indent=2))
         return 0
+    from ..utils import DiskFullError, RunDirBusy
     from .pretrain import NonFiniteLossError, run_pretraining
 
     try:
         result = run_pretraining(cfg, resume=args.resume)
-    except NonFiniteLossError as e:
+    except (NonFiniteLossError, DiskFullError, RunDirBusy) as e:
         print(f"m3ae pretrain: stopped: {e}", file=sys.stderr)
         return 1
     if result is not None:

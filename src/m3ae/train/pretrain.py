@@ -8,6 +8,7 @@ the same computation whatever the number of processes or micro-batches.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
 import signal
@@ -23,6 +24,7 @@ from torch import nn
 from .. import config as config_io
 from ..data import DataConfig
 from ..model import ConfigError, M3AE, M3AEConfig
+from ..utils import ensure_free_space, run_dir_lock
 from .checkpoint import CheckpointManager, rng_state, set_rng_state
 from .distributed import (
     DistInfo, ParallelName, apply_activation_checkpointing, apply_compile, barrier, broadcast_object,
@@ -379,8 +381,9 @@ class Pretrainer:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             config_io.save_yaml(cfg, self.run_dir / "config.yaml")
         barrier()
-        logger = MetricsLogger(self.run_dir, cfg.log, info.is_main, config_io.to_dict(cfg),
-                               self.step if self.resumed_from else None)
+        # Whatever the file holds past this step (a run killed before its first checkpoint included)
+        # will be logged again.
+        logger = MetricsLogger(self.run_dir, cfg.log, info.is_main, config_io.to_dict(cfg), self.step)
         peak = measure_peak_flops(info.device, self.precision.dtype, size=1024 if info.device.type == "cpu" else None)
         bar = ProgressBar(last_step, self.step, cfg.log.progress and info.is_main)
         meter, window, figures = Throughput(), [], []
@@ -417,6 +420,18 @@ class Pretrainer:
             bar.close()
             logger.close()
         return RunResult(self.run_dir, self.step, interrupted, metrics, checkpoint, figures)
+
+    @contextlib.contextmanager
+    def claim_run_dir(self) -> Iterator[None]:
+        """Rank 0 holds the run directory's lock for the block, clears temporaries a killed run left
+        and checks there is room for a checkpoint before anything is written."""
+        if not self.info.is_main:
+            yield
+            return
+        with run_dir_lock(self.run_dir):
+            self.checkpoints.remove_stale_temporaries()
+            ensure_free_space(self.run_dir, self.checkpoints.bytes_needed(self.model))
+            yield
 
     def _flops(self, present: list[str]):
         text = self.figure_batch.get("text")
@@ -484,7 +499,8 @@ def run_pretraining(cfg: PretrainConfig, loader: Iterable[dict[str, torch.Tensor
 
     try:
         trainer = Pretrainer(cfg, loader=loader, resume=resume)
-        result = trainer.fit()
+        with trainer.claim_run_dir():
+            result = trainer.fit()
         return result if trainer.info.is_main else None
     finally:
         shutdown_distributed()
