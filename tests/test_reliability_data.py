@@ -7,9 +7,11 @@ import os
 import pytest
 from data_helpers import image_bytes, pair_members, write_tar
 
+from m3ae.cli import main
 from m3ae.data import DataConfig, build_eval_loader, build_pretrain_loader
 from m3ae.data.inspect import inspect_source
-from m3ae.data.sources import MAX_JSON_DEPTH, checked_label, load_json, BadField
+from m3ae.data.sources import MAX_JSON_DEPTH, BadField, checked_label, load_json, open_source
+from m3ae.data.writer import ShardWriter, build_shards
 
 
 def good(key: str, index: int, label: int = 1) -> list[tuple[str, bytes]]:
@@ -125,3 +127,34 @@ def test_load_json_depth_and_constants():
         with pytest.raises(BadField):
             load_json(text)
     assert os.environ.get("PWNED") is None
+
+
+@pytest.mark.parametrize("key, why", [("a\u0000b", "contains NUL"), ("/etc/cron", "is an absolute path"),
+                                      ("same", "repeats the previous")])
+def test_build_rejects_keys_that_would_not_read_back(tmp_path, capsys, key, why):
+    (tmp_path / "a.png").write_bytes(image_bytes(0))
+    rows = [{"image": "a.png", "caption": "first", "key": "same"}, {"image": "a.png", "caption": "x", "key": key}]
+    (tmp_path / "m.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
+    assert main(["data", "build", str(tmp_path / "m.jsonl"), str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1
+    assert err.startswith(f"m3ae data build: {tmp_path / 'm.jsonl'}: record 1 (0-based): sample key ") and why in err
+
+
+def test_built_keys_read_back_identically(tmp_path):
+    (tmp_path / "a.png").write_bytes(image_bytes(0))
+    # build stores dots as "_" ("v1.2" -> "v1_2"), which also disarms "../up"
+    keys = ["plain", "dir/sub/k", "x.y/z", "v1.2", "../up", "plain"]
+    rows = [{"image": "a.png", "caption": f"c{i}", "key": k} for i, k in enumerate(keys)]
+    (tmp_path / "m.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
+    summary = build_shards(str(tmp_path / "m.jsonl"), tmp_path / "out", shard_size=4)
+    assert summary["samples"] == 6
+    source = open_source(str(tmp_path / "out"))
+    read = [r.key for u in source.units() for r in source.read_unit(u)]
+    assert read == ["plain", "dir/sub/k", "x_y/z", "v1_2", "__/up", "plain"]
+
+
+@pytest.mark.parametrize("key", ["../outside", "d/../../x", "a/b.c", "a\u0000"])
+def test_the_shard_writer_refuses_keys_that_escape_or_change(tmp_path, key):
+    with ShardWriter(tmp_path) as writer, pytest.raises(ValueError, match="sample key"):
+        writer.write(key, image_bytes(0), "caption")

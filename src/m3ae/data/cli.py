@@ -49,9 +49,16 @@ def _synth(args: argparse.Namespace) -> int:
 
 
 def _build(args: argparse.Namespace) -> int:
+    import sys
+
     from m3ae.data.writer import build_shards
 
-    print(json.dumps(build_shards(args.source, args.out, args.format, args.shard_size, args.prefix), indent=1))
+    try:
+        summary = build_shards(args.source, args.out, args.format, args.shard_size, args.prefix)
+    except (ValueError, FileNotFoundError) as error:  # the input's fault: one line, no traceback
+        print(f"m3ae data build: {error}", file=sys.stderr)
+        return 2
+    print(json.dumps(summary, indent=1))
     return 0
 
 
