@@ -26,8 +26,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from .model.config import ConfigError
+
     args = build_parser().parse_args(argv)
-    return int(args.func(args) or 0)
+    try:
+        return int(args.func(args) or 0)
+    except ConfigError as error:  # a user's setting (recipe, flag, config.json): one line, no traceback
+        print(f"m3ae {args.command}: config error: {error}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

@@ -89,6 +89,9 @@ def pretrain_command(args: argparse.Namespace) -> int:
 
     try:
         result = run_pretraining(cfg, resume=args.resume)
+    except ConfigError as e:
+        print(f"m3ae pretrain: config error: {e}", file=sys.stderr)
+        return 2
     except (NonFiniteLossError, DiskFullError, RunDirBusy) as e:
         print(f"m3ae pretrain: stopped: {e}", file=sys.stderr)
         return 1

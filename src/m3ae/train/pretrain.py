@@ -66,7 +66,7 @@ class TrainConfig:
             )
         if self.device not in ("auto", "cpu", "cuda") and not self.device.startswith("cuda:"):
             raise ConfigError(f"train.device={self.device!r}: must be 'auto', 'cpu', 'cuda' or 'cuda:N'")
-        if self.unpaired_text_weight < 0:
+        if not self.unpaired_text_weight >= 0:  # NaN included
             raise ConfigError(f"train.unpaired_text_weight={self.unpaired_text_weight!r}: must be >= 0")
 
     @property
@@ -216,8 +216,21 @@ class Pretrainer:
     def _build_loader(self):
         from ..data import build_pretrain_loader
 
+        self._check_vocabulary()
         return build_pretrain_loader(self.cfg.data, batch_size=self.micro_batch, rank=self.info.rank,
                                      world_size=self.info.world_size, pin_memory=self.info.device.type == "cuda")
+
+    def _check_vocabulary(self) -> None:
+        # Token ids beyond the embedding table would fail in the first forward, deep in torch.
+        from ..data.tokenizer import Tokenizer
+
+        model, data = self.cfg.model, self.cfg.data
+        if not model.has_text:
+            return
+        vocab = Tokenizer.from_name(data.tokenizer).vocab_size
+        if model.vocab_size < vocab:
+            raise ConfigError(f"model.vocab_size={model.vocab_size}: smaller than the {vocab} tokens of "
+                              f"data.tokenizer={data.tokenizer!r}")
 
     def _resume(self, resume: str) -> Path | None:
         path = self.checkpoints.latest_good() if resume == "auto" else Path(resume)
