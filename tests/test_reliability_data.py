@@ -3,6 +3,7 @@
 import json
 import logging
 import os
+import tarfile
 
 import pytest
 from data_helpers import image_bytes, pair_members, write_tar
@@ -158,3 +159,15 @@ def test_built_keys_read_back_identically(tmp_path):
 def test_the_shard_writer_refuses_keys_that_escape_or_change(tmp_path, key):
     with ShardWriter(tmp_path) as writer, pytest.raises(ValueError, match="sample key"):
         writer.write(key, image_bytes(0), "caption")
+
+
+def test_a_damaged_member_header_is_counted_not_a_quiet_end_of_shard(tmp_path):
+    path = write_tar(tmp_path / "d.tar", good("a", 0) + good("b", 1) + good("c", 2))
+    data = bytearray(path.read_bytes())
+    with tarfile.open(path) as tar:
+        header = tar.getmember("b.txt").offset
+    data[header + 148 : header + 156] = b"0000000\0"  # a wrong checksum: tarfile stops reading there
+    path.write_bytes(bytes(data))
+    report = inspect_source(str(path))
+    # "a" survives; "b" (cut at its header) and everything after are reported, not silently dropped
+    assert report["samples"] == 1 and report["skipped"] == {"truncated_shard": 1}

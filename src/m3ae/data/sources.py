@@ -208,6 +208,9 @@ class WebDatasetSource(Source):
                             yield self._record(url, group_key, members)
                         group_key, members = key, {}
                     members[ext] = tar.extractfile(info).read()
+                if _has_data_after_end(tar):
+                    # tarfile ends quietly at a damaged header: what follows would vanish uncounted
+                    raise tarfile.ReadError("damaged member header (data follows the end of the archive)")
         except (tarfile.TarError, OSError, EOFError, ValueError) as error:
             if group_key is None:  # nothing readable at all: a bad path, URL or command
                 _warn_once(f"cannot read shard {url}: {error}")
@@ -234,6 +237,14 @@ class WebDatasetSource(Source):
             return RawRecord(key=key, error=bad.reason, shard=url)
         error = "" if image is not None else "missing_image"
         return RawRecord(key=key, image=image, caption=members.get("txt"), label=label, error=error, shard=url)
+
+
+def _has_data_after_end(tar: tarfile.TarFile) -> bool:
+    """Whether anything but zero padding follows where a stream-mode tar stopped reading."""
+    while chunk := tar.fileobj.read(1 << 20):
+        if chunk.strip(b"\0"):
+            return True
+    return False
 
 
 class IndexedSource(Source):
