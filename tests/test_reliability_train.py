@@ -210,3 +210,40 @@ def test_outputs_are_written_with_the_users_umask(tmp_path, umask, mode):
                tmp_path / "exported" / "config.json", *(tmp_path / "checkpoints" / "step_00000001").iterdir()]
     assert {str(p.relative_to(tmp_path)): oct(p.stat().st_mode & 0o777) for p in written} == {
         str(p.relative_to(tmp_path)): oct(mode) for p in written}
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A 4 MiB tmpfs, where the machine lets the tests mount one (root in a container); else skipped,
+    the patched-writer test above covering the same path."""
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4m", "tmpfs", str(disk)], capture_output=True)
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {mounted.stderr.decode().strip()}")
+    try:
+        yield disk
+    finally:
+        subprocess.run(["umount", str(disk)], check=True)
+
+
+def test_a_really_full_disk_is_a_clear_error(small_disk):
+    cfg = tiny_run(small_disk / "run", steps=4, every=2)
+
+    class FillsTheDiskAfterTheFirstCheckpoint(ListLoader):
+        def __iter__(self):
+            for index, batch in enumerate(super().__iter__()):
+                if index == 2:  # step 2's checkpoint is written: leave 16 KiB, less than a checkpoint
+                    stat = os.statvfs(small_disk)
+                    (small_disk / "filler").write_bytes(bytes(stat.f_bavail * stat.f_frsize - 16384))
+                yield batch
+
+    with pytest.raises(DiskFullError, match="no space left on device while writing .*tmp_step_00000004"):
+        run_pretraining(cfg, loader=FillsTheDiskAfterTheFirstCheckpoint(batches(cfg).batches))
+    assert sorted(p.name for p in (small_disk / "run" / "checkpoints").iterdir()) == ["step_00000002"]
+    manager = CheckpointManager(small_disk / "run", keep=3, info=DistInfo(0, 1, 0, torch.device("cpu")))
+    assert manager.newest_verified().name == "step_00000002"
+    with pytest.raises(DiskFullError, match="MiB free, a checkpoint of this run needs"):
+        run_pretraining(cfg, loader=batches(cfg), resume="auto")  # refused before writing anything
+    (small_disk / "filler").unlink()
+    assert run_pretraining(cfg, loader=batches(cfg), resume="auto").step == 4

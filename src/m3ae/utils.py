@@ -60,8 +60,8 @@ def ensure_free_space(directory: str | Path, needed: int) -> None:
     """Fails before a run writes anything when `directory`'s device cannot take `needed` bytes."""
     free = shutil.disk_usage(directory).free
     if free < needed:
-        raise DiskFullError(errno.ENOSPC, f"no space left on device for {directory}: {free / 2**20:.0f} MiB free, "
-                                          f"a checkpoint of this run needs about {needed / 2**20:.0f} MiB")
+        raise DiskFullError(errno.ENOSPC, f"no space left on device for {directory}: {free / 2**20:.1f} MiB free, "
+                                          f"a checkpoint of this run needs about {needed / 2**20:.1f} MiB")
 
 
 class RunDirBusy(RuntimeError):
