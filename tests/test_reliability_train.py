@@ -99,13 +99,16 @@ def test_a_second_signal_ends_the_process_at_once(tmp_path):
         "    os.kill(os.getpid(), signal.SIGTERM)\n"
         "    assert stop.received == signal.SIGTERM\n"
         "    print('first signal noted', flush=True)\n"
+        "    os.kill(os.getpid(), signal.SIGTERM)  # an echo (torchrun forwards the group's signal)\n"
+        "    print('echo ignored', flush=True)\n"
+        "    stop.echo_s = 0.0\n"
         "    os.kill(os.getpid(), signal.SIGTERM)\n"
         "    time.sleep(30)\n"
         "print('not reached')\n"
     )
     env = {**os.environ, "PYTHONPATH": SRC}
     done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=60)
-    assert done.stdout == "first signal noted\n"
+    assert done.stdout == "first signal noted\necho ignored\n"
     assert done.returncode == -signal.SIGTERM
 
 
@@ -247,3 +250,20 @@ def test_a_really_full_disk_is_a_clear_error(small_disk):
         run_pretraining(cfg, loader=batches(cfg), resume="auto")  # refused before writing anything
     (small_disk / "filler").unlink()
     assert run_pretraining(cfg, loader=batches(cfg), resume="auto").step == 4
+
+
+def test_sigterm_to_a_torchrun_group_checkpoints_every_rank(data, tmp_path):
+    run = tmp_path / "run"
+    env = {**os.environ, "PYTHONPATH": SRC, "OMP_NUM_THREADS": "1"}
+    # each rank gets the group's SIGTERM and the one torchrun's agent forwards; they mostly merge
+    # (a pending signal is not queued twice), and _StopSignal.echo_s covers the times they do not
+    proc = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                             "-m", "m3ae.cli", *pretrain_args(data, run, 0), "--train.device", "cpu"],
+                            env=env, start_new_session=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    wait_for_steps(run, proc, 2)
+    os.killpg(proc.pid, signal.SIGTERM)
+    out, err = proc.communicate(timeout=120)
+    assert "run interrupted; continue with --resume auto" in out, err  # torchrun's own exit status is its own
+    (checkpoint,) = (run / "checkpoints").iterdir()
+    assert sorted(p.name for p in checkpoint.iterdir() if p.name.startswith("rank_")) == ["rank_0.pt", "rank_1.pt"]
+    CheckpointManager(run, keep=3, info=DistInfo(0, 1, 0, torch.device("cpu"))).verify(checkpoint)

@@ -143,10 +143,14 @@ def _default_run_dir(cfg: PretrainConfig) -> Path:
 
 class _StopSignal:
     """SIGTERM / SIGINT set a flag; the loop checkpoints at the end of the step and returns. A second
-    signal ends the process at once."""
+    signal ends the process at once, unless it comes within `echo_s` of the first: a signal to the
+    process group under torchrun reaches each rank twice (directly, then forwarded by the agent)."""
+
+    echo_s = 2.0
 
     def __init__(self) -> None:
         self.received: int | None = None
+        self._first_at = 0.0
         self._previous: dict[int, Any] = {}
 
     def __enter__(self) -> "_StopSignal":
@@ -158,11 +162,12 @@ class _StopSignal:
         return self
 
     def _handle(self, signum, frame) -> None:
-        if self.received is not None:
-            # A second signal means "now": no checkpoint, the conventional 128 + signal status.
+        if self.received is None:
+            self.received, self._first_at = signum, time.monotonic()
+        elif time.monotonic() - self._first_at > self.echo_s:
+            # A second request means "now": no checkpoint, the conventional 128 + signal status.
             signal.signal(signum, signal.SIG_DFL)
             signal.raise_signal(signum)
-        self.received = signum
 
     def __exit__(self, *exc) -> None:
         for sig, handler in self._previous.items():
