@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import contextlib
 import errno
-import fcntl
 import os
 import shutil
 import socket
@@ -74,6 +73,8 @@ def run_dir_lock(run_dir: str | Path) -> Iterator[Path]:
     and host written inside; another process fails at once with RunDirBusy naming the holder.
     A POSIX record lock (`lockf`), not `flock`: forked DataLoader workers do not inherit it (so it
     ends with the run's own process, kill -9 included: no stale lock), and NFS honours it."""
+    import fcntl  # POSIX only; imported here so that the rest of this module works everywhere
+
     path = Path(run_dir) / ".lock"
     path.parent.mkdir(parents=True, exist_ok=True)
     fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)

@@ -350,13 +350,17 @@ def ignore_stop_signals(worker_id: int = 0) -> None:
     process could checkpoint. Workers ignore SIGTERM/SIGINT and leave the decision to it."""
     for sig in _STOP_SIGNALS:
         signal.signal(sig, signal.SIG_IGN)
-    signal.pthread_sigmask(signal.SIG_UNBLOCK, _STOP_SIGNALS)
+    if hasattr(signal, "pthread_sigmask"):
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, _STOP_SIGNALS)
 
 
 @contextlib.contextmanager
 def _stop_signals_blocked():
     # Forked workers inherit the blocked mask, so a signal sent while one starts stays pending until
     # `ignore_stop_signals` discards it; the main process receives its own copy on unblocking.
+    if not hasattr(signal, "pthread_sigmask"):  # Windows: no signal masks (and no process groups)
+        yield
+        return
     previous = signal.pthread_sigmask(signal.SIG_BLOCK, _STOP_SIGNALS)
     try:
         yield
