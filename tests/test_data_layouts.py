@@ -144,3 +144,21 @@ def test_a_paired_run_on_data_without_captions_warns_that_it_is_image_only(tmp_p
     with caplog.at_level(logging.WARNING, logger="m3ae.train"):
         Pretrainer(cfg)
     assert "0 of 5 samples have a caption: training is image-only" in caplog.text
+
+
+def test_hostile_parquet_labels_are_counted_skips(tmp_path):
+    pa = pytest.importorskip("pyarrow")
+    import pyarrow.parquet as pq
+
+    pq.write_table(pa.table({"jpg": [image_bytes(i) for i in range(4)], "caption": ["a", "b", "c", "d"],
+                             "label": [1.0, float("nan"), 1e30, 2.5]}), tmp_path / "x.parquet")
+    report = inspect_source(str(tmp_path / "x.parquet"))
+    assert report["samples"] == 1 and report["skipped"] == {"bad_label": 3}
+
+
+def test_hostile_jsonl_rows_are_counted_skips(tmp_path):
+    (tmp_path / "a.png").write_bytes(image_bytes(0))
+    rows = [json.dumps({"img": "a.png", "text": "fine"}), '{"img": "a.png", "x": ' + "[" * 50_000 + "]" * 50_000 + "}"]
+    (tmp_path / "m.jsonl").write_text("\n".join(rows) + "\n")
+    report = inspect_source(str(tmp_path / "m.jsonl"), columns=TableColumns(image="img", caption="text"))
+    assert report["samples"] == 1 and sum(report["skipped"].values()) == 1

@@ -20,7 +20,7 @@ COMMAND_MODULES = [
 ]
 # What a user's input can cause (a bad value, a missing file or package, a full disk): reported in one
 # line with exit status 2. Anything else is a bug and keeps its traceback.
-USER_ERRORS = (ValueError, OSError, ModuleNotFoundError)
+USER_ERRORS = (ValueError, OSError, ImportError)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -29,7 +29,17 @@ def build_parser() -> argparse.ArgumentParser:
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for module_name in COMMAND_MODULES:
         importlib.import_module(module_name).register(subparsers)
+    for sub in _subparsers(parser):  # error lines name the whole command ("m3ae data build")
+        sub.set_defaults(command_path=sub.prog)
     return parser
+
+
+def _subparsers(parser: argparse.ArgumentParser):
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for sub in action.choices.values():
+                yield sub
+                yield from _subparsers(sub)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -39,10 +49,13 @@ def main(argv: list[str] | None = None) -> int:
     except USER_ERRORS as e:
         if os.environ.get("M3AE_DEBUG") == "1":
             raise
-        print(f"m3ae {args.command}: error: {one_line(e)} (M3AE_DEBUG=1 shows the traceback)", file=sys.stderr)
+        from .model.config import ConfigError
+
+        kind = "config error" if isinstance(e, ConfigError) else "error"
+        print(f"{args.command_path}: {kind}: {one_line(e)} (M3AE_DEBUG=1 shows the traceback)", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print(f"m3ae {args.command}: interrupted", file=sys.stderr)
+        print(f"{args.command_path}: interrupted", file=sys.stderr)
         return 130
 
 
@@ -50,7 +63,7 @@ def one_line(error: BaseException) -> str:
     if isinstance(error, ModuleNotFoundError) and error.name:
         return f"the optional package {error.name!r} is not installed"
     text = " ".join(str(error).split()) or type(error).__name__
-    return text if isinstance(error, (ValueError, OSError)) else f"{type(error).__name__}: {text}"
+    return text if isinstance(error, USER_ERRORS) else f"{type(error).__name__}: {text}"
 
 
 if __name__ == "__main__":

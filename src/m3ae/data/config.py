@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 # Per-channel statistics (RGB, in [0, 1] units) used by the official M3AE release.
@@ -27,6 +28,14 @@ class WeightedSource:
     source: str
     weight: float = 1.0
     format: str = "auto"
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.source, str) or not self.source:
+            raise ValueError(f"WeightedSource.source={self.source!r}: expected a non-empty path or pattern")
+        if isinstance(self.weight, bool) or not isinstance(self.weight, (int, float)) or not math.isfinite(self.weight):
+            raise ValueError(f"WeightedSource.weight={self.weight!r}: expected a finite number")
+        if self.format not in FORMATS:
+            raise ValueError(f"WeightedSource.format={self.format!r}: expected one of {FORMATS}")
 
 
 @dataclass
@@ -104,6 +113,7 @@ class DataConfig:
             raise ValueError("DataConfig.image_size, text_length and unpaired_text_length must be positive")
         if not 0.0 <= self.eval_val_fraction < 1.0:
             raise ValueError(f"DataConfig.eval_val_fraction={self.eval_val_fraction}: expected a value in [0, 1)")
+        self._check_ranges()
         self.normalization_stats()
 
     def follow_model(self, image_size: int, model_field: str = "model.image_size") -> None:
@@ -114,6 +124,21 @@ class DataConfig:
                                     f"the data are read at the model's size; drop data.image_size or change "
                                     f"{model_field}")
         self.image_size = image_size
+
+    def _check_ranges(self) -> None:
+        # Values that would otherwise pass here and fail minutes later inside a DataLoader worker.
+        low, high = self.crop_scale
+        if not 0.0 < low <= high <= 1.0:
+            raise ValueError(f"DataConfig.crop_scale={list(self.crop_scale)}: expected 0 < min <= max <= 1")
+        for name, least in (("num_workers", 0), ("seed", 0), ("unpaired_text_batch_size", 0),
+                            ("shuffle_buffer", 0), ("index_unit_size", 1), ("min_image_size", 1),
+                            ("max_image_pixels", 1)):
+            if getattr(self, name) < least:
+                raise ValueError(f"DataConfig.{name}={getattr(self, name)!r}: must be >= {least}")
+        for name in ("mean", "std"):
+            values = getattr(self, name)
+            if values is not None and not all(math.isfinite(v) for v in values):
+                raise ValueError(f"DataConfig.{name}={values!r}: must be finite")
 
     def normalization_stats(self) -> tuple[tuple[float, ...], tuple[float, ...]]:
         if self.normalization == "custom":

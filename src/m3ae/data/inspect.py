@@ -8,7 +8,7 @@ import numpy as np
 
 from m3ae.data.sources import decode_caption, open_source
 from m3ae.data.tokenizer import Tokenizer
-from m3ae.data.transforms import SkipSample, decode_image
+from m3ae.data.transforms import SkipSample, decode_image, unexpected_skip
 
 
 def _summary(values: list[int]) -> dict:
@@ -46,6 +46,9 @@ def inspect_source(spec: str, fmt: str = "auto", limit: int | None = None, token
             image = decode_image(record.image, max_image_pixels, min_image_size)
         except SkipSample as skip:
             skipped[skip.reason] += 1
+            continue
+        except Exception as error:  # crafted data that trips a decoder: counted like any bad sample
+            skipped[unexpected_skip(error)] += 1
             continue
         widths.append(image.width)
         heights.append(image.height)

@@ -8,14 +8,13 @@ from __future__ import annotations
 
 import csv
 import glob
-import json
 import os
 from pathlib import Path
 from typing import Iterator, Sequence
 
 from m3ae.data.config import TableColumns
-from m3ae.data.sources import (FOLDER_IMAGE_EXTENSIONS, FolderSource, IndexedSource, ManifestSource, RawRecord, Source,
-                               detect_format)
+from m3ae.data.sources import (FOLDER_IMAGE_EXTENSIONS, BadField, FolderSource, IndexedSource, ManifestSource, RawRecord,
+                               Source, checked_label, detect_format, load_json)
 from m3ae.utils import require
 
 PARQUET_IMAGE_COLUMNS = ("jpg", "png", "webp", "image")
@@ -110,8 +109,8 @@ class TableSource(ManifestSource):
 
 def _json_row(line: str) -> dict | None:
     try:
-        row = json.loads(line)
-    except ValueError:
+        row = load_json(line)  # bounded nesting, no NaN: a hostile row is a counted skip
+    except BadField:
         return None
     return row if isinstance(row, dict) else None
 
@@ -153,9 +152,15 @@ class ParquetSource(Source):
             key = table[c.key][i] if c.key in table else None
             key = str(key) if key is not None else f"{Path(path).stem}/{group}/{i}"
             label = table[c.label][i] if c.label in table else None
-            record = RawRecord(key=key, caption=table[c.caption][i] if c.caption in table else None,
-                               label=int(label) if label is not None else -1)
+            record = RawRecord(key=key, caption=table[c.caption][i] if c.caption in table else None, shard=path)
+            try:
+                record.label = checked_label(label) if label is not None else -1
+            except BadField as bad:
+                record.error = bad.reason
             value = table[self._image][i]
+            if record.error:
+                yield record
+                continue
             if value is None:  # img2dataset keeps failed downloads as rows without image
                 record.error = "missing_image"
             elif isinstance(value, str):

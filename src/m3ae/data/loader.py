@@ -13,8 +13,10 @@ On resume the worker that would have produced the next batch is made DataLoader 
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import logging
+import signal
 from collections import Counter
 from dataclasses import asdict, dataclass, field
 from typing import Iterator
@@ -27,7 +29,7 @@ from m3ae.data.config import DEFAULT_IMAGE_SIZE, DataConfig
 from m3ae.data.sources import IndexedSource, RawRecord, Source, decode_caption, open_source
 from m3ae.data.splits import key_hash, open_eval_split
 from m3ae.data.tokenizer import Tokenizer
-from m3ae.data.transforms import ImageTransform, SkipSample, decode_image, normalize_batch
+from m3ae.data.transforms import ImageTransform, SkipSample, decode_image, normalize_batch, unexpected_skip
 
 logger = logging.getLogger("m3ae.data")
 
@@ -259,7 +261,10 @@ class BatchStream(IterableDataset):
             try:
                 sample = self._decode(record, stream, paired)
             except SkipSample as skip:
-                stats.skip(skip.reason, record.key, stream.source.name)
+                stats.skip(skip.reason, record.key, record.shard or stream.source.name)
+                continue
+            except Exception as error:  # a hostile sample must not end the run: count it
+                stats.skip(unexpected_skip(error), record.key, record.shard or stream.source.name)
                 continue
             stream.position.valid += 1
             if not self.eval_mode:
@@ -303,7 +308,7 @@ class BatchStream(IterableDataset):
             try:
                 text = decode_caption(record.caption)
             except SkipSample as skip:
-                stats.skip(skip.reason, record.key, stream.source.name)
+                stats.skip(skip.reason, record.key, record.shard or stream.source.name)
                 continue
             if not text:
                 stats.skip("empty_text", record.key, stream.source.name)
@@ -331,6 +336,33 @@ def _normalised(weights: list[float]) -> np.ndarray | None:
     return array / array.sum()
 
 
+_STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+
+def ignore_stop_signals(worker_id: int = 0) -> None:
+    """DataLoader `worker_init_fn`: schedulers (Slurm, Kubernetes, torchrun) signal every process of
+    a job; a worker that died of it would fail the main process's next batch before the main
+    process could checkpoint. Workers ignore SIGTERM/SIGINT and leave the decision to it."""
+    for sig in _STOP_SIGNALS:
+        signal.signal(sig, signal.SIG_IGN)
+    if hasattr(signal, "pthread_sigmask"):
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, _STOP_SIGNALS)
+
+
+@contextlib.contextmanager
+def _stop_signals_blocked():
+    # Forked workers inherit the blocked mask, so a signal sent while one starts stays pending until
+    # `ignore_stop_signals` discards it; the main process receives its own copy on unblocking.
+    if not hasattr(signal, "pthread_sigmask"):  # Windows: no signal masks (and no process groups)
+        yield
+        return
+    previous = signal.pthread_sigmask(signal.SIG_BLOCK, _STOP_SIGNALS)
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
+
+
 class PretrainLoader:
     """Iterable over batches (see module doc); `state_dict()` captures what has been consumed."""
 
@@ -348,8 +380,11 @@ class PretrainLoader:
             self.dataset, batch_size=None, num_workers=self.dataset.cfg.num_workers,
             pin_memory=self.pin_memory,
             prefetch_factor=self.prefetch_factor if self.dataset.cfg.num_workers else None,
+            worker_init_fn=ignore_stop_signals,
         )
-        for batch in loader:
+        with _stop_signals_blocked():  # workers start here; none may die of a signal before it ignores it
+            batches = iter(loader)
+        for batch in batches:
             self._worker_states[batch.pop("_worker")] = batch.pop("_state")
             self._batches += 1
             yield batch

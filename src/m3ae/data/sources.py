@@ -11,11 +11,15 @@ import csv
 import glob
 import json
 import logging
+import math
 import os
+import re
 import tarfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator, Sequence
+
+import numpy as np
 
 from m3ae.data.transforms import SkipSample
 
@@ -32,6 +36,7 @@ class RawRecord:
     caption: bytes | str | None = None
     label: int = -1
     error: str = ""
+    shard: str = ""  # the file (or URL) the record was read from, for skip logs; "" for indexed sources
 
 
 def decode_caption(raw: bytes | str | None) -> str:
@@ -98,38 +103,93 @@ def _split_member_name(name: str) -> tuple[str, str]:
     return key, ext.rpartition(".")[2].lower() if dot else ""
 
 
-def _parse_label(text: bytes | str | None) -> int:
-    if text is None:
-        return -1
+# Labels end up in int64 tensors and class-count arrays; -1 means "unlabelled".
+MAX_LABEL = 2**31 - 1
+# Sample metadata is flat; a deeper document is hostile (the C decoder recurses once per level).
+MAX_JSON_DEPTH = 64
+_JSON_STRING = re.compile(rb'"(?:[^"\\]|\\.)*"')
+
+
+class BadField(ValueError):
+    """A label or JSON member a sample carries is unusable; `reason` is the skip counter."""
+
+    def __init__(self, reason: str, detail: str) -> None:
+        super().__init__(f"{reason}: {detail}")
+        self.reason = reason
+
+
+def checked_label(value: object) -> int:
+    """A label from a `.cls` member, a JSON field or a manifest cell: an integer in [-1, MAX_LABEL]
+    (`"3"`, `3` and `3.0` are 3); anything else raises BadField("bad_label")."""
+    if isinstance(value, bytes):
+        try:
+            value = value.decode("ascii")
+        except UnicodeDecodeError:
+            raise BadField("bad_label", "not ASCII") from None
+    if isinstance(value, str):
+        text = value.strip()
+        # int() would accept thousands of digits (and "1_0"); a label is short and plain
+        if not re.fullmatch(r"-?[0-9]{1,10}", text):
+            raise BadField("bad_label", repr(value[:32]))
+        value = int(text)
+    if isinstance(value, float) and math.isfinite(value) and value.is_integer():
+        value = int(value)
+    if isinstance(value, bool) or not isinstance(value, int) or not -1 <= value <= MAX_LABEL:
+        raise BadField("bad_label", repr(value)[:32])
+    return value
+
+
+def _reject_constant(name: str) -> None:
+    raise BadField("bad_json", f"non-finite number {name}")
+
+
+def load_json(data: bytes | str) -> object:
+    """`json.loads` for untrusted sample data: nesting deeper than MAX_JSON_DEPTH and NaN/Infinity
+    raise BadField("bad_json") instead of RecursionError or values that overflow later."""
+    raw = data.encode("utf-8", "surrogatepass") if isinstance(data, str) else data
+    brackets = np.frombuffer(_JSON_STRING.sub(b"", raw), dtype=np.uint8)
+    steps = (np.isin(brackets, (ord("["), ord("{"))).astype(np.int64)
+             - np.isin(brackets, (ord("]"), ord("}"))).astype(np.int64))
+    if steps.size and int(np.cumsum(steps).max()) > MAX_JSON_DEPTH:
+        raise BadField("bad_json", f"nested deeper than {MAX_JSON_DEPTH} levels")
     try:
-        return int(text.decode() if isinstance(text, bytes) else text)
-    except (UnicodeDecodeError, ValueError):
-        return -1
+        return json.loads(raw, parse_constant=_reject_constant)
+    except BadField:
+        raise
+    except (ValueError, RecursionError) as error:
+        raise BadField("bad_json", str(error)[:80]) from None
 
 
 class WebDatasetSource(Source):
     """img2dataset-style tar shards: `{key}.jpg|png|webp` + `{key}.txt` (+ `.json`, `.cls`).
 
-    Shards are opened with `webdataset.gopen` (local files, URLs, `pipe:`) and walked with
-    `tarfile` in stream mode so that members can be grouped and validated by us: a broken member
-    or a truncated shard becomes a counted skip, never a crash.
+    Shards are walked with `tarfile` in stream mode so that members can be grouped and validated by
+    us: a broken member or a truncated shard becomes a counted skip, never a crash. Only a URL or
+    `pipe:` command the user typed in the pattern goes through `webdataset.gopen`; a name found by a
+    glob or in a directory is data, opened as a local file whatever it looks like.
     """
 
     def __init__(self, pattern: str) -> None:
+        from webdataset.shardlists import expand_urls
+
         self.name = pattern
         self.shards = expand_shards(pattern)
+        self.typed_remote = {url for url in expand_urls(pattern) if _is_remote(url)}
 
     def units(self) -> Sequence[int]:
         return range(len(self.shards))
 
-    def read_unit(self, unit: int) -> Iterator[RawRecord]:
+    def _open(self, url: str):
         import webdataset as wds
 
+        return wds.gopen(url) if url in self.typed_remote else open(url, "rb")
+
+    def read_unit(self, unit: int) -> Iterator[RawRecord]:
         url = self.shards[unit]
         try:
-            stream = wds.gopen(url)
+            stream = self._open(url)
         except Exception as error:  # gopen raises OSError, ValueError or subprocess errors
-            yield RawRecord(key=url, error="unreadable_shard")
+            yield RawRecord(key=url, error="unreadable_shard", shard=url)
             _warn_once(f"cannot open shard {url}: {error}")
             return
         group_key, members = None, {}
@@ -139,35 +199,52 @@ class WebDatasetSource(Source):
                     if not info.isfile():
                         continue
                     key, ext = _split_member_name(info.name)
-                    if key != group_key:
+                    if key == group_key and ext in members:
+                        # webdataset raises here; a second copy would silently replace the first
+                        yield self._record(url, group_key, members)
+                        group_key, members = key, {".": b""}
+                    elif key != group_key:
                         if group_key is not None:
-                            yield self._record(group_key, members)
+                            yield self._record(url, group_key, members)
                         group_key, members = key, {}
                     members[ext] = tar.extractfile(info).read()
-        except (tarfile.TarError, OSError, EOFError) as error:
+                if _has_data_after_end(tar):
+                    # tarfile ends quietly at a damaged header: what follows would vanish uncounted
+                    raise tarfile.ReadError("damaged member header (data follows the end of the archive)")
+        except (tarfile.TarError, OSError, EOFError, ValueError) as error:
             if group_key is None:  # nothing readable at all: a bad path, URL or command
                 _warn_once(f"cannot read shard {url}: {error}")
-                yield RawRecord(key=url, error="unreadable_shard")
+                yield RawRecord(key=url, error="unreadable_shard", shard=url)
                 return
             # Members of the interrupted group may be incomplete: report the shard, drop the group.
             _warn_once(f"shard {url} is truncated or corrupt at key {group_key!r}: {error}")
-            yield RawRecord(key=f"{url}:{group_key}", error="truncated_shard")
+            yield RawRecord(key=f"{url}:{group_key}", error="truncated_shard", shard=url)
             return
         if group_key is not None:
-            yield self._record(group_key, members)
+            yield self._record(url, group_key, members)
 
     @staticmethod
-    def _record(key: str, members: dict[str, bytes]) -> RawRecord:
+    def _record(url: str, key: str, members: dict[str, bytes]) -> RawRecord:
+        if "." in members:  # marked by read_unit (no extension holds a dot): the members repeat the previous sample's key
+            return RawRecord(key=key, error="duplicate_key", shard=url)
         image = next((members[ext] for ext in IMAGE_EXTENSIONS if ext in members), None)
-        label = _parse_label(members.get("cls"))
-        if label < 0 and "json" in members:
-            try:
-                meta = json.loads(members["json"])
-                label = int(meta.get("label", -1)) if isinstance(meta, dict) else -1
-            except (ValueError, TypeError):
-                label = -1
+        try:
+            label = checked_label(members["cls"]) if "cls" in members else -1
+            meta = load_json(members["json"]) if "json" in members else None
+            if label < 0 and isinstance(meta, dict) and meta.get("label") is not None:
+                label = checked_label(meta["label"])
+        except BadField as bad:
+            return RawRecord(key=key, error=bad.reason, shard=url)
         error = "" if image is not None else "missing_image"
-        return RawRecord(key=key, image=image, caption=members.get("txt"), label=label, error=error)
+        return RawRecord(key=key, image=image, caption=members.get("txt"), label=label, error=error, shard=url)
+
+
+def _has_data_after_end(tar: tarfile.TarFile) -> bool:
+    """Whether anything but zero padding follows where a stream-mode tar stopped reading."""
+    while chunk := tar.fileobj.read(1 << 20):
+        if chunk.strip(b"\0"):
+            return True
+    return False
 
 
 class IndexedSource(Source):
@@ -191,7 +268,12 @@ class IndexedSource(Source):
     def read_unit(self, unit: int) -> Iterator[RawRecord]:
         start = unit * self.unit_size
         for index in range(start, min(start + self.unit_size, self.length)):
-            yield self.read(index)
+            try:
+                record = self.read(index)
+            except Exception as error:  # whatever one sample holds, it stays that sample's problem
+                _warn_once(f"{self.name}: cannot read sample {index}: {type(error).__name__}: {error}")
+                record = RawRecord(key=f"{index:09d}", error="unreadable_sample")
+            yield record
 
     def read(self, index: int) -> RawRecord:
         raise NotImplementedError
@@ -251,7 +333,10 @@ class HDF5Source(IndexedSource):
         image_field, caption_field, label_field = self.fields
         image = _as_bytes(handle[image_field][index]) if image_field else None
         caption = _as_bytes(handle[caption_field][index]) if caption_field else None
-        label = int(handle[label_field][index]) if label_field else -1
+        try:
+            label = checked_label(handle[label_field][index].item()) if label_field else -1
+        except BadField as bad:
+            return RawRecord(key=f"{index:09d}", error=bad.reason)
         return RawRecord(key=f"{index:09d}", image=image, caption=caption, label=label)
 
 
@@ -281,8 +366,8 @@ class ManifestSource(IndexedSource):
                 if not line.strip():
                     continue
                 try:
-                    row = json.loads(line)
-                except ValueError:
+                    row = load_json(line)
+                except BadField:
                     row = None
                 rows.append(row if isinstance(row, dict) and "image" in row else None)
         return rows
@@ -298,7 +383,10 @@ class ManifestSource(IndexedSource):
         except OSError:
             _warn_once(f"manifest {self.name}: missing image file {image_path}")
             return RawRecord(key=key, error="missing_file")
-        label = _parse_label(str(row["label"])) if row.get("label") not in (None, "") else -1
+        try:
+            label = checked_label(row["label"]) if row.get("label") not in (None, "") else -1
+        except BadField as bad:
+            return RawRecord(key=key, error=bad.reason)
         return RawRecord(key=key, image=image, caption=str(row.get("caption") or ""), label=label)
 
 
@@ -350,8 +438,8 @@ class TextFileSource(IndexedSource):
 
 def _jsonl_text(line: bytes) -> bytes:
     try:
-        row = json.loads(line)
-    except ValueError:
+        row = load_json(line)
+    except BadField:
         return b""
     return str(row.get("text") or row.get("caption") or "").encode() if isinstance(row, dict) else b""
 

@@ -24,6 +24,12 @@ class SkipSample(Exception):
         self.reason = reason
 
 
+def unexpected_skip(error: Exception) -> str:
+    """The skip reason of a sample whose decoding raised something other than SkipSample (a Pillow
+    or numpy error on crafted data): counted under its exception type, never fatal."""
+    return f"sample_error:{type(error).__name__}"
+
+
 def decode_image(data: bytes, max_pixels: int, min_side: int, draft_side: int = 0) -> Image.Image:
     """Decode encoded image bytes into an upright 8-bit RGB image, or raise SkipSample.
 

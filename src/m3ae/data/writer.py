@@ -6,11 +6,11 @@ import io
 import json
 import tarfile
 from dataclasses import dataclass
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 
 from PIL import Image
 
-from m3ae.data.sources import decode_caption, open_source
+from m3ae.data.sources import _split_member_name, decode_caption, open_source
 from m3ae.data.transforms import SkipSample
 
 # Formats readers decode directly; anything else Pillow can open is re-encoded as PNG.
@@ -35,6 +35,27 @@ def reencode_png(data: bytes) -> bytes:
         return out.getvalue()
 
 
+def check_key(key: str, previous: str | None = None) -> None:
+    """Raises ValueError unless `key` becomes member names that read back as this one sample:
+    no dot in its last part (keys end at the first dot), no NUL (tar headers end there), nothing
+    absolute or climbing out with `..` (extracting the shard would write outside it), not the
+    previous key again (readers group consecutive members by key)."""
+    parts = PurePosixPath(key).parts
+    why = (
+        "is empty" if not key.strip("/") else
+        "contains NUL" if "\0" in key else
+        "is an absolute path" if key.startswith("/") else
+        "climbs out of the shard with '..'" if ".." in parts else
+        "must not contain a dot in its last part (WebDataset splits keys at dots)" if "." in key.rpartition("/")[2] else
+        "repeats the previous sample's key" if key == previous else
+        ""
+    )
+    if not why and any(_split_member_name(f"{key}.{ext}") != (key, ext) for ext in ("png", "txt")):
+        why = "would read back as another key"
+    if why:
+        raise ValueError(f"sample key {key!r} {why}")
+
+
 @dataclass
 class ShardWriter:
     """Writes samples into `{prefix}-{index:04d}.tar`, `shard_size` samples per shard.
@@ -54,12 +75,12 @@ class ShardWriter:
         self.out_dir.mkdir(parents=True, exist_ok=True)
         self._tar: tarfile.TarFile | None = None
         self._in_shard = 0
+        self.last_key: str | None = None
         self.shard_index = self.first_shard - 1
         self.written: list[Path] = []
 
     def write(self, key: str, image: bytes, caption: str, label: int = -1, meta: dict | None = None) -> None:
-        if "." in key.rpartition("/")[2]:
-            raise ValueError(f"sample key {key!r}: must not contain a dot (WebDataset splits keys at dots)")
+        check_key(key, self.last_key)
         extension = image_extension(image)
         if extension is None:
             image, extension = reencode_png(image), "png"
@@ -75,6 +96,7 @@ class ShardWriter:
             info.size, info.mtime, info.mode = len(data), 0, 0o644
             self._tar.addfile(info, io.BytesIO(data))
         self._in_shard += 1
+        self.last_key = key
 
     def _open_next(self) -> None:
         self.close()
@@ -107,20 +129,27 @@ def build_shards(source_spec: str, out_dir: str | Path, fmt: str = "auto", shard
     skipped: dict[str, int] = {}
     written = 0
     with ShardWriter(Path(out_dir), prefix, shard_size) as writer:
-        for unit in source.units():
-            for record in source.read_unit(unit):
-                try:
-                    if record.error:
-                        raise SkipSample(record.error)
-                    caption = decode_caption(record.caption)
-                    if not record.image:
-                        raise SkipSample("empty_image")
-                    writer.write(record.key.replace(".", "_"), record.image, caption, record.label)
-                except SkipSample as skip:
-                    skipped[skip.reason] = skipped.get(skip.reason, 0) + 1
-                    continue
-                except OSError:  # Pillow could not re-encode an unusual format
-                    skipped["undecodable_image"] = skipped.get("undecodable_image", 0) + 1
-                    continue
-                written += 1
+        records = (record for unit in source.units() for record in source.read_unit(unit))
+        for row, record in enumerate(records):
+            key = record.key.replace(".", "_")
+            try:
+                # A key that would not read back as itself is the input's error, not a bad sample:
+                # the build stops rather than write shards that `inspect` reads differently.
+                check_key(key, writer.last_key)
+            except ValueError as error:
+                raise ValueError(f"{source_spec}: record {row} (0-based): {error}") from None
+            try:
+                if record.error:
+                    raise SkipSample(record.error)
+                caption = decode_caption(record.caption)
+                if not record.image:
+                    raise SkipSample("empty_image")
+                writer.write(key, record.image, caption, record.label)
+            except SkipSample as skip:
+                skipped[skip.reason] = skipped.get(skip.reason, 0) + 1
+                continue
+            except OSError:  # Pillow could not re-encode an unusual format
+                skipped["undecodable_image"] = skipped.get("undecodable_image", 0) + 1
+                continue
+            written += 1
     return {"samples": written, "skipped": skipped, "shards": [str(p) for p in writer.written]}

@@ -9,6 +9,7 @@ the run's `variant`. A `.npz` or pickled dict of flax paths is accepted too.
 
 from __future__ import annotations
 
+import collections
 import math
 import re
 from collections.abc import Mapping
@@ -49,16 +50,35 @@ def _children(obj: Any) -> list[Any]:
     return []
 
 
-def _flatten(tree: Any, prefix: str = "") -> dict[str, np.ndarray]:
-    mapping = _as_mapping(tree)
-    if mapping is None:
-        array = np.asarray(tree) if isinstance(tree, (np.ndarray, np.generic)) else None
-        if array is None or array.dtype.kind not in "fiub":
-            raise ConversionError(f"parameter {prefix!r} is not a numeric array ({type(tree).__name__})")
-        return {prefix: array}
+# The largest official model (huge) has ~600 parameter arrays at depth <= 6; a tree far beyond
+# these is hostile (shared references make a small file describe 2^40 paths).
+MAX_TREE_DEPTH = 32
+MAX_TREE_NODES = 100_000
+
+
+def _flatten(tree: Any) -> dict[str, np.ndarray]:
+    """flax path -> array. Each mapping is entered once: a subtree reached twice (shared or cyclic
+    references) or a tree beyond MAX_TREE_DEPTH / MAX_TREE_NODES is a ConversionError."""
     flat: dict[str, np.ndarray] = {}
-    for key, value in mapping.items():
-        flat.update(_flatten(value, f"{prefix}/{key}" if prefix else str(key)))
+    entered: set[int] = set()
+    stack: list[tuple[str, Any, int]] = [("", tree, 0)]
+    while stack:
+        prefix, node, depth = stack.pop()
+        mapping = _as_mapping(node)
+        if mapping is None:
+            array = np.asarray(node) if isinstance(node, (np.ndarray, np.generic)) else None
+            if array is None or array.dtype.kind not in "fiub":
+                raise ConversionError(f"parameter {prefix!r} is not a numeric array ({type(node).__name__})")
+            flat[prefix] = array
+            continue
+        if id(node) in entered:  # nodes live in the unpickled tree, so their ids stay unique
+            raise ConversionError(f"parameter tree reaches {prefix!r} a second time (shared or cyclic reference)")
+        entered.add(id(node))
+        if depth > MAX_TREE_DEPTH or len(entered) + len(flat) > MAX_TREE_NODES:
+            raise ConversionError(f"parameter tree is deeper than {MAX_TREE_DEPTH} or larger than "
+                                  f"{MAX_TREE_NODES} nodes (at {prefix!r})")
+        stack.extend((f"{prefix}/{key}" if prefix else str(key), value, depth + 1)
+                     for key, value in reversed(list(mapping.items())))
     return flat
 
 
@@ -71,9 +91,9 @@ def find_param_tree(root: Any) -> Mapping:
     both `params` and `opt_state`, so the optimiser's moment trees are not mistaken for them), else
     the first mapping that looks like the parameter tree."""
     fallback = None
-    queue, seen = [root], set()
+    queue, seen = collections.deque([root]), set()
     while queue:
-        obj = queue.pop(0)
+        obj = queue.popleft()
         if id(obj) in seen:
             continue
         seen.add(id(obj))
@@ -114,10 +134,9 @@ def load_official(path: str | Path) -> tuple[dict[str, np.ndarray], dict[str, An
     except Exception as error:  # a truncated or foreign file: name it
         raise ConversionError(f"{path}: not a readable pickle ({error})") from error
     try:
-        tree = find_param_tree(root)
+        return _flatten(find_param_tree(root)), _find_variant(root)
     except ConversionError as error:
         raise ConversionError(f"{path}: {error}") from None
-    return _flatten(tree), _find_variant(root)
 
 
 # ---------------------------------------------------------------------------------------- mapping

@@ -10,7 +10,9 @@ setting its state only records the arguments. The caller then finds the data it 
 from __future__ import annotations
 
 import collections
+import functools
 import io
+import math
 import pickle
 from typing import Any
 
@@ -76,18 +78,43 @@ def _opaque_global(module: str, name: str) -> OpaqueMeta:
     return OpaqueMeta(name, (Opaque,), {"_opaque_name": f"{module}.{name}"})
 
 
-def _frombuffer(buffer: Any, dtype: np.dtype, shape: tuple, order: str) -> np.ndarray:
+def _check_array_size(shape: Any, dtype: np.dtype, limit: int) -> None:
+    """Refuses, before any allocation, an array the file cannot hold: its data comes from the
+    pickle itself, so neither its elements nor its bytes can outnumber the pickle's bytes."""
+    if isinstance(shape, int):
+        shape = (shape,)
+    if not isinstance(shape, tuple) or not all(isinstance(n, int) and n >= 0 for n in shape):
+        raise pickle.UnpicklingError(f"array shape {shape!r}: not a tuple of sizes")
+    elements = math.prod(shape)
+    if max(elements, elements * dtype.itemsize) > limit:
+        raise pickle.UnpicklingError(
+            f"array of shape {shape} {dtype} ({elements * dtype.itemsize} bytes) is larger than the "
+            f"{limit}-byte file could hold")
+
+
+def _frombuffer(buffer: Any, dtype: np.dtype, shape: tuple, order: str, *, limit: int) -> np.ndarray:
     dtype = np.dtype(dtype)
     if dtype.hasobject:
         raise pickle.UnpicklingError("object arrays are refused")
+    if not isinstance(buffer, (bytes, bytearray, memoryview)):  # bytes(10**12) would allocate a TB
+        raise pickle.UnpicklingError(f"array buffer of type {type(buffer).__name__} refused")
+    _check_array_size(shape, dtype, limit)
     return np.frombuffer(bytes(buffer), dtype=dtype).reshape(shape, order=order).copy()
 
 
-def _reconstruct(cls: Any, shape: Any, typecode: Any) -> np.ndarray:
+def _reconstruct(cls: Any, shape: Any, typecode: Any, *, limit: int) -> np.ndarray:
     # numpy's protocol <= 4 path: an empty ndarray whose BUILD (ndarray.__setstate__) fills the data
     if cls is not np.ndarray:
         raise pickle.UnpicklingError(f"refusing to rebuild an array of class {cls!r}")
+    _check_array_size(shape, np.dtype(typecode), limit)
     return np.ndarray.__new__(np.ndarray, shape, typecode)
+
+
+def _byte_string(kind: type, *args: Any, limit: int) -> bytes | bytearray:
+    # bytes(n) / bytearray(n) allocate n zero bytes: refuse sizes the file cannot account for
+    if args and isinstance(args[0], int) and args[0] > limit:
+        raise pickle.UnpicklingError(f"{kind.__name__}({args[0]}) is larger than the {limit}-byte file")
+    return kind(*args)
 
 
 def _scalar(dtype: np.dtype, data: bytes | None = None) -> Any:
@@ -129,9 +156,21 @@ for _core in ("numpy.core", "numpy._core"):
     _SAFE_GLOBALS[(f"{_core}.numeric", "_frombuffer")] = _frombuffer
 
 
+# Constructors whose allocation size comes from the file: bound to the file's size per unpickler.
+_SIZED = {_frombuffer, _reconstruct, bytes, bytearray}
+
+
 class SafeUnpickler(pickle.Unpickler):
+    def __init__(self, file: Any, max_bytes: int) -> None:
+        super().__init__(file)
+        self.max_bytes = max_bytes
+
     def find_class(self, module: str, name: str) -> Any:
         safe = _SAFE_GLOBALS.get((module, name))
+        if safe in (bytes, bytearray):
+            return functools.partial(_byte_string, safe, limit=self.max_bytes)
+        if safe in _SIZED:
+            return functools.partial(safe, limit=self.max_bytes)
         if safe is not None:
             return safe
         return _opaque_global(module, name)
@@ -140,10 +179,10 @@ class SafeUnpickler(pickle.Unpickler):
         raise pickle.UnpicklingError("persistent ids (e.g. torch.save archives) are not supported here")
 
 
-def safe_load(data: bytes | io.BufferedIOBase) -> Any:
-    """Unpickles `data` with every non-data global replaced by an inert placeholder."""
-    stream = io.BytesIO(data) if isinstance(data, (bytes, bytearray)) else data
-    return SafeUnpickler(stream).load()
+def safe_load(data: bytes | bytearray) -> Any:
+    """Unpickles `data` with every non-data global replaced by an inert placeholder and every
+    array or byte string bounded by the size of `data`."""
+    return SafeUnpickler(io.BytesIO(data), max_bytes=len(data)).load()
 
 
 def opaque_fields(obj: Any) -> dict[str, Any] | None:

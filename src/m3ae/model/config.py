@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -117,8 +118,12 @@ class M3AEConfig:
                 fail(name, "must be in [0, 1)")
         if self.output_head_depth < 0:
             fail("output_head_depth", "must be >= 0")
-        if self.mlp_ratio <= 0:
-            fail("mlp_ratio", "must be > 0")
+        for name in ("mlp_ratio", "layer_norm_eps"):
+            if not math.isfinite(getattr(self, name)) or getattr(self, name) <= 0:
+                fail(name, "must be a finite number > 0")
+        for name in ("image_loss_weight", "text_loss_weight"):
+            if not math.isfinite(getattr(self, name)) or getattr(self, name) < 0:
+                fail(name, "must be a finite number >= 0")
         if not 0.0 <= self.drop_path < 1.0:
             fail("drop_path", "must be in [0, 1)")
         if self.image_keep < 1:
@@ -149,4 +154,17 @@ class M3AEConfig:
 
     @classmethod
     def load(cls, path: str | Path) -> "M3AEConfig":
-        return cls.from_dict(json.loads(Path(path).read_text()))
+        """A config.json, every field type-checked as the command line's (`"false"` is not false);
+        errors name the file and the field."""
+        from ..config import from_dict  # the one typed-field checker, shared with YAML recipes
+
+        try:
+            values = json.loads(Path(path).read_text())
+        except (OSError, ValueError) as error:
+            raise ConfigError(f"{path}: not a readable JSON file ({error})") from None
+        if not isinstance(values, dict):
+            raise ConfigError(f"{path}: expected a JSON object of M3AEConfig fields")
+        try:
+            return from_dict(cls, values)
+        except ConfigError as error:
+            raise ConfigError(f"{path}: {error}") from None

@@ -13,6 +13,7 @@ a warning. Files are read with `torch.load(weights_only=True)` and safetensors o
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import random
 import re
@@ -25,6 +26,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from ..utils import write_bytes
 from .distributed import DistInfo, barrier, broadcast_object
 
 CHECKPOINT_DIRNAME = "checkpoints"
@@ -42,6 +44,14 @@ def _sha256(path: Path) -> str:
         for chunk in iter(lambda: f.read(1 << 22), b""):
             digest.update(chunk)
     return digest.hexdigest()
+
+
+def _torch_bytes(obj: Any) -> bytes:
+    # Serialised in memory and written by `write_bytes`: torch.save's own writer reports a full
+    # disk as "[enforce fail at inline_container.cc] unexpected pos", without a word of disk space.
+    buffer = io.BytesIO()
+    torch.save(obj, buffer)
+    return buffer.getvalue()
 
 
 def rng_state(device: torch.device) -> dict[str, Any]:
@@ -97,7 +107,7 @@ class CheckpointManager:
     ) -> Path:
         """Collective: every rank calls it. `train_state` (scheduler, scaler, counters) is rank 0's;
         `rank_state` (RNG, data position) is each rank's own."""
-        from safetensors.torch import save_file
+        from safetensors.torch import save
         from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_optimizer_state_dict
 
         final = self.directory / f"step_{step:08d}"
@@ -106,27 +116,46 @@ class CheckpointManager:
             shutil.rmtree(tmp, ignore_errors=True)
             tmp.mkdir(parents=True)
         barrier()
-        # Gathering full (unsharded) state is collective under FSDP2; only rank 0 receives it.
-        options = _state_options(cpu_offload=True)
-        model_state = get_model_state_dict(model, options=options)
-        optim_state = get_optimizer_state_dict(model, optimizer, options=options)
-        torch.save(rank_state, tmp / f"rank_{self.info.rank}.pt")
-        barrier()
-        if self.info.is_main:
-            tensors = {k: v.detach().contiguous().cpu() for k, v in model_state.items()}
-            save_file(tensors, str(tmp / MODEL_FILE), metadata={"format": "pt"})
-            (tmp / CONFIG_FILE).write_text(json.dumps(model_config, indent=2, sort_keys=True) + "\n")
-            torch.save({**train_state, "optimizer": optim_state}, tmp / STATE_FILE)
-            files = {p.name: _sha256(p) for p in sorted(tmp.iterdir())}
-            meta = {"step": step, "world_size": self.info.world_size, "files": files}
-            (tmp / META_FILE).write_text(json.dumps(meta, indent=2) + "\n")
-            if final.exists():
-                shutil.rmtree(final)
-            tmp.rename(final)
-            for old in self.step_dirs()[self.keep :]:
-                shutil.rmtree(old, ignore_errors=True)
+        try:
+            # Gathering full (unsharded) state is collective under FSDP2; only rank 0 receives it.
+            options = _state_options(cpu_offload=True)
+            model_state = get_model_state_dict(model, options=options)
+            optim_state = get_optimizer_state_dict(model, optimizer, options=options)
+            write_bytes(tmp / f"rank_{self.info.rank}.pt", _torch_bytes(rank_state))
+            barrier()
+            if self.info.is_main:
+                tensors = {k: v.detach().contiguous().cpu() for k, v in model_state.items()}
+                write_bytes(tmp / MODEL_FILE, save(tensors, metadata={"format": "pt"}))
+                write_bytes(tmp / CONFIG_FILE, (json.dumps(model_config, indent=2, sort_keys=True) + "\n").encode())
+                write_bytes(tmp / STATE_FILE, _torch_bytes({**train_state, "optimizer": optim_state}))
+                files = {p.name: _sha256(p) for p in sorted(tmp.iterdir())}
+                meta = {"step": step, "world_size": self.info.world_size, "files": files}
+                write_bytes(tmp / META_FILE, (json.dumps(meta, indent=2) + "\n").encode())
+                if final.exists():
+                    shutil.rmtree(final)
+                tmp.rename(final)
+                for old in self.step_dirs()[self.keep :]:
+                    shutil.rmtree(old, ignore_errors=True)
+        except BaseException:
+            # A full disk (or a second signal) must not leave a half-written directory eating space;
+            # the previous checkpoint is untouched and still the newest that verifies.
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
         barrier()
         return final
+
+    def remove_stale_temporaries(self) -> None:
+        """Deletes `.tmp_step_*` left by a run killed while saving (call while holding the run lock)."""
+        for stale in self.directory.glob(".tmp_step_*") if self.directory.is_dir() else []:
+            shutil.rmtree(stale, ignore_errors=True)
+
+    def bytes_needed(self, model: nn.Module) -> int:
+        """What the next checkpoint takes on disk: the newest one's size, else weights + AdamW's two
+        moments + margin estimated from the parameters."""
+        newest = self.step_dirs()
+        if newest:
+            return sum(p.stat().st_size for p in newest[0].iterdir())
+        return 4 * sum(p.numel() * p.element_size() for p in model.parameters())
 
     # ------------------------------------------------------------------ find and verify
     def verify(self, path: Path) -> int:

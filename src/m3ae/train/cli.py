@@ -148,11 +148,15 @@ def pretrain_command(args: argparse.Namespace) -> int:
     if args.print_config:
         print(config_io.to_yaml(cfg), end="")
         return 0
+    from ..utils import DiskFullError, RunDirBusy
     from .pretrain import NonFiniteLossError, run_pretraining
 
     try:
         result = run_pretraining(cfg, resume="auto" if args.resume == "latest" else args.resume)
-    except NonFiniteLossError as e:
+    except ConfigError as e:
+        print(f"m3ae pretrain: config error: {e}", file=sys.stderr)
+        return 2
+    except (NonFiniteLossError, DiskFullError, RunDirBusy) as e:
         print(f"m3ae pretrain: stopped: {e}", file=sys.stderr)
         return 1
     if result is not None:

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ..utils import require
+from ..utils import atomic_path, require
 
 METRICS_FILE = "metrics.jsonl"
 
@@ -42,9 +42,11 @@ def read_metrics(path: str | Path) -> list[dict[str, Any]]:
     records = []
     for line in path.read_text().splitlines():
         try:
-            records.append(json.loads(line))
+            record = json.loads(line)
         except json.JSONDecodeError:
             continue
+        if isinstance(record, dict):
+            records.append(record)
     return records
 
 
@@ -59,8 +61,9 @@ class MetricsLogger:
             return
         if resume_step is not None:
             # Steps after the checkpoint will be run again: drop their old lines.
-            kept = [m for m in read_metrics(self.path) if m["step"] <= resume_step]
-            self.path.write_text("".join(json.dumps(m) + "\n" for m in kept))
+            kept = [m for m in read_metrics(self.path) if m.get("step", math.inf) <= resume_step]
+            with atomic_path(self.path) as tmp:
+                tmp.write_text("".join(json.dumps(m) + "\n" for m in kept))
         use_tb = cfg.tensorboard if cfg.tensorboard is not None else importlib.util.find_spec("tensorboard") is not None
         if use_tb:
             require("tensorboard", "tensorboard", "log.tensorboard=true")

@@ -3,6 +3,8 @@ no-decay list (or MAE's), the lr scaled linearly with the batch, and LARS for th
 
 from __future__ import annotations
 
+import math
+
 from dataclasses import dataclass
 from typing import Literal
 
@@ -40,6 +42,11 @@ class OptimConfig:
     def __post_init__(self) -> None:
         from ..config import ConfigError
 
+        floats = {name: getattr(self, name) for name in ("base_lr", "lr", "lr_init", "lr_end", "weight_decay", "eps",
+                                                         "momentum", "trust_coefficient", "clip_grad_norm")}
+        for name, value in [*floats.items(), *(("betas", b) for b in self.betas)]:
+            if value is not None and math.isnan(value):  # NaN passes every comparison below
+                raise ConfigError(f"optim.{name}={getattr(self, name)!r}: must be a number, not NaN")
         for name in ("base_lr", "lr_init", "lr_end", "weight_decay", "eps"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"optim.{name}={getattr(self, name)!r}: must be >= 0")

@@ -8,6 +8,7 @@ the same computation whatever the number of processes or micro-batches.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import importlib.util
 import logging
@@ -25,6 +26,7 @@ from torch import nn
 from .. import config as config_io
 from ..data import DataConfig
 from ..model import ConfigError, M3AE, M3AEConfig
+from ..utils import ensure_free_space, run_dir_lock
 from .checkpoint import CheckpointManager, rng_state, set_rng_state
 from .distributed import (
     DistInfo, ParallelName, apply_activation_checkpointing, apply_compile, barrier, broadcast_object,
@@ -66,7 +68,7 @@ class TrainConfig:
             )
         if self.device not in ("auto", "cpu", "cuda") and not self.device.startswith("cuda:"):
             raise ConfigError(f"train.device={self.device!r}: must be 'auto', 'cpu', 'cuda' or 'cuda:N'")
-        if self.unpaired_text_weight < 0:
+        if not self.unpaired_text_weight >= 0:  # NaN included
             raise ConfigError(f"train.unpaired_text_weight={self.unpaired_text_weight!r}: must be >= 0")
 
     @property
@@ -142,10 +144,15 @@ def _default_run_dir(cfg: PretrainConfig) -> Path:
 
 
 class _StopSignal:
-    """SIGTERM / SIGINT set a flag; the loop checkpoints at the end of the step and returns."""
+    """SIGTERM / SIGINT set a flag; the loop checkpoints at the end of the step and returns. A second
+    signal ends the process at once, unless it comes within `echo_s` of the first: a signal to the
+    process group under torchrun reaches each rank twice (directly, then forwarded by the agent)."""
+
+    echo_s = 2.0
 
     def __init__(self) -> None:
         self.received: int | None = None
+        self._first_at = 0.0
         self._previous: dict[int, Any] = {}
 
     def __enter__(self) -> "_StopSignal":
@@ -157,7 +164,12 @@ class _StopSignal:
         return self
 
     def _handle(self, signum, frame) -> None:
-        self.received = signum
+        if self.received is None:
+            self.received, self._first_at = signum, time.monotonic()
+        elif time.monotonic() - self._first_at > self.echo_s:
+            # A second request means "now": no checkpoint, the conventional 128 + signal status.
+            signal.signal(signum, signal.SIG_DFL)
+            signal.raise_signal(signum)
 
     def __exit__(self, *exc) -> None:
         for sig, handler in self._previous.items():
@@ -218,6 +230,7 @@ class Pretrainer:
         from ..data import build_pretrain_loader
         from ..data.loader import caption_coverage
 
+        self._check_vocabulary()
         if self.cfg.model.has_text and self.cfg.data.paired_fraction > 0 and self.info.is_main:
             captioned, read = caption_coverage(self.cfg.data)
             if read and not captioned:
@@ -226,6 +239,18 @@ class Pretrainer:
                     "beside x.jpg, a .txt shard member or a caption column)", captioned, read, self.cfg.data.source)
         return build_pretrain_loader(self.cfg.data, batch_size=self.micro_batch, rank=self.info.rank,
                                      world_size=self.info.world_size, pin_memory=self.info.device.type == "cuda")
+
+    def _check_vocabulary(self) -> None:
+        # Token ids beyond the embedding table would fail in the first forward, deep in torch.
+        from ..data.tokenizer import Tokenizer
+
+        model, data = self.cfg.model, self.cfg.data
+        if not model.has_text:
+            return
+        vocab = Tokenizer.from_name(data.tokenizer).vocab_size
+        if model.vocab_size < vocab:
+            raise ConfigError(f"model.vocab_size={model.vocab_size}: smaller than the {vocab} tokens of "
+                              f"data.tokenizer={data.tokenizer!r}")
 
     def _resume(self, resume: str) -> Path | None:
         path = self.checkpoints.latest_good() if resume == "auto" else Path(resume)
@@ -389,8 +414,9 @@ class Pretrainer:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             config_io.save_yaml(cfg, self.run_dir / "config.yaml")
         barrier()
-        logger = MetricsLogger(self.run_dir, cfg.log, info.is_main, config_io.to_dict(cfg),
-                               self.step if self.resumed_from else None)
+        # Whatever the file holds past this step (a run killed before its first checkpoint included)
+        # will be logged again.
+        logger = MetricsLogger(self.run_dir, cfg.log, info.is_main, config_io.to_dict(cfg), self.step)
         peak = measure_peak_flops(info.device, self.precision.dtype, size=1024 if info.device.type == "cpu" else None)
         bar = ProgressBar(last_step, self.step, cfg.log.progress and info.is_main)
         meter, window, figures = Throughput(), [], []
@@ -427,6 +453,18 @@ class Pretrainer:
             bar.close()
             logger.close()
         return RunResult(self.run_dir, self.step, interrupted, metrics, checkpoint, figures)
+
+    @contextlib.contextmanager
+    def claim_run_dir(self) -> Iterator[None]:
+        """Rank 0 holds the run directory's lock for the block, clears temporaries a killed run left
+        and checks there is room for a checkpoint before anything is written."""
+        if not self.info.is_main:
+            yield
+            return
+        with run_dir_lock(self.run_dir):
+            self.checkpoints.remove_stale_temporaries()
+            ensure_free_space(self.run_dir, self.checkpoints.bytes_needed(self.model))
+            yield
 
     def _flops(self, present: list[str]):
         text = self.figure_batch.get("text")
@@ -494,7 +532,8 @@ def run_pretraining(cfg: PretrainConfig, loader: Iterable[dict[str, torch.Tensor
 
     try:
         trainer = Pretrainer(cfg, loader=loader, resume=resume)
-        result = trainer.fit()
+        with trainer.claim_run_dir():
+            result = trainer.fit()
         return result if trainer.info.is_main else None
     finally:
         shutdown_distributed()
