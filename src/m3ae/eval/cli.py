@@ -9,6 +9,8 @@ from pathlib import Path
 
 
 def _add_feature_arguments(p: argparse.ArgumentParser) -> None:
+    from ..train.precision import add_threads_argument
+
     p.add_argument("--checkpoint", required=True, help="model directory, checkpoint step directory, run directory or Hub repo id")
     p.add_argument("--data", default="embedded", help="labelled source: image folder, .tar shards with .cls, "
                    "HDF5 ({split}_jpg/_labels), manifest, or 'embedded' (default)")
@@ -19,8 +21,10 @@ def _add_feature_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--normalization", default="cc12m", help="pixel statistics preset (cc12m, imagenet, none)")
     p.add_argument("--pool", choices=["cls", "mean"], default="cls")
     p.add_argument("--batch-size", type=int, default=256)
-    p.add_argument("--precision", choices=["fp32", "bf16", "fp16"], default="bf16")
+    p.add_argument("--precision", choices=["auto", "fp32", "bf16", "fp16"], default="auto",
+                   help="auto: bf16 where the device computes it natively and faster, else fp32")
     p.add_argument("--device", default="auto", help="auto: CUDA when available")
+    add_threads_argument(p)
 
 
 def register(subparsers) -> None:
@@ -74,6 +78,15 @@ def _device(args: argparse.Namespace):
     return torch.device(args.device)
 
 
+def _resolve_precision(args: argparse.Namespace) -> None:
+    """Replaces --precision auto by the precision it resolves to here, and says which and why."""
+    from ..train.precision import resolve_precision
+
+    precision = resolve_precision(args.precision, _device(args))
+    print(precision.describe(), file=sys.stderr)
+    args.precision = precision.name
+
+
 def _features(args: argparse.Namespace, model, source: str, fmt: str, split: str, train_data: str = "",
               val_data: str = "") -> dict:
     from ..data import DataConfig, build_eval_loader
@@ -92,6 +105,7 @@ def embed_command(args: argparse.Namespace) -> int:
     from ..model import M3AE
     from .features import FeatureSpec, extract_features, save_features
 
+    _resolve_precision(args)
     model = M3AE.from_pretrained(args.checkpoint)
     c = model.config
     data = DataConfig(source=args.data, format=args.format, normalization=args.normalization, image_size=c.image_size,
@@ -134,6 +148,7 @@ def knn_command(args: argparse.Namespace) -> int:
     from ..model import M3AE
     from .knn import knn_predict, topk_accuracy
 
+    _resolve_precision(args)
     model = M3AE.from_pretrained(args.checkpoint)
     train = _features(args, model, args.data, args.format, "train", args.train_data)
     val = _features(args, model, args.data, args.format, "val", val_data=args.val_data)
@@ -148,6 +163,7 @@ def ood_command(args: argparse.Namespace) -> int:
     from ..model import M3AE
     from .ood import MahalanobisScorer, auroc, fit_softmax_head, max_softmax_score
 
+    _resolve_precision(args)
     model = M3AE.from_pretrained(args.checkpoint)
     train = _features(args, model, args.data, args.format, "train", args.train_data)
     inside = _features(args, model, args.data, args.format, "val", val_data=args.val_data)
