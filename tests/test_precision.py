@@ -23,6 +23,7 @@ from m3ae.train.pretrain import PretrainConfig, run_pretraining
 from m3ae.train.synthetic import ListLoader
 
 from test_train_loop import global_batches, tiny_config
+from test_transfer import setup  # noqa: F401  (the fixture: a tiny model and labelled shards)
 
 CPU = torch.device("cpu")
 
@@ -209,3 +210,20 @@ def test_pretraining_applies_threads_prints_and_records_the_resolved_choices(tmp
     assert "precision fp32 (auto: " in capsys.readouterr().out
     saved = config_io.load(PretrainConfig, tmp_path / "config.yaml")
     assert (saved.train.precision, saved.train.threads) == ("auto", 1)  # the setting, not the decision
+
+
+def test_feature_and_probe_commands_default_to_auto_and_say_what_they_chose(setup, tmp_path, monkeypatch, capsys):
+    mock_cpu(monkeypatch, None, 3.0)
+    root, data = setup
+    split = ["--data", f"{data}/train-*.tar", "--train-data", f"{data}/train-*.tar", "--val-data", f"{data}/val-*.tar"]
+    assert m3ae_main(["knn", "--checkpoint", str(root / "model"), *split, "--k", "5", "--threads", "1"]) == 0
+    err = capsys.readouterr().err
+    assert "1 CPU thread (requested)" in err and "precision fp32 (auto: " in err
+    assert torch.get_num_threads() == 1
+    assert m3ae_main(["linear-probe", "--checkpoint", str(root / "model"), "--data.source", f"{data}/train-*.tar",
+                      "--data.eval_train_source", f"{data}/train-*.tar", "--data.eval_val_source",
+                      f"{data}/val-*.tar", "--data.num_workers", "0", "--cached", "true", "--epochs", "1",
+                      "--batch_size", "16", "--log.progress", "false", "--threads", "1",
+                      "--out_dir", str(tmp_path / "lp")]) == 0
+    info = json.loads((tmp_path / "lp" / "run_info.json").read_text())
+    assert (info["precision"], info["threads"]) == ("fp32", 1) and info["precision_reason"].startswith("auto: ")
