@@ -1,5 +1,6 @@
 """Training-step throughput: forward, backward and optimiser step on synthetic batches, with model
-FLOP/s and MFU against the matmul peak of the same dtype measured in the same process."""
+FLOP/s and MFU against the matmul peak of the precision in effect (flops.measure_peak_flops),
+measured in the same process."""
 
 from __future__ import annotations
 

@@ -248,5 +248,5 @@ def write_run_info(run_dir: str | Path, precision: Precision, threads: Threads) 
             "cpu_capability": torch.backends.cpu.get_cpu_capability(), "torch": torch.__version__}
     path = Path(run_dir) / RUN_INFO
     with atomic_path(path) as tmp:
-        tmp.write_text(json.dumps(info, indent=2) + "\n")
+        tmp.write_text(json.dumps(info, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
     return path
