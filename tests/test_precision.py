@@ -88,9 +88,10 @@ def test_forced_modes_are_kept_and_a_fast_bf16_cpu_does_not_warn(monkeypatch):
         precision.resolve_precision("fp8", CPU)
 
 
-@pytest.mark.parametrize("native, name", [(True, "bf16"), (False, "fp32")])
-def test_auto_on_cuda_follows_the_device_s_native_bf16(monkeypatch, native, name):
-    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: native)
+@pytest.mark.parametrize("capability, name", [((9, 0), "bf16"), ((8, 0), "bf16"), ((7, 5), "fp32")])
+def test_auto_on_cuda_follows_the_device_s_native_bf16(monkeypatch, capability, name):
+    monkeypatch.setattr(torch.version, "hip", None)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda *a: capability)
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a: "GPU-X")
     chosen = precision.resolve_precision("auto", torch.device("cuda"))
     assert chosen.name == name and "GPU-X" in chosen.reason

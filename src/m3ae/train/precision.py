@@ -116,9 +116,13 @@ def measured_speedup(device_type: str, name: PrecisionName) -> float:
 @functools.cache
 def _auto(device_type: str) -> tuple[PrecisionName, str]:
     if device_type == "cuda":
-        if torch.cuda.is_bf16_supported(including_emulation=False):
-            return "bf16", f"auto: {torch.cuda.get_device_name()} computes bf16 natively"
-        return "fp32", f"auto: {torch.cuda.get_device_name()} has no native bf16"
+        # bf16 tensor cores from compute capability 8.0 (Ampere); ROCm answers for its own GPUs.
+        # torch.cuda.is_bf16_supported() alone also says yes where bf16 is only emulated.
+        name, (major, _) = torch.cuda.get_device_name(), torch.cuda.get_device_capability()
+        native = torch.cuda.is_bf16_supported() if torch.version.hip else major >= 8
+        if native:
+            return "bf16", f"auto: {name} computes bf16 natively"
+        return "fp32", f"auto: {name} has no native bf16 (compute capability {major}.x)"
     if device_type != "cpu":
         return "fp32", f"auto: no bf16 rule for {device_type} devices"
     native = cpu_bf16_support()
