@@ -24,8 +24,10 @@ def test_missing_path_is_one_line_and_exit_2(argv, capsys, monkeypatch, tmp_path
     monkeypatch.delenv("M3AE_DEBUG", raising=False)
     assert main(argv) == 2
     err = capsys.readouterr().err
-    assert len(err.strip().splitlines()) == 1
-    assert err.startswith(f"m3ae {argv[0]}: error: ") and "Traceback" not in err
+    # the last line, after what the command said it chose (threads, precision), and nothing else
+    last = err.strip().splitlines()[-1]
+    assert last.startswith(f"m3ae {argv[0]}: error: ") and "Traceback" not in err
+    assert sum(": error: " in line for line in err.splitlines()) == 1
 
 
 def test_debug_shows_the_traceback(capsys, monkeypatch, tmp_path):

@@ -10,6 +10,8 @@ from pathlib import Path
 
 
 def _add_feature_arguments(p: argparse.ArgumentParser) -> None:
+    from ..train.precision import add_threads_argument
+
     p.add_argument("--checkpoint", required=True, help="model directory, checkpoint step directory, run directory or Hub repo id")
     p.add_argument("--data", default="embedded", help="labelled source: image folder, .tar shards with .cls, "
                    "HDF5 ({split}_jpg/_labels), manifest, or 'embedded' (default)")
@@ -23,8 +25,10 @@ def _add_feature_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--normalization", default="cc12m", help="pixel statistics preset (cc12m, imagenet, none)")
     p.add_argument("--pool", choices=["cls", "mean"], default="cls")
     p.add_argument("--batch-size", type=int, default=256)
-    p.add_argument("--precision", choices=["fp32", "bf16", "fp16"], default="bf16")
+    p.add_argument("--precision", choices=["auto", "fp32", "bf16", "fp16"], default="auto",
+                   help="auto: bf16 where the device computes it natively and faster, else fp32")
     p.add_argument("--device", default="auto", help="auto: CUDA when available")
+    add_threads_argument(p)
 
 
 def register(subparsers) -> None:
@@ -82,6 +86,15 @@ def _device(args: argparse.Namespace):
     return torch.device(args.device)
 
 
+def _resolve_precision(args: argparse.Namespace) -> None:
+    """Replaces --precision auto by the precision it resolves to here, and says which and why."""
+    from ..train.precision import resolve_precision
+
+    precision = resolve_precision(args.precision, _device(args))
+    print(precision.describe(), file=sys.stderr)
+    args.precision = precision.name
+
+
 def _data_config(args: argparse.Namespace, model, **fields):
     from ..data import DataConfig
 
@@ -135,6 +148,7 @@ def embed_command(args: argparse.Namespace) -> int:
     from ..model import M3AE
     from .features import FeatureSpec, extract_features, save_features
 
+    _resolve_precision(args)
     model = M3AE.from_pretrained(args.checkpoint)
     data = _data_config(args, model)
     if args.modality == "image":
@@ -178,6 +192,7 @@ def knn_command(args: argparse.Namespace) -> int:
     from ..model import M3AE
     from .knn import knn_predict, topk_accuracy
 
+    _resolve_precision(args)
     model = M3AE.from_pretrained(args.checkpoint)
     data = _data_config(args, model)
     split = _checked_split(data)
@@ -194,6 +209,7 @@ def ood_command(args: argparse.Namespace) -> int:
     from ..model import M3AE
     from .ood import MahalanobisScorer, auroc, fit_softmax_head, max_softmax_score
 
+    _resolve_precision(args)
     model = M3AE.from_pretrained(args.checkpoint)
     data = _data_config(args, model)
     split = _checked_split(data)

@@ -15,7 +15,7 @@ import numpy as np
 import torch
 
 from ..model import M3AE
-from ..train.precision import Precision, PrecisionName
+from ..train.precision import PrecisionSetting, resolve_precision
 
 Modality = Literal["image", "text", "pair"]
 Pool = Literal["cls", "mean"]
@@ -52,11 +52,12 @@ def pool_encoding(encoding, spec: FeatureSpec, padding_mask: torch.Tensor | None
 
 @torch.no_grad()
 def extract_features(model: M3AE, batches: Iterable[dict], spec: FeatureSpec, device: torch.device,
-                     precision: PrecisionName = "fp32", progress: bool = False) -> dict:
+                     precision: PrecisionSetting = "fp32", progress: bool = False) -> dict:
     """Runs the unmasked encoder over every batch; returns {"features", "labels", "keys"}."""
     from tqdm import tqdm
 
     model.eval().to(device)
+    autocast = resolve_precision(precision, device).autocast
     features, labels, keys = [], [], []
     for batch in tqdm(batches, desc="features", unit="batch", disable=not progress):
         image = batch["image"].to(device) if spec.modality in ("image", "pair") else None
@@ -65,7 +66,7 @@ def extract_features(model: M3AE, batches: Iterable[dict], spec: FeatureSpec, de
             if "text" not in batch:
                 raise ValueError(f"modality={spec.modality!r}: the data source yields no captions")
             text, mask = batch["text"].to(device), batch["text_padding_mask"].to(device)
-        with Precision(precision, device).autocast():
+        with autocast():
             encoding = model.encode(image, text, mask, output_hidden_states=spec.layer is not None)
         features.append(pool_encoding(encoding, spec, mask).float().cpu())
         labels.append(batch["label"].cpu())

@@ -14,12 +14,12 @@ from collections.abc import Iterable, Mapping, Sequence
 import torch
 
 from ..model import M3AE
-from ..train.precision import Precision, PrecisionName
+from ..train.precision import PrecisionSetting, resolve_precision
 
 
 @torch.no_grad()
 def grounding_accuracy(model: M3AE, batches: Iterable[dict], device: torch.device,
-                       precision: PrecisionName = "fp32",
+                       precision: PrecisionSetting = "fp32",
                        word_sets: Mapping[str, Sequence[int] | None] | None = None,
                        seed: int = 0) -> dict[str, dict[str, float]]:
     """For each word set (None: every word; default {"all_words": None}): top-1 accuracy (%) over
@@ -29,6 +29,7 @@ def grounding_accuracy(model: M3AE, batches: Iterable[dict], device: torch.devic
     if model.config.model_type != "m3ae":
         raise ValueError("grounding_accuracy: needs an M3AE model (an MAE model has no text decoder)")
     model.eval().to(device)
+    autocast = resolve_precision(precision, device).autocast
     generator = torch.Generator().manual_seed(seed)
     word_sets = {"all_words": None} if word_sets is None else word_sets
     wanted = {name: None if ids is None else torch.tensor(sorted(set(ids)), device=device)
@@ -47,7 +48,7 @@ def grounding_accuracy(model: M3AE, batches: Iterable[dict], device: torch.devic
                      text_noise=torch.rand(B, text.shape[1], generator=generator).to(device))
         # the next sample's image: a different picture with the same image statistics
         for pass_name, pixels in (("matched", image), ("mismatched", image.roll(1, dims=0))):
-            with Precision(precision, device).autocast():
+            with autocast():
                 out = model(pixels, text, padding, compute_logits=True, **noise)
             correct = out.text_logits.argmax(-1) == text
             removed = out.text_mask.bool() & ~padding

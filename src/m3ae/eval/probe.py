@@ -30,7 +30,7 @@ from ..data import DataConfig
 from ..model import M3AE, ConfigError
 from ..model.classifier import M3AEClassifier
 from ..train.metrics import LogConfig
-from ..train.precision import PrecisionName
+from ..train.precision import PrecisionSetting, ThreadsSetting
 from .features import FeatureSpec, Pool, require_labels
 
 OptimizerName = Literal["lars", "sgd", "adamw"]
@@ -67,7 +67,8 @@ class LinearProbeConfig:
     warmup_epochs: float | None = None
     weight_decay: float = 0.0
     momentum: float = 0.9  # LARS and SGD
-    precision: PrecisionName = "bf16"
+    precision: PrecisionSetting = "auto"  # auto: bf16 where the device computes it natively and faster
+    threads: ThreadsSetting = "auto"  # CPU threads per process; auto: the free physical cores
     device: str = "auto"
     seed: int = 0
     keep: int = 2  # most recent checkpoints kept (one per epoch)
@@ -199,17 +200,18 @@ class TransferTrainer:
         from ..data.splits import check_eval_split
         from ..train.checkpoint import CheckpointManager
         from ..train.distributed import broadcast_object, init_distributed, wrap_model
-        from ..train.precision import Precision
+        from ..train.precision import apply_threads, resolve_precision
 
         cfg.validate_ready()
         self.cfg = cfg
+        self.threads = apply_threads(cfg.threads)
         self.info = init_distributed(cfg.device)
         if cfg.batch_size % self.info.world_size:
             raise ConfigError(f"batch_size={cfg.batch_size}: must be a multiple of the {self.info.world_size} processes")
         self.local_batch = cfg.batch_size // self.info.world_size
         command = "finetune" if cfg.finetune else "linear-probe"
         self.run_dir = Path(broadcast_object(str(cfg.out_dir or Path("runs") / f"{command}-{time.strftime('%Y%m%d-%H%M%S')}")))
-        self.precision = Precision(cfg.precision, self.info.device)
+        self.precision = resolve_precision(cfg.precision, self.info.device)
         overrides = {"drop_path": cfg.drop_path} if cfg.finetune else {}
         if cfg.image_size is not None:
             overrides["image_size"] = cfg.image_size
@@ -350,12 +352,14 @@ class TransferTrainer:
     def fit(self) -> ProbeResult:
         from ..train.distributed import barrier
         from ..train.metrics import MetricsLogger, ProgressBar
+        from ..train.precision import write_run_info
         from ..utils import atomic_path
 
         cfg, info = self.cfg, self.info
         if info.is_main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             config_io.save_yaml(cfg, self.run_dir / "config.yaml")
+            write_run_info(self.run_dir, self.precision, self.threads)
         barrier()
         logger = MetricsLogger(self.run_dir, cfg.log, info.is_main, config_io.to_dict(cfg),
                                self.step if self.epoch else None)

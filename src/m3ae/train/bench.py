@@ -1,5 +1,6 @@
 """Training-step throughput: forward, backward and optimiser step on synthetic batches, with model
-FLOP/s and MFU against the matmul peak of the same dtype measured in the same process."""
+FLOP/s and MFU against the matmul peak of the precision in effect (flops.measure_peak_flops),
+measured in the same process."""
 
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ from ..model import M3AE, M3AEConfig
 from .distributed import apply_activation_checkpointing, apply_compile
 from .flops import measure_peak_flops, training_flops
 from .optim import OptimConfig, build_optimizer, no_decay_names
-from .precision import Precision
+from .precision import ThreadsSetting, apply_threads, resolve_precision, sync
 from .synthetic import synthetic_batch
 
 
@@ -27,24 +28,18 @@ class BenchConfig:
     image_mask_ratio: float = 0.75
     text_mask_ratio: float = 0.75
     model_type: str = "m3ae"
-    dtype: str = "fp32"  # fp32 | bf16 | fp16 (autocast)
+    dtype: str = "auto"  # auto | fp32 | bf16 | fp16 (autocast): train.precision's rule
     attn_impl: str = "auto"  # the model picks: explicit attention on CPU, SDPA on accelerators
     steps: int = 5
     warmup: int = 2
     compile: bool = False
     activation_checkpointing: bool = False
     device: str = "auto"
-    threads: int | None = None
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
+    threads: ThreadsSetting = "auto"
 
 
 def run_bench(b: BenchConfig) -> dict[str, Any]:
-    if b.threads:
-        torch.set_num_threads(b.threads)
+    threads = apply_threads(b.threads)
     device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if b.device == "auto" else b.device)
     cfg = M3AEConfig.from_preset(
         b.preset, image_size=b.image_size, text_length=b.text_length, vocab_size=b.vocab_size,
@@ -60,7 +55,7 @@ def run_bench(b: BenchConfig) -> dict[str, Any]:
     if b.compile:
         apply_compile(model)
     optimizer = build_optimizer(model, optim_cfg, optim_cfg.peak_lr(b.batch_size), exclude)
-    precision = Precision(b.dtype, device)
+    precision = resolve_precision(b.dtype, device)
     scaler = precision.grad_scaler()
     batch = {k: v.to(device) for k, v in synthetic_batch(cfg, b.batch_size, text_length=b.text_length).items()}
     text = batch.get("text")
@@ -81,23 +76,24 @@ def run_bench(b: BenchConfig) -> dict[str, Any]:
         step()
     # The matmul peak is sampled between the timed steps: on a shared host the machine's speed drifts,
     # and the best sample (the conservative denominator) is taken beside the steps it divides.
-    times, peaks = [], [measure_peak_flops(device, precision.dtype)]
+    times, peaks = [], [measure_peak_flops(device, precision.name)]
     for _ in range(b.steps):
-        _sync(device)
+        sync(device)
         start = time.perf_counter()
         step()
-        _sync(device)
+        sync(device)
         times.append(time.perf_counter() - start)
-        peaks.append(measure_peak_flops(device, precision.dtype, repeats=1))
+        peaks.append(measure_peak_flops(device, precision.name, repeats=1))
     step_s = sorted(times)[len(times) // 2]  # median: robust to a stray slow step
     flops = training_flops(cfg, True, b.text_length if cfg.has_text else None).per_step(b.batch_size)
     peak = max(peaks)
     return {
         "preset": b.preset, "model_type": b.model_type, "batch_size": b.batch_size, "image_size": b.image_size,
         "text_length": b.text_length, "vocab_size": b.vocab_size, "image_mask_ratio": b.image_mask_ratio,
-        "text_mask_ratio": b.text_mask_ratio, "dtype": b.dtype, "attn_impl": b.attn_impl, "compile": b.compile,
+        "text_mask_ratio": b.text_mask_ratio, "dtype": precision.name, "precision_reason": precision.reason,
+        "attn_impl": b.attn_impl, "compile": b.compile,
         "activation_checkpointing": b.activation_checkpointing, "device": str(device),
-        "threads": torch.get_num_threads(), "steps": b.steps,
+        "threads": torch.get_num_threads(), "threads_reason": threads.reason, "steps": b.steps,
         "step_s": step_s, "step_s_min": min(times), "samples_per_s": b.batch_size / step_s,
         "flops_per_step": flops, "flops_per_s": flops / step_s, "peak_flops_per_s": peak,
         "peak_flops_per_s_min": min(peaks),

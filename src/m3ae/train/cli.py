@@ -54,6 +54,7 @@ def register(subparsers) -> None:
     p.set_defaults(func=pretrain_command)
 
     from .bench import BenchConfig
+    from .precision import parse_threads
 
     b = subparsers.add_parser("bench", help="training-step throughput (samples/s, FLOP/s, MFU)")
     for f in dataclasses.fields(BenchConfig):
@@ -61,8 +62,8 @@ def register(subparsers) -> None:
         if f.type in ("bool", bool):
             b.add_argument(flag, action="store_true", default=f.default)
         else:
-            kind = {"int": int, "float": float, "int | None": int}.get(str(f.type), str)
-            choices = {"dtype": ["fp32", "bf16", "fp16"], "attn_impl": ["auto", "sdpa", "math"],
+            kind = {"int": int, "float": float, "ThreadsSetting": parse_threads}.get(str(f.type), str)
+            choices = {"dtype": ["auto", "fp32", "bf16", "fp16"], "attn_impl": ["auto", "sdpa", "math"],
                        "model_type": ["m3ae", "mae"]}.get(f.name)
             b.add_argument(flag, type=kind, default=f.default, choices=choices)
     b.add_argument("--json", action="store_true", help="print one JSON object")
@@ -176,6 +177,7 @@ def bench_command(args: argparse.Namespace) -> int:
             f"{result['preset']} {result['image_size']}px batch {result['batch_size']} {result['dtype']}: "
             f"{result['step_s']:.3f} s/step, {result['samples_per_s']:.2f} samples/s, "
             f"{result['flops_per_s'] / 1e12:.3f} TFLOP/s of {result['peak_flops_per_s'] / 1e12:.3f} peak "
-            f"(MFU {100 * result['mfu']:.1f}%)"
+            f"(MFU {100 * result['mfu']:.1f}%)\n"
+            f"  {result['dtype']}: {result['precision_reason']}; threads {result['threads']}: {result['threads_reason']}"
         )
     return 0

@@ -7,10 +7,11 @@ removed positions, where the loss reads it."""
 
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass
 
 import torch
+
+from .precision import PrecisionName, matmul_rate
 
 
 def _block_flops(seq: int, dim: int, mlp_ratio: float) -> int:
@@ -64,23 +65,14 @@ def training_flops(cfg, image: bool, text_length: int | None, unpaired_text_leng
     return StepFlops(per_sample=3 * fwd)
 
 
-def measure_peak_flops(device: torch.device, dtype: torch.dtype, size: int | None = None, repeats: int = 5) -> float:
-    """Best matmul throughput (FLOP/s) of this device and dtype, measured now in this process: the
-    denominator of MFU. Square matmuls big enough to saturate the units, the best of `repeats`."""
-    size = size or (8192 if device.type == "cuda" else 2048)
-    a = torch.randn(size, size, device=device).to(dtype)
-    b = torch.randn(size, size, device=device).to(dtype)
-    best = float("inf")
-    for i in range(repeats + 1):
-        _sync(device)
-        start = time.perf_counter()
-        torch.mm(a, b)
-        _sync(device)
-        if i:  # the first call warms up kernels and caches
-            best = min(best, time.perf_counter() - start)
-    return 2 * size**3 / best
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
+def measure_peak_flops(device: torch.device, precision: PrecisionName, sizes: tuple[int, ...] | None = None,
+                       repeats: int = 5) -> float:
+    """The denominator of MFU: the best matmul throughput (FLOP/s) of `precision`, measured now in
+    this process through the path the model's matmuls take (`F.linear` under its autocast), at
+    square sizes big enough to saturate the units. Autocast keeps part of a step in fp32, and where
+    the precision is emulated fp32 is the faster path, so the fp32 rate is a floor: the peak is that
+    of the precision in effect where the hardware has it, the machine's best where it does not, and
+    a step's model FLOP/s cannot exceed it."""
+    sizes = sizes or ((8192,) if device.type == "cuda" else (512, 1024))
+    names = dict.fromkeys([precision, "fp32"])
+    return max(matmul_rate(device, name, size, repeats) for name in names for size in sizes)

@@ -35,7 +35,7 @@ from .distributed import (
 from .flops import measure_peak_flops, training_flops
 from .metrics import LogConfig, MetricsLogger, ProgressBar, Throughput
 from .optim import OptimConfig, build_optimizer, no_decay_names
-from .precision import Precision, PrecisionName
+from .precision import PrecisionSetting, ThreadsSetting, apply_threads, resolve_precision, write_run_info
 from .schedule import LRScheduler, WarmupCosine
 
 
@@ -47,7 +47,8 @@ class TrainConfig:
     max_steps: int | None = None  # stop after this step (resume later); null: total_steps
     unpaired_text_weight: float = 0.0  # w_u: weight of the text-only loss on unpaired text
     seed: int = 0
-    precision: PrecisionName = "fp32"
+    precision: PrecisionSetting = "auto"  # auto: bf16 where the device computes it natively and faster
+    threads: ThreadsSetting = "auto"  # CPU threads per process; auto: the free physical cores
     compile: bool = False
     activation_checkpointing: bool = False
     parallel: ParallelName = "auto"  # auto: FSDP2 for large and huge, DDP otherwise
@@ -180,6 +181,7 @@ class Pretrainer:
     def __init__(self, cfg: PretrainConfig, loader: Iterable[dict[str, torch.Tensor]] | None = None,
                  resume: str | None = None) -> None:
         self.cfg = cfg
+        self.threads = apply_threads(cfg.train.threads)
         self.info: DistInfo = init_distributed(cfg.train.device)
         t, world = cfg.train, self.info.world_size
         self.micro_batch = t.micro_batch_size or t.batch_size // world
@@ -192,7 +194,7 @@ class Pretrainer:
         if t.deterministic:
             torch.use_deterministic_algorithms(True)
         self.run_dir = Path(broadcast_object(str(cfg.out_dir or _default_run_dir(cfg))))
-        self.precision = Precision(t.precision, self.info.device)
+        self.precision = resolve_precision(t.precision, self.info.device)
 
         torch.manual_seed(t.seed)  # same initial weights on every process
         self.model = M3AE(cfg.model).to(self.info.device)
@@ -201,7 +203,7 @@ class Pretrainer:
             apply_activation_checkpointing(self.model)
         if t.compile:
             apply_compile(self.model)
-        param_dtype = self.precision.dtype if t.precision != "fp32" else None
+        param_dtype = self.precision.dtype if self.precision.name != "fp32" else None
         self.wrapped = wrap_model(self.model, self.info, resolve_parallel(t.parallel, cfg.model.preset), param_dtype)
         self.peak_lr = cfg.optim.peak_lr(t.batch_size)
         self.optimizer = build_optimizer(self.wrapped, cfg.optim, self.peak_lr, exclude)
@@ -413,11 +415,12 @@ class Pretrainer:
         if info.is_main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             config_io.save_yaml(cfg, self.run_dir / "config.yaml")
+            write_run_info(self.run_dir, self.precision, self.threads)
         barrier()
         # Whatever the file holds past this step (a run killed before its first checkpoint included)
         # will be logged again.
         logger = MetricsLogger(self.run_dir, cfg.log, info.is_main, config_io.to_dict(cfg), self.step)
-        peak = measure_peak_flops(info.device, self.precision.dtype, size=1024 if info.device.type == "cpu" else None)
+        peak = measure_peak_flops(info.device, self.precision.name)
         bar = ProgressBar(last_step, self.step, cfg.log.progress and info.is_main)
         meter, window, figures = Throughput(), [], []
         metrics: dict[str, float] = {}

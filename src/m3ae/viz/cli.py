@@ -11,6 +11,8 @@ MODEL_HELP = "a model directory, a pretraining run directory (its newest good ch
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
+    from ..train.precision import add_threads_argument
+
     reconstruct = subparsers.add_parser("reconstruct", help="reconstructions of given images and captions (paper Fig. 1)")
     reconstruct.add_argument("model_dir", help=MODEL_HELP)
     reconstruct.add_argument("--images", nargs="+", required=True)
@@ -44,6 +46,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     tsne.add_argument("--out", default="tsne.png")
     tsne.add_argument("--normalization", help="input normalisation preset (default: the checkpoint run's)")
     tsne.add_argument("--seed", type=int, default=0)
+    add_threads_argument(tsne)
     tsne.set_defaults(func=run_tsne)
 
     report = subparsers.add_parser("report", help="one self-contained HTML page for a run directory")
@@ -53,9 +56,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def _common(parser: argparse.ArgumentParser) -> None:
+    from ..train.precision import add_threads_argument
+
     parser.add_argument("--normalization", help="input normalisation preset (default: the checkpoint run's, else cc12m)")
     parser.add_argument("--tokenizer", default="bert-base-uncased")
     parser.add_argument("--seed", type=int, default=0, help="masking noise seed")
+    add_threads_argument(parser)
 
 
 def _load(args: argparse.Namespace, **overrides):

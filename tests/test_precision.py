@@ -1,0 +1,230 @@
+"""Precision and threads that fit the machine (train/precision.py): `auto` decisions with the CPU's
+capability mocked both ways, warnings for forced slow modes, the MFU denominator, threads applied."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+import warnings
+
+import pytest
+import torch
+
+from m3ae import config as config_io
+from m3ae.cli import main as m3ae_main
+from m3ae.train import flops, precision
+from m3ae.train.bench import BenchConfig, run_bench
+from m3ae.train.metrics import read_metrics
+from m3ae.train.pretrain import PretrainConfig, run_pretraining
+from m3ae.train.synthetic import ListLoader
+
+from test_train_loop import global_batches, tiny_config
+from test_transfer import setup  # noqa: F401  (the fixture: a tiny model and labelled shards)
+
+CPU = torch.device("cpu")
+
+
+@pytest.fixture(autouse=True)
+def fresh_decisions():
+    """Every test decides again, and leaves torch's thread count as it found it."""
+    threads = torch.get_num_threads()
+    for cached in (precision._auto, precision.measured_speedup, precision._auto_threads):
+        cached.cache_clear()
+    yield
+    for cached in (precision._auto, precision.measured_speedup, precision._auto_threads):
+        cached.cache_clear()
+    torch.set_num_threads(threads)
+
+
+def mock_cpu(monkeypatch, native: str | None, speedup: float) -> None:
+    monkeypatch.setattr(precision, "cpu_bf16_support", lambda: native)
+    monkeypatch.setattr(precision, "measured_speedup", lambda device_type, name: speedup)
+
+
+# ---------------------------------------------------------------------------------------- precision
+def test_auto_takes_fp32_on_a_cpu_without_native_bf16_even_if_a_probe_said_faster(monkeypatch):
+    mock_cpu(monkeypatch, None, 3.0)
+    chosen = precision.resolve_precision("auto", CPU)
+    assert chosen.name == "fp32" and "no AMX or AVX-512 BF16" in chosen.reason
+    assert chosen.autocast().__class__.__name__ == "nullcontext"
+
+
+@pytest.mark.parametrize("native", ["AMX", "AVX-512 BF16"])
+def test_auto_takes_bf16_on_a_cpu_with_native_bf16_that_measures_faster(monkeypatch, native):
+    mock_cpu(monkeypatch, native, 2.5)
+    chosen = precision.resolve_precision("auto", CPU)
+    assert (chosen.name, chosen.dtype) == ("bf16", torch.bfloat16)
+    assert native in chosen.reason and "2.50×" in chosen.reason
+    with chosen.autocast():
+        assert torch.nn.functional.linear(torch.ones(2, 4), torch.ones(3, 4)).dtype == torch.bfloat16
+
+
+def test_auto_takes_fp32_where_native_bf16_measures_slower(monkeypatch):
+    """This machine's case: AVX-512 BF16 without AMX, bf16 matmuls at about half the fp32 rate."""
+    mock_cpu(monkeypatch, "AVX-512 BF16", 0.5)
+    chosen = precision.resolve_precision("auto", CPU)
+    assert chosen.name == "fp32" and "0.50× fp32" in chosen.reason
+
+
+def test_forced_bf16_on_a_cpu_without_native_support_warns_with_the_measured_slowdown(monkeypatch):
+    mock_cpu(monkeypatch, None, 0.25)
+    with pytest.warns(UserWarning, match=r"bf16 on this CPU \(no AMX or AVX-512 BF16: emulated\).*4\.0× slower"):
+        chosen = precision.resolve_precision("bf16", CPU)
+    assert (chosen.name, chosen.reason) == ("bf16", "requested")
+
+
+def test_forced_modes_are_kept_and_a_fast_bf16_cpu_does_not_warn(monkeypatch):
+    mock_cpu(monkeypatch, "AMX", 4.0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert precision.resolve_precision("bf16", CPU).name == "bf16"
+        assert precision.resolve_precision("fp32", CPU).name == "fp32"
+    assert precision.resolve_precision("fp16", CPU).grad_scaler() is not None
+    with pytest.raises(ValueError, match="precision='fp8'"):
+        precision.resolve_precision("fp8", CPU)
+
+
+@pytest.mark.parametrize("capability, name", [((9, 0), "bf16"), ((8, 0), "bf16"), ((7, 5), "fp32")])
+def test_auto_on_cuda_follows_the_device_s_native_bf16(monkeypatch, capability, name):
+    monkeypatch.setattr(torch.version, "hip", None)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda *a: capability)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a: "GPU-X")
+    chosen = precision.resolve_precision("auto", torch.device("cuda"))
+    assert chosen.name == name and "GPU-X" in chosen.reason
+
+
+@pytest.mark.parametrize("capability, flags, expected", [
+    ("AVX2", {"avx512_bf16", "amx_bf16"}, None),  # torch dispatches AVX2 kernels: bf16 is emulated
+    ("AVX512", {"avx512f"}, None),
+    ("AVX512", {"avx512f", "avx512_bf16"}, "AVX-512 BF16"),
+    ("AVX512", {"avx512_bf16", "amx_tile", "amx_bf16"}, "AMX"),
+])
+def test_cpu_support_from_torch_capability_and_cpu_flags(monkeypatch, capability, flags, expected):
+    monkeypatch.delattr(torch._C._cpu, "_is_amx_tile_supported", raising=False)
+    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: capability)
+    monkeypatch.setattr(precision, "_cpu_flags", lambda: flags)
+    assert precision.cpu_bf16_support() == expected
+
+
+@pytest.mark.parametrize("amx, avx512_bf16, expected", [(True, True, "AMX"), (False, True, "AVX-512 BF16"),
+                                                        (False, False, None)])
+def test_cpu_support_as_torch_reports_it_when_it_can(monkeypatch, amx, avx512_bf16, expected):
+    monkeypatch.setattr(torch._C._cpu, "_is_amx_tile_supported", lambda: amx, raising=False)
+    monkeypatch.setattr(torch._C._cpu, "_is_avx512_bf16_supported", lambda: avx512_bf16, raising=False)
+    assert precision.cpu_bf16_support() == expected
+
+
+@pytest.mark.skipif(platform.machine() not in ("x86_64", "AMD64"), reason="ATEN_CPU_CAPABILITY=avx2 is x86")
+def test_an_avx2_cpu_really_gets_fp32_and_a_bf16_peak_no_lower_than_fp32(tmp_path):
+    """torch and oneDNN limited to AVX2 (the common laptop): bf16 is emulated there, and the old MFU
+    denominator (a bf16 matmul at 1/20 of the fp32 rate) gave a 526 % MFU."""
+    script = (
+        "import json, torch\n"
+        "from m3ae.train import flops, precision\n"
+        "cpu = torch.device('cpu')\n"
+        "p = precision.resolve_precision('auto', cpu)\n"
+        "print(json.dumps({'name': p.name, 'reason': p.reason,\n"
+        "    'bf16': precision.matmul_rate(cpu, 'bf16', 256, 2), 'fp32': precision.matmul_rate(cpu, 'fp32', 256, 2),\n"
+        "    'peak': flops.measure_peak_flops(cpu, 'bf16', sizes=(256,), repeats=2)}))\n"
+    )
+    env = {**os.environ, "ATEN_CPU_CAPABILITY": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2", "OMP_NUM_THREADS": "1"}
+    out = json.loads(subprocess.run([sys.executable, "-c", script], env=env, check=True, capture_output=True,
+                                    text=True).stdout)
+    assert out["name"] == "fp32" and "AVX2" in out["reason"]
+    assert out["bf16"] < out["fp32"]  # emulated
+    assert out["peak"] >= 0.8 * out["fp32"]  # the fp32 floor, within the noise of two measurements
+
+
+# ---------------------------------------------------------------------------------------------- MFU
+def test_peak_is_the_precision_s_autocast_rate_floored_by_fp32(monkeypatch):
+    rates = {"fp32": 100.0, "bf16": 5.0, "fp16": 400.0}
+    monkeypatch.setattr(flops, "matmul_rate", lambda device, name, size, repeats: rates[name] * size)
+    assert flops.measure_peak_flops(CPU, "bf16", sizes=(1, 2)) == 200.0  # emulated bf16: fp32's rate
+    assert flops.measure_peak_flops(CPU, "fp16", sizes=(1, 2)) == 800.0  # native: its own rate
+    assert flops.measure_peak_flops(CPU, "fp32", sizes=(1,)) == 100.0
+
+
+@pytest.mark.parametrize("name", ["fp32", "bf16", "fp16"])
+def test_bench_and_pretraining_mfu_stay_at_most_one(tmp_path, name):
+    result = run_bench(BenchConfig(preset="tiny", batch_size=2, image_size=32, text_length=16, vocab_size=100,
+                                   dtype=name, steps=1, warmup=1, threads=1))
+    assert result["dtype"] == name and 0 < result["mfu"] <= 1
+    cfg = tiny_config(tmp_path, steps=2, precision=name, threads=1)
+    run_pretraining(cfg, loader=ListLoader(global_batches(cfg.model, 1, 8)))
+    assert all(0 < m["mfu"] <= 1 for m in read_metrics(tmp_path / "metrics.jsonl"))
+
+
+# ------------------------------------------------------------------------------------------ threads
+@pytest.mark.parametrize("cores, load, processes, expected", [
+    (2, 0.3, 1, 2), (2, 0.49, 1, 2), (2, 0.6, 1, 1), (2, 5.0, 1, 1),  # 2 cores: both only when free
+    (8, 2.2, 1, 6), (8, 0.0, 2, 4), (8, 7.0, 2, 1), (1, 0.0, 1, 1),
+])
+def test_auto_threads_rule(cores, load, processes, expected):
+    count, reason = precision.auto_threads(cores, load, processes)
+    assert count == expected and f"{load:.2f}" in reason
+
+
+def test_apply_threads_sets_torch_and_auto_follows_load_or_omp(monkeypatch):
+    assert precision.apply_threads(1).count == 1 and torch.get_num_threads() == 1
+    assert precision.apply_threads(2).reason == "requested" and torch.get_num_threads() == 2
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    monkeypatch.setattr(precision, "physical_cores", lambda: 2)
+    monkeypatch.setattr(os, "getloadavg", lambda: (4.0, 4.0, 4.0))
+    chosen = precision.apply_threads("auto")
+    assert (chosen.count, torch.get_num_threads()) == (1, 1) and "load average 4.00" in chosen.reason
+    monkeypatch.setattr(os, "getloadavg", lambda: (0.0, 0.0, 0.0))
+    assert precision.apply_threads("auto").count == 1  # decided once per process
+    precision._auto_threads.cache_clear()
+    monkeypatch.setenv("OMP_NUM_THREADS", "2")
+    assert precision.apply_threads("auto") == precision.Threads(2, "auto: OMP_NUM_THREADS")
+    for bad in (0, "two", True):
+        with pytest.raises(ValueError, match="threads="):
+            precision.apply_threads(bad)
+
+
+def test_threads_flags_and_config_fields(capsys):
+    assert precision.parse_threads("auto") == "auto" and precision.parse_threads("3") == 3
+    with pytest.raises(argparse.ArgumentTypeError):
+        precision.parse_threads("0")
+    with pytest.raises(SystemExit):
+        m3ae_main(["knn", "--checkpoint", "x", "--threads", "none"])
+    assert "--threads" in capsys.readouterr().err
+    cfg = config_io.load(PretrainConfig, None, {"train.threads": 1, "train.precision": "bf16"})
+    assert (cfg.train.threads, cfg.train.precision) == (1, "bf16")
+    with pytest.raises(config_io.ConfigError, match="train.threads"):
+        config_io.load(PretrainConfig, None, {"train.threads": "many"})
+    assert (PretrainConfig().train.precision, PretrainConfig().train.threads) == ("auto", "auto")
+
+
+def test_pretraining_applies_threads_prints_and_records_the_resolved_choices(tmp_path, monkeypatch, capsys):
+    mock_cpu(monkeypatch, None, 3.0)
+    cfg = tiny_config(tmp_path, steps=1, threads=1)
+    run_pretraining(cfg, loader=ListLoader(global_batches(cfg.model, 1, 8)))
+    assert torch.get_num_threads() == 1
+    info = json.loads((tmp_path / "run_info.json").read_text())
+    assert (info["precision"], info["threads"], info["threads_reason"]) == ("fp32", 1, "requested")
+    assert "no AMX or AVX-512 BF16" in info["precision_reason"]
+    assert "precision fp32 (auto: " in capsys.readouterr().out
+    saved = config_io.load(PretrainConfig, tmp_path / "config.yaml")
+    assert (saved.train.precision, saved.train.threads) == ("auto", 1)  # the setting, not the decision
+
+
+def test_feature_and_probe_commands_default_to_auto_and_say_what_they_chose(setup, tmp_path, monkeypatch, capsys):
+    mock_cpu(monkeypatch, None, 3.0)
+    root, data = setup
+    split = ["--data", f"{data}/train-*.tar", "--train-data", f"{data}/train-*.tar", "--val-data", f"{data}/val-*.tar"]
+    assert m3ae_main(["knn", "--checkpoint", str(root / "model"), *split, "--k", "5", "--threads", "1"]) == 0
+    err = capsys.readouterr().err
+    assert "1 CPU thread (requested)" in err and "precision fp32 (auto: " in err
+    assert torch.get_num_threads() == 1
+    assert m3ae_main(["linear-probe", "--checkpoint", str(root / "model"), "--data.source", f"{data}/train-*.tar",
+                      "--data.eval_train_source", f"{data}/train-*.tar", "--data.eval_val_source",
+                      f"{data}/val-*.tar", "--data.num_workers", "0", "--cached", "true", "--epochs", "1",
+                      "--batch_size", "16", "--log.progress", "false", "--threads", "1",
+                      "--out_dir", str(tmp_path / "lp")]) == 0
+    info = json.loads((tmp_path / "lp" / "run_info.json").read_text())
+    assert (info["precision"], info["threads"]) == ("fp32", 1) and info["precision_reason"].startswith("auto: ")
