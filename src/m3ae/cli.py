@@ -53,7 +53,7 @@ def main(argv: list[str] | None = None) -> int:
     except USER_ERRORS as e:
         if os.environ.get("M3AE_DEBUG") == "1":
             raise
-        from .model.config import ConfigError
+        from .config import ConfigError
 
         kind = "config error" if isinstance(e, ConfigError) else "error"
         print(f"{args.command_path}: {kind}: {one_line(e)} (M3AE_DEBUG=1 shows the traceback)", file=sys.stderr)

@@ -22,9 +22,11 @@ from typing import Any, Literal, TypeVar, get_args, get_origin, get_type_hints
 
 import yaml
 
-from .model.config import ConfigError
-
 T = TypeVar("T")
+
+
+class ConfigError(ValueError):
+    """A configuration value is invalid; the message names the field."""
 
 
 def _is_dataclass_type(tp: Any) -> bool:

@@ -9,6 +9,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
+# The one typed-field checker, shared with YAML recipes and the command line.
+from ..config import ConfigError, from_dict
+
 ModelType = Literal["m3ae", "mae"]
 MaskingMode = Literal["per_sample", "shared"]
 AttentionImpl = Literal["auto", "sdpa", "math"]
@@ -25,10 +28,6 @@ PRESETS: dict[str, dict[str, Any]] = {
     "large": dict(emb_dim=1024, depth=24, num_heads=16),
     "huge": dict(emb_dim=1280, depth=32, num_heads=16),
 }
-
-
-class ConfigError(ValueError):
-    """A configuration value is invalid; the message names the field."""
 
 
 @dataclass
@@ -156,8 +155,6 @@ class M3AEConfig:
     def load(cls, path: str | Path) -> "M3AEConfig":
         """A config.json, every field type-checked as the command line's (`"false"` is not false);
         errors name the file and the field."""
-        from ..config import from_dict  # the one typed-field checker, shared with YAML recipes
-
         try:
             values = json.loads(Path(path).read_text())
         except (OSError, ValueError) as error:
