@@ -31,6 +31,7 @@ def build_parser() -> argparse.ArgumentParser:
         importlib.import_module(module_name).register(subparsers)
     for sub in _subparsers(parser):  # error lines name the whole command ("m3ae data build")
         sub.set_defaults(command_path=sub.prog)
+        sub.allow_abbrev = False  # a typo (`--image` for `--images`) is an error, not another flag
     return parser
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import inspect
 import io
 import re
@@ -102,6 +103,7 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
     raise ConfigError(f"{where}: unsupported annotation {tp!r}")
 
 
+@functools.cache  # every command's parser asks again, for the same few classes
 def _hints(cls: type) -> dict[str, Any]:
     return get_type_hints(cls)
 
@@ -213,6 +215,7 @@ def field_help(cls: type) -> dict[str, str]:
     return out
 
 
+@functools.cache
 def _own_field_help(cls: type) -> dict[str, str]:
     try:
         lines, _ = inspect.getsourcelines(cls)

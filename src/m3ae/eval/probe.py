@@ -65,7 +65,7 @@ class LinearProbeConfig:
     base_lr: float | None = None  # peak lr = base_lr × batch_size / 256 ...
     lr: float | None = None  # ... unless given directly
     warmup_epochs: float | None = None  # linear warm-up epochs; null: the recipe's
-    weight_decay: float = 0.0  # weight decay
+    weight_decay: float = 0.0  # of the trained weights (the head; all but norms and biases in fine-tuning)
     momentum: float = 0.9  # LARS and SGD
     precision: PrecisionSetting = "auto"  # auto: bf16 where the device computes it natively and faster
     threads: ThreadsSetting = "auto"  # CPU threads per process; auto: the free physical cores
@@ -119,7 +119,7 @@ class FinetuneConfig(LinearProbeConfig):
     optimizer: OptimizerName = "adamw"  # lars, sgd or adamw
     base_lr: float = 5e-4
     warmup_epochs: float = 5.0  # linear warm-up epochs
-    weight_decay: float = 0.05  # weight decay
+    weight_decay: float = 0.05  # of the trained weights (the head; all but norms and biases in fine-tuning)
     betas: tuple[float, float] = (0.9, 0.999)  # AdamW betas
     layer_decay: float = 0.75  # lr scale per block down from the head (MAE's layer-wise decay)
     drop_path: float = 0.1  # stochastic depth of the encoder
