@@ -33,9 +33,10 @@ class FeatureCommandConfig:
     threads: ThreadsSetting = "auto"  # CPU threads; auto: the free physical cores
 
 
-@dataclass
+# kw_only: a required field may follow the base's defaulted ones
+@dataclass(kw_only=True)
 class EmbedConfig(FeatureCommandConfig):
-    out: str = "features.safetensors"  # output file: .safetensors or .npz
+    out: str  # output file: .safetensors or .npz
     split: Literal["train", "val"] = "val"  # which evaluation split of the source
     # text and pair read captions from the pair source (--data.source), in its streaming order
     modality: Literal["image", "text", "pair"] = "image"
@@ -48,9 +49,9 @@ class KnnConfig(FeatureCommandConfig):
     temperature: float = 0.07  # votes weighted by exp(cosine / temperature)
 
 
-@dataclass
+@dataclass(kw_only=True)
 class OodConfig(FeatureCommandConfig):
-    out_data: str = ""  # the out-of-distribution source (its val split; labels not needed)
+    out_data: str  # the out-of-distribution source (its val split; labels not needed)
     out_format: str = "auto"  # the out-of-distribution source's format
 
 
@@ -199,14 +200,11 @@ def knn_command(args: argparse.Namespace) -> int:
 
 
 def ood_command(args: argparse.Namespace) -> int:
-    from ..config import ConfigError
     from .ood import MahalanobisScorer, auroc, fit_softmax_head, max_softmax_score
 
     cfg, model = _prepare(args, OodConfig)
     if cfg is None:
         return 0
-    if not cfg.out_data:
-        raise ConfigError("--out-data: required, not given")
     data = _data_config(cfg, model)
     split = _checked_split(data)
     train, inside = _features(cfg, model, data, "train"), _features(cfg, model, data, "val")

@@ -25,20 +25,21 @@ class FigureConfig:
     threads: ThreadsSetting = "auto"  # CPU threads; auto: the free physical cores
 
 
-@dataclass
+# kw_only: a required field may follow the base's defaulted ones
+@dataclass(kw_only=True)
 class ReconstructConfig(FigureConfig):
-    images: list[str] = field(default_factory=list)  # image files, one row each
+    images: list[str]  # image files, one row each
     captions: list[str] | None = None  # one per image; null: image-only
     out: str = "reconstruction.png"  # output figure
-    image_mask_ratio: float | None = None  # null: the model's
-    text_mask_ratio: float | None = None  # null: the model's
+    image_mask_ratio: float | None = None  # fraction of patches hidden; null: the model's
+    text_mask_ratio: float | None = None  # fraction of words hidden; null: the model's
     top_k: int = 3  # guesses shown per masked word
 
 
-@dataclass
+@dataclass(kw_only=True)
 class AttentionConfig(FigureConfig):
-    image: str = ""  # the image file
-    caption: str = ""  # its caption
+    image: str  # the image file
+    caption: str  # its caption
     words: list[str] | None = None  # words to map over the image; null: up to 5 of the caption's
     # ROW,COL of the patch whose attention over the words is shown; null: the patch the first word
     # attends to most
@@ -114,8 +115,6 @@ def run_reconstruct(args: argparse.Namespace) -> int:
     cfg = _config(args)
     if cfg is None:
         return 0
-    if not cfg.images:
-        raise ConfigError("--images: required, not given")
     if cfg.captions is not None and len(cfg.captions) != len(cfg.images):
         raise ConfigError(f"--captions: {len(cfg.captions)} given for {len(cfg.images)} images")
     model, normalization = _load(cfg, image_mask_ratio=cfg.image_mask_ratio, text_mask_ratio=cfg.text_mask_ratio)
@@ -170,9 +169,6 @@ def run_attention(args: argparse.Namespace) -> int:
     cfg = _config(args)
     if cfg is None:
         return 0
-    for name in ("image", "caption"):
-        if not getattr(cfg, name):
-            raise ConfigError(f"--{name}: required, not given")
     model, normalization = _load(cfg)
     if not model.config.has_text:
         raise ConfigError(f"--checkpoint {cfg.checkpoint}: an image-only model has no word-image attention")
