@@ -68,7 +68,7 @@ def test_every_option_has_its_own_help_line_and_config_fields_show_their_default
                 field = action.dest.split(":", 1)[1].rsplit(".", 1)[-1]
                 # the fallback when a field has no comment is its own name: not a help line
                 assert not action.help.startswith(f"{field.replace('_', ' ')} (default"), f"{prog} {flag}"
-                assert re.search(r"\(default: .+\)$", action.help), f"{prog} {flag}: {action.help}"
+                assert re.search(r"\((default: .+|required)\)$", action.help), f"{prog} {flag}: {action.help}"
 
 
 def test_the_underscore_spelling_is_a_hidden_alias(capsys):
@@ -81,7 +81,7 @@ def test_the_underscore_spelling_is_a_hidden_alias(capsys):
 
 
 def _required_flags(parser: argparse.ArgumentParser) -> list[str]:
-    return [arg for action in _options(parser) if (action.help or "").endswith("(default: required)")
+    return [arg for action in _options(parser) if (action.help or "").endswith("(required)")
             for arg in (action.option_strings[0], "x")]
 
 

@@ -282,8 +282,8 @@ def add_override_arguments(parser: argparse.ArgumentParser, cls: type, defaults:
         elif tp is bool:  # a bare `--flag` turns it on
             common.update(nargs="?", const=True)
         text = docs[dotted] or dotted.rsplit(".", 1)[-1].replace("_", " ")
-        shown = _yaml_scalar(values[dotted]) if dotted in values else "required"
-        group.add_argument(flag_name(dotted), help=f"{text} (default: {shown})".replace("%", "%%"), **common)
+        shown = f"default: {_yaml_scalar(values[dotted])}" if dotted in values else "required"
+        group.add_argument(flag_name(dotted), help=f"{text} ({shown})".replace("%", "%%"), **common)
         if "_" in dotted:  # the Python spelling, accepted but not listed
             group.add_argument(f"--{dotted}", help=argparse.SUPPRESS, **common)
 
@@ -295,7 +295,7 @@ def _yaml_scalar(value: Any) -> str:
 def add_override_alias(parser: argparse.ArgumentParser, flag: str, dotted: str) -> None:
     """Another name for the override `--{dotted}` (e.g. the spelling other tools use)."""
     parser.add_argument(flag, metavar="VALUE", dest=f"{OVERRIDES_DEST}:{dotted}", default=argparse.SUPPRESS,
-                        type=parse_value, help=f"alias of --{dotted}")
+                        type=parse_value, help=f"alias of {flag_name(dotted)}")
 
 
 def _metavar(tp: Any) -> str:
