@@ -5,6 +5,7 @@ errors as one line with exit status 2."""
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import re
 
 import pytest
@@ -166,3 +167,35 @@ def test_user_errors_are_one_line_and_exit_2(family, tmp_path, capsys, monkeypat
     assert main(bad) == 2
     line = _one_error_line(capsys.readouterr().err, "config error")
     assert bad[-2].lstrip("-").replace("-", "_").split(".")[-1] in line and repr(bad[-1]) in line
+
+
+@dataclasses.dataclass
+class _Base:
+    # Said above the field,
+    # over two lines.
+    above: int = 1
+    beside: int = 2  # said beside it
+    # said above the next field, not below this one
+    both: int = 3  # and beside
+
+
+@dataclasses.dataclass
+class _Child(_Base):
+    beside: int = 4  # the subclass's own words
+    bare: int = 5
+
+
+def test_field_help_is_the_comment_above_and_beside_each_field_inherited_too():
+    from m3ae.config import field_help
+
+    assert field_help(_Child) == {
+        "above": "Said above the field, over two lines.",
+        "beside": "the subclass's own words",
+        "both": "said above the next field, not below this one and beside",
+    }
+    # a probe config: the recipe's comment block above `recipe` is not `batch_size`'s, and the
+    # fields FinetuneConfig inherits keep their help
+    from m3ae.eval.probe import FinetuneConfig, LinearProbeConfig
+
+    assert field_help(LinearProbeConfig)["batch_size"] == "global"
+    assert field_help(FinetuneConfig)["checkpoint"] == field_help(LinearProbeConfig)["checkpoint"] != ""
