@@ -158,7 +158,10 @@ def test_user_errors_are_one_line_and_exit_2(family, tmp_path, capsys, monkeypat
     with pytest.raises(SystemExit) as stop:
         main(typo)
     assert stop.value.code == 2
-    assert "unrecognized arguments: " + typo[-2] in _one_error_line(capsys.readouterr().err, "error")
+    line = _one_error_line(capsys.readouterr().err, "error")
+    # the command named, and the flag meant
+    assert line.startswith(f"m3ae {' '.join(typo[:2]) if family == 'data' else typo[0]}: error: unrecognized arguments: "
+                           f"{typo[-2]} ") and "(did you mean --" in line, line
 
     assert main(missing) == 2
     line = _one_error_line(capsys.readouterr().err, "config error" if family == "pretrain" else "error")
@@ -167,6 +170,15 @@ def test_user_errors_are_one_line_and_exit_2(family, tmp_path, capsys, monkeypat
     assert main(bad) == 2
     line = _one_error_line(capsys.readouterr().err, "config error")
     assert bad[-2].lstrip("-").replace("-", "_").split(".")[-1] in line and repr(bad[-1]) in line
+
+
+
+def test_a_model_given_positionally_points_to_checkpoint(capsys):
+    with pytest.raises(SystemExit) as stop:
+        main(["export", "runs/x", "--out-dir", "out"])
+    assert stop.value.code == 2
+    assert "m3ae export: error: unrecognized arguments: runs/x (did you mean --checkpoint runs/x?)" in \
+        capsys.readouterr().err
 
 
 @dataclasses.dataclass
