@@ -20,7 +20,7 @@ CKPT = OFFICIAL / "m3ae_tiny_official_ckpt.pkl"
 
 
 def test_official_checkpoint_converts_through_cli_and_reproduces_official_outputs(tmp_path, m3ae_tiny, capsys):
-    assert main(["convert-official", str(CKPT), str(tmp_path / "out")]) == 0
+    assert main(["convert-official", "--checkpoint", str(CKPT), "--out-dir", str(tmp_path / "out")]) == 0
     assert "parameters" in capsys.readouterr().out
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["config.json", "model.safetensors"]
     model = M3AE.from_pretrained(tmp_path / "out", masking="shared")

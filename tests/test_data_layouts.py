@@ -83,7 +83,7 @@ def test_a_table_with_its_own_columns_and_separator_reads_like_shards(tmp_path):
 def test_open_clip_flag_names_reach_the_table_reader(tmp_path, capsys):
     (tmp_path / "a.png").write_bytes(image_bytes(0))
     (tmp_path / "t.tsv").write_text("filepath\ttitle\na.png\ta red square\n")
-    cli(["data", "inspect", str(tmp_path / "t.tsv"), "--csv-img-key", "filepath", "--csv-caption-key", "title"])
+    cli(["data", "inspect", "--data.source", str(tmp_path / "t.tsv"), "--csv-img-key", "filepath", "--csv-caption-key", "title"])
     report = json.loads(capsys.readouterr().out)
     assert report["samples"] == 1 and report["empty_captions"] == 0 and report["layout"]["format"] == "manifest"
 

@@ -95,7 +95,7 @@ def test_tar_members_are_grouped_by_key_with_directories(tmp_path):
 
 def test_build_converts_manifest_and_folder_to_equivalent_shards(formats, tmp_path, capsys):
     for name in ("jsonl", "folder"):
-        cli(["data", "build", formats[name], str(tmp_path / name), "--shard-size", "5"])
+        cli(["data", "build", "--data.source", formats[name], "--out-dir", str(tmp_path / name), "--shard-size", "5"])
         report = json.loads(capsys.readouterr().out)
         assert report["samples"] == COUNT and len(report["shards"]) == 3
         assert read_all(open_source(str(tmp_path / name))) == read_all(open_source(formats[name]))
@@ -106,7 +106,7 @@ def test_inspect_reports_counts_and_oov(formats, tmp_path, capsys):
 
     shard = write_tar(tmp_path / "s.tar", [("k1.png", image_bytes(0)), ("k1.txt", "a dog \u2603".encode()),
                                             ("k2.png", b"broken"), ("k2.txt", b"x")])
-    cli(["data", "inspect", str(shard)])
+    cli(["data", "inspect", "--data.source", str(shard)])
     stats = json.loads(capsys.readouterr().out)
     assert stats["samples"] == 1 and stats["skipped"] == {"undecodable_image": 1}
     assert stats["caption_tokens"]["max"] == 3 and stats["oov_rate"] == pytest.approx(1 / 3, abs=1e-5)

@@ -45,7 +45,7 @@ def test_captions_describe_the_scene_and_labels_match():
 
 
 def test_cli_synth_shards_read_back_through_both_loaders(tmp_path, capsys):
-    cli(["data", "synth", str(tmp_path / "emb"), "--train", "60", "--val", "20", "--image-size", "32",
+    cli(["data", "synth", "--out-dir", str(tmp_path / "emb"), "--train", "60", "--val", "20", "--image-size", "32",
          "--shard-size", "25"])
     assert json.loads(capsys.readouterr().out)["classes"] == list(SHAPES)
     with tarfile.open(tmp_path / "emb" / "train-0000.tar") as tar:

@@ -37,7 +37,7 @@ def _keys(cfg: DataConfig, split: str) -> list[str]:
 
 
 def test_a_source_without_splits_is_refused_for_knn(setup, capsys):
-    args = ["knn", "--checkpoint", str(setup / "model"), "--data", str(setup / "classes"), "--batch-size", "8",
+    args = ["knn", "--checkpoint", str(setup / "model"), "--data.source", str(setup / "classes"), "--batch-size", "8",
             "--precision", "fp32", "--device", "cpu"]
     assert main(args) == 2
     err = [line for line in capsys.readouterr().err.splitlines() if ": error: " in line]  # not what it chose
@@ -57,7 +57,7 @@ def test_val_fraction_holds_out_a_fixed_disjoint_part_by_key_hash(setup, capsys)
     assert 0 < len(val) < 12
     split = check_eval_split(cfg)
     assert split.method == "key-hash" and split.val_fraction == 0.25
-    assert main(["knn", "--checkpoint", str(setup / "model"), "--data", str(setup / "classes"), "--val-fraction",
+    assert main(["knn", "--checkpoint", str(setup / "model"), "--data.source", str(setup / "classes"), "--val-fraction",
                  "0.25", "--batch-size", "8", "--precision", "fp32", "--device", "cpu", "--k", "3"]) == 0
     captured = capsys.readouterr()
     result = json.loads(captured.out.strip().splitlines()[-1])
@@ -77,7 +77,7 @@ def test_the_probe_stores_the_split_in_results_json(setup, tmp_path):
 
 
 def test_unlabelled_data_for_a_labelled_command_is_one_line(setup, capsys):
-    assert main(["knn", "--checkpoint", str(setup / "model"), "--data", str(setup / "unlabelled"),
+    assert main(["knn", "--checkpoint", str(setup / "model"), "--data.source", str(setup / "unlabelled"),
                  "--val-fraction", "0.5", "--batch-size", "8", "--precision", "fp32", "--device", "cpu"]) == 2
     errors = [line for line in capsys.readouterr().err.splitlines() if "error" in line]
     assert len(errors) == 1 and "have no label" in errors[0] and "unlabelled" in errors[0]

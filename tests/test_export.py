@@ -30,7 +30,7 @@ def trained_like(tmp_path_factory):
 def test_hf_vit_export_matches_encode(trained_like, tmp_path):
     transformers = pytest.importorskip("transformers")
     model, directory = trained_like
-    assert main(["export", str(directory), str(tmp_path / "hf"), "--format", "hf"]) == 0
+    assert main(["export", "--checkpoint", str(directory), "--out-dir", str(tmp_path / "hf"), "--format", "hf"]) == 0
     vit = transformers.ViTModel.from_pretrained(tmp_path / "hf", add_pooling_layer=False).eval()
     image = torch.randn(3, 3, 32, 32)
     with torch.no_grad():
@@ -41,7 +41,7 @@ def test_hf_vit_export_matches_encode(trained_like, tmp_path):
 
 def test_timm_state_dict_layout(trained_like, tmp_path):
     model, directory = trained_like
-    assert main(["export", str(directory), str(tmp_path / "timm"), "--format", "timm"]) == 0
+    assert main(["export", "--checkpoint", str(directory), "--out-dir", str(tmp_path / "timm"), "--format", "timm"]) == 0
     state = load_file(str(tmp_path / "timm" / "model.safetensors"))
     config = json.loads((tmp_path / "timm" / "config.json").read_text())
     args = config["model_args"]
@@ -66,7 +66,7 @@ def test_auto_image_processor_and_vit_model_reproduce_encode_on_a_pil_image(trai
     from m3ae.data.transforms import ImageTransform, normalize_batch
 
     model, directory = trained_like
-    assert main(["export", str(directory), str(tmp_path / "hf"), "--format", "hf", "--normalization", "imagenet"]) == 0
+    assert main(["export", "--checkpoint", str(directory), "--out-dir", str(tmp_path / "hf"), "--format", "hf", "--normalization", "imagenet"]) == 0
     image = Image.fromarray(np.random.default_rng(0).integers(0, 256, (45, 45, 3), dtype=np.uint8))
     processor = transformers.AutoImageProcessor.from_pretrained(tmp_path / "hf")
     vit = transformers.ViTModel.from_pretrained(tmp_path / "hf", add_pooling_layer=False).eval()
@@ -81,7 +81,7 @@ def test_auto_image_processor_and_vit_model_reproduce_encode_on_a_pil_image(trai
 def test_timm_export_loads_with_one_create_model_call(trained_like, tmp_path):
     timm = pytest.importorskip("timm")  # timm needs torchvision; absent here, the call is documented in INTEROP.md
     model, directory = trained_like
-    assert main(["export", str(directory), str(tmp_path / "timm"), "--format", "timm"]) == 0
+    assert main(["export", "--checkpoint", str(directory), "--out-dir", str(tmp_path / "timm"), "--format", "timm"]) == 0
     vit = timm.create_model(f"local-dir:{tmp_path / 'timm'}", pretrained=True).eval()
     image = torch.randn(2, 3, 32, 32)
     with torch.no_grad():

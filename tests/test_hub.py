@@ -94,7 +94,7 @@ def test_push_to_hub_command_writes_the_run_config_and_probe_results_into_the_ca
                                                     "split": {"val": "classes [0.2 held out by key hash]"}}))
     hub = FolderHub(tmp_path / "hub")
     monkeypatch.setattr(huggingface_hub, "HfApi", lambda token=None: hub)
-    assert main(["push-to-hub", str(step), "me/tiny", "--probe", str(probe), "--branch", "v1"]) == 0
+    assert main(["push-to-hub", "--checkpoint", str(step), "--repo-id", "me/tiny", "--probe", str(probe), "--branch", "v1"]) == 0
     uploaded = tmp_path / "hub" / "v1" / "me" / "tiny"
     card = (uploaded / "README.md").read_text()
     assert "| training data | shards/{0..9}.tar |" in card and "| training length | 300 steps |" in card

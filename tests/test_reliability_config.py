@@ -45,7 +45,7 @@ def test_invalid_json_names_the_file(saved, capsys, tmp_path):
     with pytest.raises(ConfigError, match=f"^{saved / 'config.json'}: not a readable JSON file"):
         M3AE.from_pretrained(saved)
     # every command: one line, exit 2, no traceback
-    assert main(["export", str(saved), str(tmp_path / "out")]) == 2
+    assert main(["export", "--checkpoint", str(saved), "--out-dir", str(tmp_path / "out")]) == 2
     err = capsys.readouterr().err
     assert err.startswith("m3ae export: config error: ") and len(err.strip().splitlines()) == 1
 

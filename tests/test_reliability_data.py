@@ -136,7 +136,7 @@ def test_build_rejects_keys_that_would_not_read_back(tmp_path, capsys, key, why)
     (tmp_path / "a.png").write_bytes(image_bytes(0))
     rows = [{"image": "a.png", "caption": "first", "key": "same"}, {"image": "a.png", "caption": "x", "key": key}]
     (tmp_path / "m.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
-    assert main(["data", "build", str(tmp_path / "m.jsonl"), str(tmp_path / "out")]) == 2
+    assert main(["data", "build", "--data.source", str(tmp_path / "m.jsonl"), "--out-dir", str(tmp_path / "out")]) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1
     assert err.startswith(f"m3ae data build: error: {tmp_path / 'm.jsonl'}: record 1 (0-based): sample key ") and why in err

@@ -149,7 +149,7 @@ def test_finetune_optimizer_uses_layer_decay_and_the_scheduler_applies_it(setup,
 
 def test_knn_ood_and_embed_commands(setup, tmp_path, capsys):
     root, data = setup
-    split = ["--data", f"{data}/train-*.tar", "--train-data", f"{data}/train-*.tar",
+    split = ["--data.source", f"{data}/train-*.tar", "--train-data", f"{data}/train-*.tar",
              "--val-data", f"{data}/val-*.tar", "--precision", "fp32"]
     assert main(["knn", "--checkpoint", str(root / "model"), *split, "--k", "5"]) == 0
     knn = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
@@ -159,7 +159,7 @@ def test_knn_ood_and_embed_commands(setup, tmp_path, capsys):
     ood = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert ood["mahalanobis_auroc"] == pytest.approx(0.5) and ood["max_softmax_auroc"] == pytest.approx(0.5)
     out = tmp_path / "pairs.npz"
-    assert main(["embed", "--checkpoint", str(root / "model"), "--data", f"{data}/val-*.tar", "--modality", "pair",
+    assert main(["embed", "--checkpoint", str(root / "model"), "--data.source", f"{data}/val-*.tar", "--modality", "pair",
                  "--pool", "mean", "--layer", "1", "--out", str(out)]) == 0
     with np.load(out, allow_pickle=False) as f:
         assert f["features"].shape == (16, 32) and f["labels"].shape == (16,) and f["keys"].shape == (16,)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import difflib
 import importlib
 import os
 import sys
@@ -31,6 +32,7 @@ def build_parser() -> argparse.ArgumentParser:
         importlib.import_module(module_name).register(subparsers)
     for sub in _subparsers(parser):  # error lines name the whole command ("m3ae data build")
         sub.set_defaults(command_path=sub.prog)
+        sub.allow_abbrev = False  # a typo (`--image` for `--images`) is an error, not another flag
     return parser
 
 
@@ -43,11 +45,10 @@ def _subparsers(parser: argparse.ArgumentParser):
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    if getattr(args, "threads", None) is not None:  # commands configured by flags; configs apply their own
-        from .train.precision import apply_threads
-
-        print(apply_threads(args.threads).describe(), file=sys.stderr)
+    parser = build_parser()
+    args, unknown = parser.parse_known_args(argv)
+    if unknown:
+        _reject_unknown(parser, args.command_path, unknown)
     try:
         return int(args.func(args) or 0)
     except USER_ERRORS as e:
@@ -61,6 +62,19 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"{args.command_path}: interrupted", file=sys.stderr)
         return 130
+
+
+def _reject_unknown(parser: argparse.ArgumentParser, command_path: str, unknown: list[str]) -> None:
+    """argparse leaves a command's unknown flags to the top parser, whose error names only `m3ae`: this
+    one names the command and the nearest flag it has."""
+    command = next(sub for sub in _subparsers(parser) if sub.prog == command_path)
+    flags = [flag for action in command._actions if action.help != argparse.SUPPRESS for flag in action.option_strings]
+    given = unknown[0].split("=", 1)[0]
+    near = [flag for flag in flags if flag.startswith(f"{given}.")][:1] or difflib.get_close_matches(given, flags, n=1)
+    if not given.startswith("-") and "--checkpoint" in flags:  # the model was once given positionally
+        near = [f"--checkpoint {given}"]
+    hint = f" (did you mean {near[0]}?)" if near else f" (see {command_path} --help)"
+    command.error(f"unrecognized arguments: {' '.join(unknown)}{hint}")
 
 
 def one_line(error: BaseException) -> str:

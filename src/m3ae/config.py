@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import inspect
 import io
 import re
@@ -104,6 +105,7 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
     raise ConfigError(f"{where}: unsupported annotation {tp!r}")
 
 
+@functools.cache  # every command's parser asks again, for the same few classes
 def _hints(cls: type) -> dict[str, Any]:
     return get_type_hints(cls)
 
@@ -117,6 +119,9 @@ def from_dict(cls: type[T], values: dict[str, Any], where: str = "") -> T:
     if unknown:
         raise ConfigError(f"{prefix}{unknown[0]}: unknown field of {cls.__name__} (known: {', '.join(sorted(fields))})")
     kwargs = {name: _coerce(value, hints[name], f"{prefix}{name}") for name, value in values.items()}
+    missing = [name for name, f in fields.items() if name not in kwargs and _default_of(f) is dataclasses.MISSING]
+    if missing:
+        raise ConfigError(f"{flag_name(prefix + missing[0])}: required, not given")
     try:
         if "preset" in kwargs and kwargs["preset"] is not None and hasattr(cls, "from_preset"):
             preset = kwargs.pop("preset")
@@ -202,28 +207,43 @@ OVERRIDES_DEST = "config_overrides"
 
 
 def field_help(cls: type) -> dict[str, str]:
-    """{field: text} from the comments beside (and the comment lines just below) each field of the
-    dataclass's source: the one place a field is documented, for code readers and `--help` alike."""
+    """{field: text} from the comment beside each field and the comment lines right above it, in the
+    dataclass's source and its dataclass bases': the one place a field is documented, for code
+    readers and `--help` alike."""
+    out: dict[str, str] = {}
+    for klass in reversed(cls.__mro__):
+        if dataclasses.is_dataclass(klass):
+            out.update(_own_field_help(klass))
+    return out
+
+
+@functools.cache
+def _own_field_help(cls: type) -> dict[str, str]:
     try:
         lines, _ = inspect.getsourcelines(cls)
     except (OSError, TypeError):
         return {}
-    comments = {}
+    beside, alone = {}, set()
     for token in tokenize.generate_tokens(io.StringIO("".join(lines)).readline):
         if token.type == tokenize.COMMENT:
-            comments[token.start[0] - 1] = token.string.lstrip("#").strip()
-    names = {f.name for f in dataclasses.fields(cls)}
+            row = token.start[0] - 1
+            beside[row] = token.string.lstrip("#").strip()
+            if not lines[row][: token.start[1]].strip():
+                alone.add(row)
+    names = set(cls.__annotations__)
     out: dict[str, str] = {}
     for number, line in enumerate(lines):
         match = re.match(r"\s+(\w+)\s*:", line)
-        if not match or match.group(1) not in names or match.group(1) in out or number not in comments:
+        if not match or match.group(1) not in names or match.group(1) in out:
             continue
-        text = [comments[number]]
-        below = number + 1
-        while below < len(lines) and lines[below].strip().startswith("#") and below in comments:
-            text.append(comments[below])
-            below += 1
-        out[match.group(1)] = " ".join(text)
+        above = number
+        while above - 1 in alone:
+            above -= 1
+        text = [beside[row] for row in range(above, number)]
+        if number in beside and number not in alone:
+            text.append(beside[number])
+        if text:
+            out[match.group(1)] = " ".join(text)
     return out
 
 
@@ -254,14 +274,18 @@ def add_override_arguments(parser: argparse.ArgumentParser, cls: type, defaults:
     group = parser.add_argument_group("config fields (values are read as YAML: true, null, [0.9, 0.95], 1e-4)")
     if parser.usage is None:
         parser.usage = "%(prog)s [options] [--section.field VALUE ...]"
-    values = flatten(to_dict(defaults if defaults is not None else _default_instance(cls)))
+    values = flatten(to_dict(defaults)) if defaults is not None else _field_defaults(cls)
     docs = leaf_help(cls)
     for dotted, tp in leaf_fields(cls).items():
         common = dict(metavar=_metavar(tp), dest=f"{OVERRIDES_DEST}:{dotted}", default=argparse.SUPPRESS,
                       type=parse_value)
+        if _is_list(tp):
+            common.update(nargs="+", action=_ListValue)
+        elif tp is bool:  # a bare `--flag` turns it on
+            common.update(nargs="?", const=True)
         text = docs[dotted] or dotted.rsplit(".", 1)[-1].replace("_", " ")
-        shown = _yaml_scalar(values[dotted]) if dotted in values else "required"
-        group.add_argument(flag_name(dotted), help=f"{text} (default: {shown})".replace("%", "%%"), **common)
+        shown = f"default: {_yaml_scalar(values[dotted])}" if dotted in values else "required"
+        group.add_argument(flag_name(dotted), help=f"{text} ({shown})".replace("%", "%%"), **common)
         if "_" in dotted:  # the Python spelling, accepted but not listed
             group.add_argument(f"--{dotted}", help=argparse.SUPPRESS, **common)
 
@@ -273,10 +297,12 @@ def _yaml_scalar(value: Any) -> str:
 def add_override_alias(parser: argparse.ArgumentParser, flag: str, dotted: str) -> None:
     """Another name for the override `--{dotted}` (e.g. the spelling other tools use)."""
     parser.add_argument(flag, metavar="VALUE", dest=f"{OVERRIDES_DEST}:{dotted}", default=argparse.SUPPRESS,
-                        type=parse_value, help=f"alias of --{dotted}")
+                        type=parse_value, help=f"alias of {flag_name(dotted)}")
 
 
 def _metavar(tp: Any) -> str:
+    if get_origin(tp) is list:  # one word per value given
+        return _metavar(get_args(tp)[0]) if get_args(tp) else "VALUE"
     if get_origin(tp) is Literal:
         return "{" + ",".join(str(a) for a in get_args(tp)) + "}"
     if get_origin(tp) in (typing.Union, types.UnionType):
@@ -284,11 +310,31 @@ def _metavar(tp: Any) -> str:
     return "null" if tp is type(None) else getattr(tp, "__name__", str(tp)).upper()
 
 
-def _default_instance(cls: type) -> Any:
-    try:
-        return cls()
-    except (TypeError, ValueError):  # a config with required fields: no defaults to show for them
-        return None
+def _default_of(f: dataclasses.Field) -> Any:
+    if f.default_factory is not dataclasses.MISSING:
+        return f.default_factory()
+    return f.default
+
+
+def _field_defaults(cls: type) -> dict[str, Any]:
+    """{"section.field": default} of the fields that have one (a required field has none to show)."""
+    values = {f.name: _default_of(f) for f in dataclasses.fields(cls) if f.init}
+    return flatten(to_dict({name: value for name, value in values.items() if value is not dataclasses.MISSING}))
+
+
+def _is_list(tp: Any) -> bool:
+    return any(get_origin(option) is list for option in (tp, *get_args(tp)))
+
+
+class _ListValue(argparse.Action):
+    """A list field takes several values (`--images a.png b.png`), repeats of the flag, or one YAML list
+    (`--data.image-only-sources "[{source: x.tar}]"`)."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        items = list(getattr(namespace, self.dest, None) or [])
+        for value in values:
+            items.extend(value if isinstance(value, list) else [value])
+        setattr(namespace, self.dest, items)
 
 
 def flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
@@ -319,3 +365,21 @@ def save_yaml(obj: Any, path: str | Path) -> None:
 
     with atomic_path(path) as tmp:
         tmp.write_text(to_yaml(obj))
+
+
+def add_config_arguments(parser: argparse.ArgumentParser, cls: type) -> None:
+    """The grammar of a command configured by the dataclass `cls`: `--config FILE`, `--print-config`
+    and one flag per field (`add_override_arguments`); `command_config` reads them back."""
+    parser.add_argument("--config", help="YAML file of config fields (as --print-config writes); flags apply on top")
+    parser.add_argument("--print-config", action="store_true",
+                        help="print the resolved config as YAML (readable by --config) and exit")
+    add_override_arguments(parser, cls)
+
+
+def command_config(args: argparse.Namespace, cls: type[T]) -> T | None:
+    """The command's config (--config, then the flags given); None once --print-config has printed it."""
+    cfg = load(cls, args.config, collect_overrides(args))
+    if args.print_config:
+        print(to_yaml(cfg), end="")
+        return None
+    return cfg

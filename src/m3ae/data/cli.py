@@ -1,90 +1,106 @@
-"""`m3ae data {synth,build,inspect}`."""
+"""`m3ae data {synth,build,inspect}`. The defaults are the library functions' own."""
 
 from __future__ import annotations
 
 import argparse
 import json
+from dataclasses import dataclass, field
+from inspect import signature
 
-from m3ae.data.config import FORMATS
+from .config import DataConfig
+from .synth import ensure_embedded_dataset
+from .writer import build_shards
+
+_SYNTH = signature(ensure_embedded_dataset).parameters
+_BUILD = signature(build_shards).parameters
+
+
+@dataclass
+class SynthConfig:
+    out_dir: str = _SYNTH["root"].default  # created; left unchanged if it already holds this dataset
+    seed: int = _SYNTH["seed"].default  # the generator's seed: same seed, same bytes
+    train: int = _SYNTH["train"].default  # training samples
+    val: int = _SYNTH["val"].default  # held-out labelled samples
+    image_size: int = _SYNTH["image_size"].default  # side of the square images, in pixels
+    shard_size: int = _SYNTH["shard_size"].default  # samples per .tar shard
+
+
+@dataclass
+class BuildConfig:
+    out_dir: str  # output directory of the shards
+    # The source to convert (source, format, columns; a manifest or image folder, typically)
+    data: DataConfig = field(default_factory=DataConfig)
+    shard_size: int = _BUILD["shard_size"].default  # samples per .tar shard
+    prefix: str = _BUILD["prefix"].default  # shard file names: PREFIX-0000.tar
+
+
+@dataclass
+class InspectConfig:
+    # The source to read (source, format, columns, tokenizer, text_length, image limits)
+    data: DataConfig = field(default_factory=DataConfig)
+    limit: int | None = None  # read at most this many records; null: all
+
+
+def add_open_clip_aliases(parser: argparse.ArgumentParser) -> None:
+    """open_clip's names for the table column fields."""
+    from ..config import add_override_alias
+
+    for flag, dotted in (("--csv-img-key", "data.columns.image"), ("--csv-caption-key", "data.columns.caption"),
+                         ("--csv-separator", "data.columns.separator")):
+        add_override_alias(parser, flag, dotted)
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
+    from ..config import add_config_arguments
+
     data = subparsers.add_parser("data", help="datasets: generate, convert, inspect")
     commands = data.add_subparsers(dest="data_command", metavar="DATA_COMMAND", required=True)
-
-    synth = commands.add_parser("synth", help="generate the embedded procedural image-caption dataset")
-    synth.add_argument("out", help="output directory (created; left unchanged if it already holds this dataset)")
-    synth.add_argument("--seed", type=int, default=0)
-    synth.add_argument("--train", type=int, default=20_000, help="training samples")
-    synth.add_argument("--val", type=int, default=2_000, help="held-out labelled samples")
-    synth.add_argument("--image-size", type=int, default=64)
-    synth.add_argument("--shard-size", type=int, default=500)
-    synth.set_defaults(func=_synth)
-
-    build = commands.add_parser("build", help="convert a manifest (JSONL/CSV) or image folder into tar shards")
-    build.add_argument("source")
-    build.add_argument("out", help="output directory")
-    build.add_argument("--format", default="auto", choices=FORMATS)
-    build.add_argument("--shard-size", type=int, default=1000)
-    build.add_argument("--prefix", default="shard")
-    _add_column_arguments(build)
-    build.set_defaults(func=_build)
-
-    inspect = commands.add_parser("inspect", help="print JSON statistics of a source")
-    inspect.add_argument("source")
-    inspect.add_argument("--format", default="auto", choices=FORMATS)
-    _add_column_arguments(inspect)
-    inspect.add_argument("--limit", type=int, default=None, help="read at most this many records")
-    inspect.add_argument("--tokenizer", default="bert-base-uncased")
-    inspect.add_argument("--text-length", type=int, default=64)
-    inspect.set_defaults(func=_inspect)
-
-
-def _add_column_arguments(parser: argparse.ArgumentParser) -> None:
-    """Table and parquet column names; open_clip's spellings are accepted too."""
-    from m3ae.data.config import TableColumns
-
-    defaults = TableColumns()
-    parser.add_argument("--image-column", "--csv-img-key", dest="image_column", default=defaults.image,
-                        help="image path (tables) or image bytes (parquet) column; default: image (tables), "
-                             "the first of jpg, png, webp, image (parquet)")
-    parser.add_argument("--caption-column", "--csv-caption-key", dest="caption_column", default=defaults.caption)
-    parser.add_argument("--label-column", default=defaults.label)
-    parser.add_argument("--key-column", default=defaults.key)
-    parser.add_argument("--separator", "--csv-separator", dest="separator", default=defaults.separator,
-                        help="CSV field separator; default: tab for .tsv, comma otherwise")
-
-
-def _columns(args: argparse.Namespace):
-    from m3ae.data.config import TableColumns
-
-    return TableColumns(args.image_column, args.caption_column, args.label_column, args.key_column,
-                        args.separator)
+    for name, cls, func, help_text in (
+        ("synth", SynthConfig, _synth, "generate the embedded procedural image-caption dataset"),
+        ("build", BuildConfig, _build, "convert a manifest (JSONL/CSV), table or image folder into tar shards"),
+        ("inspect", InspectConfig, _inspect, "print JSON statistics of a source"),
+    ):
+        parser = commands.add_parser(name, help=help_text, description=help_text)
+        add_config_arguments(parser, cls)
+        if cls is not SynthConfig:
+            add_open_clip_aliases(parser)
+        parser.set_defaults(func=func, config_cls=cls)
 
 
 def _synth(args: argparse.Namespace) -> int:
     import time
 
-    from m3ae.data.synth import ensure_embedded_dataset
+    from ..config import command_config
 
+    cfg = command_config(args, SynthConfig)
+    if cfg is None:
+        return 0
     start = time.perf_counter()
-    root = ensure_embedded_dataset(args.out, args.seed, args.train, args.val, args.image_size, args.shard_size)
+    root = ensure_embedded_dataset(cfg.out_dir, cfg.seed, cfg.train, cfg.val, cfg.image_size, cfg.shard_size)
     print(json.dumps({"root": str(root), "seconds": round(time.perf_counter() - start, 1),
                       **json.loads((root / "manifest.json").read_text())}, indent=1))
     return 0
 
 
 def _build(args: argparse.Namespace) -> int:
-    from m3ae.data.writer import build_shards
+    from ..config import command_config
 
-    print(json.dumps(build_shards(args.source, args.out, args.format, args.shard_size, args.prefix,
-                                   _columns(args)), indent=1))
+    cfg = command_config(args, BuildConfig)
+    if cfg is None:
+        return 0
+    print(json.dumps(build_shards(cfg.data.source, cfg.out_dir, cfg.data.format, cfg.shard_size, cfg.prefix,
+                                  cfg.data.columns), indent=1))
     return 0
 
 
 def _inspect(args: argparse.Namespace) -> int:
-    from m3ae.data.inspect import inspect_source
+    from ..config import command_config
+    from .inspect import inspect_source
 
-    print(json.dumps(inspect_source(args.source, args.format, args.limit, args.tokenizer, args.text_length,
-                                     columns=_columns(args)), indent=1))
+    cfg = command_config(args, InspectConfig)
+    if cfg is None:
+        return 0
+    data = cfg.data
+    print(json.dumps(inspect_source(data.source, data.format, cfg.limit, data.tokenizer, data.text_length,
+                                    data.max_image_pixels, data.min_image_size, columns=data.columns), indent=1))
     return 0

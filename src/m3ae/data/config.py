@@ -27,7 +27,7 @@ class WeightedSource:
 
     source: str
     weight: float = 1.0
-    format: str = "auto"
+    format: str = "auto"  # the source's layout: auto (from its names) or one in docs/DATA.md
 
     def __post_init__(self) -> None:
         if not isinstance(self.source, str) or not self.source:
@@ -44,9 +44,9 @@ class TableColumns:
     --csv-caption-key and --csv-separator set `image`, `caption` and `separator`)."""
 
     image: str = ""  # "": "image" in tables; in parquet the first of jpg, png, webp, image present
-    caption: str = "caption"
-    label: str = "label"
-    key: str = "key"
+    caption: str = "caption"  # caption column
+    label: str = "label"  # class label column
+    key: str = "key"  # sample key column
     separator: str = ""  # "": tab for .tsv files, comma otherwise
 
     def __post_init__(self) -> None:
@@ -61,41 +61,43 @@ class DataConfig:
     # Main image-text source: a path, a glob, a brace pattern ("shards-{0000..0009}.tar"), a URL or
     # `pipe:` command, a comma-separated list of those, or "embedded" for the procedural dataset.
     source: str = "embedded"
-    format: str = "auto"
-    embedded_root: str = "data/embedded"
+    format: str = "auto"  # the source's layout: auto (from its names) or one in docs/DATA.md
+    embedded_root: str = "data/embedded"  # where the embedded dataset is generated (once) and read
     columns: TableColumns = field(default_factory=TableColumns)
     # null: the model's size (training and evaluation commands fill it in; a standalone loader reads
     # DEFAULT_IMAGE_SIZE); a size that disagrees with the model's is an error (`follow_model`).
     image_size: int | None = None
     # Images with a side shorter than this (one ViT patch) carry no usable patch: skipped.
     min_image_size: int = 16
-    text_length: int = 64
-    tokenizer: str = "bert-base-uncased"
+    text_length: int = 64  # caption tokens; training and evaluation commands use the model's
+    tokenizer: str = "bert-base-uncased"  # tokenizer name or tokenizer.json path
     # A preset name, or "custom" with `mean`/`std` set.
     normalization: str = "cc12m"
-    mean: tuple[float, float, float] | None = None
-    std: tuple[float, float, float] | None = None
-    crop_scale: tuple[float, float] = (0.2, 1.0)
-    horizontal_flip: bool = True
+    mean: tuple[float, float, float] | None = None  # per-channel mean (normalization custom)
+    std: tuple[float, float, float] | None = None  # per-channel std (normalization custom)
+    crop_scale: tuple[float, float] = (0.2, 1.0)  # area range of the training random-resized crop
+    horizontal_flip: bool = True  # random horizontal flips in training
     # Fraction of pairs that keep their caption (the paper's 10/20/30/100% study).
     paired_fraction: float = 1.0
+    # deterministic: the same pairs lose their caption every epoch; random: redrawn each epoch
     caption_drop: str = "deterministic"
+    # Extra image-only sources mixed into each batch: [{source, weight, format}, ...]
     image_only_sources: list[WeightedSource] = field(default_factory=list)
-    text_only_sources: list[WeightedSource] = field(default_factory=list)
-    unpaired_text_length: int = 256
+    text_only_sources: list[WeightedSource] = field(default_factory=list)  # text-only ones, likewise
+    unpaired_text_length: int = 256  # tokens per unpaired text sample
     unpaired_text_batch_size: int = 0  # 0: same as the image batch size
-    num_workers: int = 0
+    num_workers: int = 0  # loader worker processes; 0 reads in the main process
     # Records are shuffled within a shard through a buffer of this many records (shard order is
     # permuted every epoch); 0 reads shards in order.
     shuffle_buffer: int = 1000
     # Index-addressable sources (HDF5, manifest, folder) are cut into units of this many samples,
     # which then play the role of shards.
     index_unit_size: int = 64
-    seed: int = 0
+    seed: int = 0  # seed of shuffling, augmentation and caption drop
     max_image_pixels: int = 89_478_485  # Pillow's own decompression-bomb threshold
     # Labelled evaluation sources; empty: derived from `source` (see docs/DATA.md).
     eval_train_source: str = ""
-    eval_val_source: str = ""
+    eval_val_source: str = ""  # the evaluation split's source
     # > 0: both splits come from the train source, this fraction of it held out by key hash.
     eval_val_fraction: float = 0.0
 

@@ -53,24 +53,24 @@ class LinearProbeConfig:
     checkpoint: str = ""  # model dir, checkpoint step dir or pretraining run dir
     data: DataConfig = field(default_factory=lambda: DataConfig(normalization="cc12m"))
     num_classes: int = 0  # 0: inferred from the training labels (largest + 1)
-    pool: Pool = "cls"
+    pool: Pool = "cls"  # the image feature: the [CLS] token, or the mean of the patch tokens
     cached: bool = False  # features extracted once (no augmentation), then only the head trains
     image_size: int | None = None  # null: the pretraining size; another size recomputes the sin-cos grid
-    epochs: int = 90
+    epochs: int = 90  # training epochs
     batch_size: int = 256  # global
     # Linear probe: fills optimizer, base_lr and warmup_epochs left null. auto: "mae" (MAE's LARS
     # protocol) from a batch of MAE_PROBE_BATCH, else "sgd". Replaced by the recipe used.
     recipe: RecipeName = "auto"
-    optimizer: OptimizerName | None = None
+    optimizer: OptimizerName | None = None  # lars, sgd or adamw; null: the recipe's
     base_lr: float | None = None  # peak lr = base_lr × batch_size / 256 ...
     lr: float | None = None  # ... unless given directly
-    warmup_epochs: float | None = None
-    weight_decay: float = 0.0
+    warmup_epochs: float | None = None  # linear warm-up epochs; null: the recipe's
+    weight_decay: float = 0.0  # of the trained weights (the head; all but norms and biases in fine-tuning)
     momentum: float = 0.9  # LARS and SGD
     precision: PrecisionSetting = "auto"  # auto: bf16 where the device computes it natively and faster
     threads: ThreadsSetting = "auto"  # CPU threads per process; auto: the free physical cores
-    device: str = "auto"
-    seed: int = 0
+    device: str = "auto"  # auto: CUDA when available
+    seed: int = 0  # seed of the head's initialisation and of the data order
     keep: int = 2  # most recent checkpoints kept (one per epoch)
     log: LogConfig = field(default_factory=lambda: LogConfig(every=20, figures_every=0))
     out_dir: str | None = None  # null: runs/<command>-<date-time>
@@ -114,20 +114,20 @@ class FinetuneConfig(LinearProbeConfig):
     """MAE's fine-tuning recipe (ViT-B): AdamW, layer decay 0.65 to 0.75, drop-path 0.1, mixup 0.8,
     CutMix 1.0, label smoothing 0.1."""
 
-    epochs: int = 100
+    epochs: int = 100  # training epochs
     batch_size: int = 1024
-    optimizer: OptimizerName = "adamw"
+    optimizer: OptimizerName = "adamw"  # lars, sgd or adamw
     base_lr: float = 5e-4
-    warmup_epochs: float = 5.0
-    weight_decay: float = 0.05
-    betas: tuple[float, float] = (0.9, 0.999)
-    layer_decay: float = 0.75
-    drop_path: float = 0.1
+    warmup_epochs: float = 5.0  # linear warm-up epochs
+    weight_decay: float = 0.05  # of the trained weights (the head; all but norms and biases in fine-tuning)
+    betas: tuple[float, float] = (0.9, 0.999)  # AdamW betas
+    layer_decay: float = 0.75  # lr scale per block down from the head (MAE's layer-wise decay)
+    drop_path: float = 0.1  # stochastic depth of the encoder
     mixup: float = 0.8  # Beta(α, α) of mixup; 0 disables
     cutmix: float = 1.0  # Beta(α, α) of CutMix; 0 disables
-    mix_prob: float = 1.0
+    mix_prob: float = 1.0  # probability that a batch is mixed at all
     switch_prob: float = 0.5  # CutMix rather than mixup when both are on
-    label_smoothing: float = 0.1
+    label_smoothing: float = 0.1  # label smoothing of the cross-entropy
 
     @property
     def finetune(self) -> bool:

@@ -11,31 +11,32 @@ from typing import Any
 import torch
 
 from ..model import M3AE, M3AEConfig
+from ..model.config import AttentionImpl, ModelType
 from .distributed import apply_activation_checkpointing, apply_compile
 from .flops import measure_peak_flops, training_flops
 from .optim import OptimConfig, build_optimizer, no_decay_names
-from .precision import ThreadsSetting, apply_threads, resolve_precision, sync
+from .precision import PrecisionSetting, ThreadsSetting, apply_threads, resolve_precision, sync
 from .synthetic import synthetic_batch
 
 
 @dataclass
 class BenchConfig:
-    preset: str = "base"
-    batch_size: int = 8
-    image_size: int = 256
-    text_length: int = 64
-    vocab_size: int = 30522
-    image_mask_ratio: float = 0.75
-    text_mask_ratio: float = 0.75
-    model_type: str = "m3ae"
-    dtype: str = "auto"  # auto | fp32 | bf16 | fp16 (autocast): train.precision's rule
-    attn_impl: str = "auto"  # the model picks: explicit attention on CPU, SDPA on accelerators
-    steps: int = 5
-    warmup: int = 2
-    compile: bool = False
-    activation_checkpointing: bool = False
-    device: str = "auto"
-    threads: ThreadsSetting = "auto"
+    preset: str = "base"  # model size preset (M3AEConfig.from_preset)
+    batch_size: int = 8  # samples per training step
+    image_size: int = 256  # side of the random images, in pixels
+    text_length: int = 64  # tokens per random caption
+    vocab_size: int = 30522  # token ids drawn below this
+    image_mask_ratio: float = 0.75  # fraction of patches removed
+    text_mask_ratio: float = 0.75  # fraction of tokens removed
+    model_type: ModelType = "m3ae"  # "mae": the image-only baseline
+    dtype: PrecisionSetting = "auto"  # fp16/bf16 by autocast; auto: train.precision's rule
+    attn_impl: AttentionImpl = "auto"  # the model picks: explicit attention on CPU, SDPA on accelerators
+    steps: int = 5  # timed steps
+    warmup: int = 2  # untimed steps first
+    compile: bool = False  # torch.compile the model
+    activation_checkpointing: bool = False  # recompute block activations in the backward pass
+    device: str = "auto"  # auto: CUDA when available
+    threads: ThreadsSetting = "auto"  # CPU threads; auto: the free physical cores
 
 
 def run_bench(b: BenchConfig) -> dict[str, Any]:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import sys
 from pathlib import Path
@@ -28,7 +27,9 @@ def resolve_recipe(name: str) -> Path:
 
 
 def register(subparsers) -> None:
-    from ..config import add_override_alias, add_override_arguments
+    from ..config import add_config_arguments, add_override_arguments
+    from ..data.cli import add_open_clip_aliases
+    from .bench import BenchConfig
     from .pretrain import PretrainConfig
 
     p = subparsers.add_parser(
@@ -48,25 +49,13 @@ def register(subparsers) -> None:
     p.add_argument("--print-config", action="store_true",
                    help="print the resolved config as YAML (readable by --config) and exit")
     add_override_arguments(p, PretrainConfig)
-    for flag, dotted in (("--csv-img-key", "data.columns.image"), ("--csv-caption-key", "data.columns.caption"),
-                         ("--csv-separator", "data.columns.separator")):  # open_clip's names
-        add_override_alias(p, flag, dotted)
+    add_open_clip_aliases(p)
     p.set_defaults(func=pretrain_command)
 
-    from .bench import BenchConfig
-    from .precision import parse_threads
-
-    b = subparsers.add_parser("bench", help="training-step throughput (samples/s, FLOP/s, MFU)")
-    for f in dataclasses.fields(BenchConfig):
-        flag = f"--{f.name.replace('_', '-')}"
-        if f.type in ("bool", bool):
-            b.add_argument(flag, action="store_true", default=f.default)
-        else:
-            kind = {"int": int, "float": float, "ThreadsSetting": parse_threads}.get(str(f.type), str)
-            choices = {"dtype": ["auto", "fp32", "bf16", "fp16"], "attn_impl": ["auto", "sdpa", "math"],
-                       "model_type": ["m3ae", "mae"]}.get(f.name)
-            b.add_argument(flag, type=kind, default=f.default, choices=choices)
+    b = subparsers.add_parser("bench", help="training-step throughput (samples/s, FLOP/s, MFU)",
+                              description="Times training steps of a randomly initialised model on random data.")
     b.add_argument("--json", action="store_true", help="print one JSON object")
+    add_config_arguments(b, BenchConfig)
     b.set_defaults(func=bench_command)
 
 
@@ -166,9 +155,12 @@ def pretrain_command(args: argparse.Namespace) -> int:
 
 
 def bench_command(args: argparse.Namespace) -> int:
+    from ..config import command_config
     from .bench import BenchConfig, run_bench
 
-    cfg = BenchConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(BenchConfig)})
+    cfg = command_config(args, BenchConfig)
+    if cfg is None:
+        return 0
     result = run_bench(cfg)
     if args.json:
         print(json.dumps(result))

@@ -21,9 +21,9 @@ class LogConfig:
     every: int = 10  # steps between logged (and host-synchronised) metrics
     figures_every: int = 200  # steps between reconstruction figures; 0 disables
     tensorboard: bool | None = None  # None: when the package is installed
-    wandb: bool = False
-    wandb_project: str = "m3ae"
-    progress: bool = True
+    wandb: bool = False  # log to Weights & Biases (the wandb extra)
+    wandb_project: str = "m3ae"  # Weights & Biases project
+    progress: bool = True  # progress bar on stderr
 
     def __post_init__(self) -> None:
         from ..config import ConfigError

@@ -24,16 +24,16 @@ def clean_name(name: str) -> str:
 
 @dataclass
 class OptimConfig:
-    name: Literal["adamw", "lars"] = "adamw"
+    name: Literal["adamw", "lars"] = "adamw"  # optimiser
     base_lr: float = 1.5e-4  # peak lr = base_lr × global batch / 256 ...
     lr: float | None = None  # ... unless the peak lr is given directly
     lr_init: float = 0.0  # warm-up starts here
     lr_end: float = 0.0  # cosine decays to here
-    warmup_steps: int = 0
-    weight_decay: float = 0.05
+    warmup_steps: int = 0  # linear warm-up steps
+    weight_decay: float = 0.05  # decoupled weight decay
     no_decay: Literal["official", "mae"] = "official"  # official list, or MAE's: every 1-D parameter
-    betas: tuple[float, float] = (0.9, 0.95)
-    eps: float = 1e-8
+    betas: tuple[float, float] = (0.9, 0.95)  # AdamW betas
+    eps: float = 1e-8  # AdamW epsilon
     momentum: float = 0.9  # LARS
     trust_coefficient: float = 0.001  # LARS
     clip_grad_norm: float | None = 1e9  # the official default clips only absurd norms; null disables

@@ -46,11 +46,11 @@ class TrainConfig:
     total_steps: int = 1000  # length of the lr schedule
     max_steps: int | None = None  # stop after this step (resume later); null: total_steps
     unpaired_text_weight: float = 0.0  # w_u: weight of the text-only loss on unpaired text
-    seed: int = 0
+    seed: int = 0  # seed of initialisation and masking
     precision: PrecisionSetting = "auto"  # auto: bf16 where the device computes it natively and faster
     threads: ThreadsSetting = "auto"  # CPU threads per process; auto: the free physical cores
-    compile: bool = False
-    activation_checkpointing: bool = False
+    compile: bool = False  # torch.compile the model
+    activation_checkpointing: bool = False  # recompute block activations in the backward pass (less memory)
     parallel: ParallelName = "auto"  # auto: FSDP2 for large and huge, DDP otherwise
     device: str = "auto"  # auto: CUDA when available
     deterministic: bool = False  # deterministic kernels: bit-identical resumes on CPU

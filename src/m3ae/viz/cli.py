@@ -7,93 +7,129 @@ import json
 from pathlib import Path
 
 
-MODEL_HELP = "a model directory, a pretraining run directory (its newest good checkpoint) or a Hub repo id"
+from dataclasses import dataclass, field
+from typing import Literal
+
+from ..data import DataConfig
+from ..train.precision import ThreadsSetting
+
+MODEL_HELP = "a model directory, a checkpoint step directory, a run directory or a Hub repo id"
+
+
+@dataclass
+class FigureConfig:
+    checkpoint: str  # a model directory, a checkpoint step directory, a run directory or a Hub repo id
+    normalization: str | None = None  # input normalisation preset; null: the checkpoint run's, else cc12m
+    tokenizer: str = "bert-base-uncased"  # tokenizer name or tokenizer.json path
+    seed: int = 0  # masking noise seed
+    threads: ThreadsSetting = "auto"  # CPU threads; auto: the free physical cores
+
+
+# kw_only: a required field may follow the base's defaulted ones
+@dataclass(kw_only=True)
+class ReconstructConfig(FigureConfig):
+    images: list[str]  # image files, one row each
+    captions: list[str] | None = None  # one per image; null: image-only
+    out: str = "reconstruction.png"  # output figure
+    image_mask_ratio: float | None = None  # fraction of patches hidden; null: the model's
+    text_mask_ratio: float | None = None  # fraction of words hidden; null: the model's
+    top_k: int = 3  # guesses shown per masked word
+
+
+@dataclass(kw_only=True)
+class AttentionConfig(FigureConfig):
+    image: str  # the image file
+    caption: str  # its caption
+    words: list[str] | None = None  # words to map over the image; null: up to 5 of the caption's
+    # ROW,COL of the patch whose attention over the words is shown; null: the patch the first word
+    # attends to most
+    patch: str | None = None
+    layer: int | Literal["mean"] = -1  # a layer index, or the mean over layers
+    head: int | Literal["mean", "max"] = "mean"  # a head index, or the mean or max over heads
+    out_prefix: str = "attention"  # writes PREFIX_words.png and PREFIX_patch.png
+
+
+@dataclass
+class TsneConfig:
+    # The models to embed, NAME=MODEL or MODEL (named after its directory), one panel each:
+    # --checkpoint M3AE=runs/a MAE=runs/b
+    checkpoint: list[str]
+    data: DataConfig = field(default_factory=DataConfig)  # the labelled source; image_size follows the model
+    split: Literal["train", "val"] = "val"  # which evaluation split of the source
+    max_samples: int = 1000  # samples per panel
+    batch_size: int = 128  # images per forward pass
+    out: str = "tsne.png"  # output figure
+    seed: int = 0  # t-SNE seed
+    threads: ThreadsSetting = "auto"  # CPU threads; auto: the free physical cores
+
+
+@dataclass
+class ReportConfig:
+    run_dir: str  # the run directory to report on
+    out: str | None = None  # output path; null: RUN_DIR/report.html
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    from ..train.precision import add_threads_argument
+    from ..config import add_config_arguments
 
-    reconstruct = subparsers.add_parser("reconstruct", help="reconstructions of given images and captions (paper Fig. 1)")
-    reconstruct.add_argument("model_dir", help=MODEL_HELP)
-    reconstruct.add_argument("--images", nargs="+", required=True)
-    reconstruct.add_argument("--captions", nargs="*", default=None, help="one per image; omit for image-only")
-    reconstruct.add_argument("--out", default="reconstruction.png")
-    reconstruct.add_argument("--image-mask-ratio", type=float, help="default: the model's")
-    reconstruct.add_argument("--text-mask-ratio", type=float, help="default: the model's")
-    reconstruct.add_argument("--top-k", type=int, default=3)
-    _common(reconstruct)
-    reconstruct.set_defaults(func=run_reconstruct)
-
-    attention = subparsers.add_parser("attention", help="word->patch and patch->word attention maps (paper Figs. 7-8)")
-    attention.add_argument("model_dir", help=MODEL_HELP)
-    attention.add_argument("--image", required=True)
-    attention.add_argument("--caption", required=True)
-    attention.add_argument("--words", nargs="*", help="words to map over the image (default: up to 5 of the caption's)")
-    attention.add_argument("--patch", help="ROW,COL of the patch whose attention over the words is shown "
-                                            "(default: the patch the first word attends to most)")
-    attention.add_argument("--layer", default="-1", help="a layer index, or 'mean' over layers")
-    attention.add_argument("--head", default="mean", help="a head index, 'mean' or 'max'")
-    attention.add_argument("--out-prefix", default="attention", help="writes PREFIX_words.png and PREFIX_patch.png")
-    _common(attention)
-    attention.set_defaults(func=run_attention)
-
-    tsne = subparsers.add_parser("tsne", help="t-SNE of image features coloured by label, one panel per model (Fig. 9)")
-    tsne.add_argument("--model", action="append", required=True, metavar="NAME=DIR",
-                      help="a model to embed (" + MODEL_HELP + "), e.g. --model M3AE=runs/a --model MAE=runs/b")
-    tsne.add_argument("--data", default="embedded", help="labelled source (see docs/DATA.md); default: embedded")
-    tsne.add_argument("--split", default="val", choices=["train", "val"])
-    tsne.add_argument("--max-samples", type=int, default=1000)
-    tsne.add_argument("--out", default="tsne.png")
-    tsne.add_argument("--normalization", help="input normalisation preset (default: the checkpoint run's)")
-    tsne.add_argument("--seed", type=int, default=0)
-    add_threads_argument(tsne)
-    tsne.set_defaults(func=run_tsne)
-
-    report = subparsers.add_parser("report", help="one self-contained HTML page for a run directory")
-    report.add_argument("run_dir")
-    report.add_argument("--out", help="output path (default RUN_DIR/report.html)")
-    report.set_defaults(func=run_report)
+    for name, cls, func, help_text in (
+        ("reconstruct", ReconstructConfig, run_reconstruct, "reconstructions of given images and captions "
+         "(paper Fig. 1)"),
+        ("attention", AttentionConfig, run_attention, "word->patch and patch->word attention maps (paper Figs. 7-8)"),
+        ("tsne", TsneConfig, run_tsne, "t-SNE of image features coloured by label, one panel per model (Fig. 9)"),
+        ("report", ReportConfig, run_report, "one self-contained HTML page for a run directory"),
+    ):
+        parser = subparsers.add_parser(name, help=help_text, description=help_text)
+        add_config_arguments(parser, cls)
+        parser.set_defaults(func=func, config_cls=cls)
 
 
-def _common(parser: argparse.ArgumentParser) -> None:
-    from ..train.precision import add_threads_argument
+def _config(args: argparse.Namespace):
+    """The command's config with threads applied; None after --print-config."""
+    import sys
 
-    parser.add_argument("--normalization", help="input normalisation preset (default: the checkpoint run's, else cc12m)")
-    parser.add_argument("--tokenizer", default="bert-base-uncased")
-    parser.add_argument("--seed", type=int, default=0, help="masking noise seed")
-    add_threads_argument(parser)
+    from ..config import command_config
+    from ..train.precision import apply_threads
+
+    cfg = command_config(args, args.config_cls)
+    if cfg is not None and hasattr(cfg, "threads"):
+        print(apply_threads(cfg.threads).describe(), file=sys.stderr)
+    return cfg
 
 
-def _load(args: argparse.Namespace, **overrides):
+def _load(cfg: FigureConfig, **overrides):
     from ..model import M3AE
     from .inputs import checkpoint_normalization
 
-    model = M3AE.from_pretrained(args.model_dir, **{k: v for k, v in overrides.items() if v is not None}).eval()
-    return model, args.normalization or checkpoint_normalization(args.model_dir)
+    model = M3AE.from_pretrained(cfg.checkpoint, **{k: v for k, v in overrides.items() if v is not None}).eval()
+    return model, cfg.normalization or checkpoint_normalization(cfg.checkpoint)
 
 
 def run_reconstruct(args: argparse.Namespace) -> int:
     import torch
 
+    from ..config import ConfigError
     from .inputs import load_images, normalization_stats, tokenize
     from .reconstruction import caption_predictions, plot_reconstructions, reconstruct_images
 
-    model, normalization = _load(args, image_mask_ratio=args.image_mask_ratio, text_mask_ratio=args.text_mask_ratio)
-    image, _ = load_images(args.images, model.config.image_size, normalization)
-    captions = args.captions or None
-    if captions is not None and len(captions) != len(args.images):
-        raise SystemExit(f"--captions: {len(captions)} given for {len(args.images)} images")
-    torch.manual_seed(args.seed)
+    cfg = _config(args)
+    if cfg is None:
+        return 0
+    if cfg.captions is not None and len(cfg.captions) != len(cfg.images):
+        raise ConfigError(f"--captions: {len(cfg.captions)} given for {len(cfg.images)} images")
+    model, normalization = _load(cfg, image_mask_ratio=cfg.image_mask_ratio, text_mask_ratio=cfg.text_mask_ratio)
+    image, _ = load_images(cfg.images, model.config.image_size, normalization)
+    torch.manual_seed(cfg.seed)
     with torch.no_grad():
-        if captions and model.config.has_text:
-            text, pad, tokenizer = tokenize(model, captions, args.tokenizer)
+        if cfg.captions and model.config.has_text:
+            text, pad, tokenizer = tokenize(model, cfg.captions, cfg.tokenizer)
             out = model(image, text, pad)
-            predictions = caption_predictions(text, pad, out, tokenizer.backend.id_to_token, args.top_k)
+            predictions = caption_predictions(text, pad, out, tokenizer.backend.id_to_token, cfg.top_k)
         else:
             out, predictions = model(image), None
     mean, std = normalization_stats(normalization)
-    path = plot_reconstructions(reconstruct_images(model, image, out), args.out, mean, std, predictions,
-                                title=f"{Path(args.model_dir).name}: image mask {model.config.image_mask_ratio:.0%}")
+    path = plot_reconstructions(reconstruct_images(model, image, out), cfg.out, mean, std, predictions,
+                                title=f"{Path(cfg.checkpoint).name}: image mask {model.config.image_mask_ratio:.0%}")
     for prediction in predictions or []:
         print(prediction.render())
     print(f"wrote {path}")
@@ -101,74 +137,88 @@ def run_reconstruct(args: argparse.Namespace) -> int:
 
 
 def _word_positions(tokens: list[str], wanted: list[str] | None) -> list[int]:
+    from ..config import ConfigError
+
     if not wanted:
         return list(range(min(5, len(tokens))))
     positions = []
     for word in wanted:
         if word.lower() not in tokens:
-            raise SystemExit(f"--words: {word!r} is not a token of the caption {tokens}")
+            raise ConfigError(f"--words: {word!r} is not a token of the caption {tokens}")
         positions.append(tokens.index(word.lower()))
     return positions
 
 
+def _patch_index(patch: str, grid: int) -> int:
+    from ..config import ConfigError
+
+    try:
+        row, col = (int(v) for v in patch.split(","))
+    except ValueError:
+        raise ConfigError(f"--patch {patch!r}: expected ROW,COL") from None
+    if not (0 <= row < grid and 0 <= col < grid):
+        raise ConfigError(f"--patch {patch!r}: the patch grid is {grid}x{grid}")
+    return row * grid + col
+
+
 def run_attention(args: argparse.Namespace) -> int:
+    from ..config import ConfigError
     from .attention import attention_matrix, patch_to_words, plot_patch_attention, plot_word_attention, word_to_patches
     from .inputs import load_images, tokenize
 
-    model, normalization = _load(args)
+    cfg = _config(args)
+    if cfg is None:
+        return 0
+    model, normalization = _load(cfg)
     if not model.config.has_text:
-        raise SystemExit(f"{args.model_dir} is an image-only model: it has no word-image attention")
-    image, picture = load_images([args.image], model.config.image_size, normalization)
-    text, pad, tokenizer = tokenize(model, [args.caption], args.tokenizer)
+        raise ConfigError(f"--checkpoint {cfg.checkpoint}: an image-only model has no word-image attention")
+    image, picture = load_images([cfg.image], model.config.image_size, normalization)
+    text, pad, tokenizer = tokenize(model, [cfg.caption], cfg.tokenizer)
     length = int((~pad[0]).sum())
     tokens = [tokenizer.backend.id_to_token(int(i)) for i in text[0, :length]]
-    layer = args.layer if args.layer == "mean" else int(args.layer)
-    head = args.head if args.head in ("mean", "max") else int(args.head)
-    attention = attention_matrix(model, image, text, pad, layer=layer, head=head)[0]
+    attention = attention_matrix(model, image, text, pad, layer=cfg.layer, head=cfg.head)[0]
     N, g = model.config.num_patches, model.config.grid_size
-    words = _word_positions(tokens, args.words)
+    words = _word_positions(tokens, cfg.words)
     maps = {w: word_to_patches(attention, w, N).reshape(g, g).numpy() for w in words}
-    if args.patch:
-        row, col = (int(v) for v in args.patch.split(","))
-        patch = row * g + col
-    else:
-        patch = int(word_to_patches(attention, words[0], N).argmax())
-    where = f"layer {args.layer}, head {args.head}"
-    first = plot_word_attention(picture[0], tokens, maps, f"{args.out_prefix}_words.png", f"word → image patches ({where})")
+    patch = _patch_index(cfg.patch, g) if cfg.patch else int(word_to_patches(attention, words[0], N).argmax())
+    where = f"layer {cfg.layer}, head {cfg.head}"
+    first = plot_word_attention(picture[0], tokens, maps, f"{cfg.out_prefix}_words.png", f"word → image patches ({where})")
     second = plot_patch_attention(picture[0], tokens, patch, g, patch_to_words(attention, patch, N, length).numpy(),
-                                  f"{args.out_prefix}_patch.png", f"image patch {divmod(patch, g)} → words ({where})")
+                                  f"{cfg.out_prefix}_patch.png", f"image patch {divmod(patch, g)} → words ({where})")
     print(f"wrote {first} and {second}")
     return 0
 
 
 def run_tsne(args: argparse.Namespace) -> int:
+    import dataclasses
+
     import torch
 
-    from ..data import DataConfig, build_eval_loader
+    from ..data import build_eval_loader
     from ..data.sources import label_names
     from ..model import M3AE
-    from .inputs import checkpoint_normalization
     from .tsne import plot_tsne
 
+    cfg = _config(args)
+    if cfg is None:
+        return 0
     panels = {}
-    for spec in args.model:
-        name, sep, directory = spec.partition("=")
-        if not sep:
-            raise SystemExit(f"--model {spec!r}: expected NAME=DIR")
+    for spec in cfg.checkpoint:
+        name, sep, directory = spec.rpartition("=")
+        name = name if sep else Path(directory).name
         model = M3AE.from_pretrained(directory).eval()
-        data = DataConfig(source=args.data, image_size=model.config.image_size,
-                          normalization=args.normalization or checkpoint_normalization(directory))
+        data = dataclasses.replace(cfg.data, image_size=model.config.image_size)
         features, labels, seen = [], [], 0
         with torch.no_grad():
-            for batch in build_eval_loader(data, batch_size=128, split=args.split):
+            for batch in build_eval_loader(data, batch_size=cfg.batch_size, split=cfg.split):
                 features.append(model.encode(batch["image"]).cls)
                 labels.append(batch["label"])
                 seen += len(batch["label"])
-                if seen >= args.max_samples:
+                if seen >= cfg.max_samples:
                     break
-        panels[name] = (torch.cat(features)[: args.max_samples].numpy(), torch.cat(labels)[: args.max_samples].numpy())
-    class_names = label_names(args.data, split=args.split)
-    print(f"wrote {plot_tsne(panels, args.out, class_names, seed=args.seed)}")
+        panels[name] = (torch.cat(features)[: cfg.max_samples].numpy(), torch.cat(labels)[: cfg.max_samples].numpy())
+    class_names = label_names(cfg.data.source, split=cfg.split)
+    print(f"wrote {plot_tsne(panels, cfg.out, class_names, seed=cfg.seed)}")
     print(json.dumps({name: int(len(labels)) for name, (_, labels) in panels.items()}))
     return 0
 
@@ -176,5 +226,8 @@ def run_tsne(args: argparse.Namespace) -> int:
 def run_report(args: argparse.Namespace) -> int:
     from .report import build_report
 
-    print(f"report: {build_report(args.run_dir, args.out)}")
+    cfg = _config(args)
+    if cfg is None:
+        return 0
+    print(f"report: {build_report(cfg.run_dir, cfg.out)}")
     return 0
