@@ -21,9 +21,9 @@ from m3ae import M3AE
 from m3ae.cli import main
 from m3ae.data.synth import SynthSpec, generate
 from m3ae.model import M3AEConfig
-from m3ae.train.checkpoint import CheckpointManager
-from m3ae.train.distributed import DistInfo
-from m3ae.train.metrics import LogConfig, read_metrics
+from m3ae.engine.checkpoint import CheckpointManager
+from m3ae.engine.distributed import DistInfo
+from m3ae.engine.metrics import LogConfig, read_metrics
 from m3ae.train.pretrain import CheckpointConfig, PretrainConfig, TrainConfig, run_pretraining
 from m3ae.train.synthetic import ListLoader, synthetic_batch
 from m3ae.utils import DiskFullError

@@ -17,7 +17,7 @@ from m3ae.data import DataConfig, build_eval_loader
 from m3ae.data.synth import SynthSpec, generate
 from m3ae.eval.features import FeatureSpec, extract_features, load_features, pool_encoding, save_features
 from m3ae.eval.probe import FinetuneConfig, TransferTrainer
-from m3ae.train.metrics import read_metrics
+from m3ae.engine.metrics import read_metrics
 
 TINY = dict(emb_dim=32, depth=2, num_heads=2, dec_emb_dim=16, dec_depth=1, dec_num_heads=2, image_size=32,
             patch_size=8, text_length=16)

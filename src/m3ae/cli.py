@@ -45,7 +45,7 @@ def _subparsers(parser: argparse.ArgumentParser):
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if getattr(args, "threads", None) is not None:  # commands configured by flags; configs apply their own
-        from .train.precision import apply_threads
+        from .engine.runtime import apply_threads
 
         print(apply_threads(args.threads).describe(), file=sys.stderr)
     try:

@@ -10,7 +10,7 @@ from pathlib import Path
 
 
 def _add_feature_arguments(p: argparse.ArgumentParser) -> None:
-    from ..train.precision import add_threads_argument
+    from ..engine.runtime import add_threads_argument
 
     p.add_argument("--checkpoint", required=True, help="model directory, checkpoint step directory, run directory or Hub repo id")
     p.add_argument("--data", default="embedded", help="labelled source: image folder, .tar shards with .cls, "
@@ -88,7 +88,7 @@ def _device(args: argparse.Namespace):
 
 def _resolve_precision(args: argparse.Namespace) -> None:
     """Replaces --precision auto by the precision it resolves to here, and says which and why."""
-    from ..train.precision import resolve_precision
+    from ..engine.runtime import resolve_precision
 
     precision = resolve_precision(args.precision, _device(args))
     print(precision.describe(), file=sys.stderr)

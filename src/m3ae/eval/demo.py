@@ -49,7 +49,7 @@ def pretrain_config(cfg: DemoConfig, model_type: str, run_dir: Path):
 
 def evaluate(cfg: DemoConfig, pretrain_cfg, run_dir: Path) -> dict[str, float]:
     """Cached linear probe, then kNN on the same cached features."""
-    from ..train.metrics import LogConfig
+    from ..engine.metrics import LogConfig
     from .features import load_features
     from .knn import knn_predict, topk_accuracy
     from .probe import LinearProbeConfig, run_transfer

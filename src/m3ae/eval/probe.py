@@ -29,8 +29,8 @@ from .. import config as config_io
 from ..data import DataConfig
 from ..model import M3AE, ConfigError
 from ..model.classifier import M3AEClassifier
-from ..train.metrics import LogConfig
-from ..train.precision import PrecisionSetting, ThreadsSetting
+from ..engine.metrics import LogConfig
+from ..engine.runtime import PrecisionSetting, ThreadsSetting
 from .features import FeatureSpec, Pool, require_labels
 
 OptimizerName = Literal["lars", "sgd", "adamw"]
@@ -159,10 +159,10 @@ def count_labelled(data: DataConfig, split: str) -> tuple[int, int]:
 def build_optimizer(model: M3AEClassifier, cfg: LinearProbeConfig, peak_lr: float) -> torch.optim.Optimizer:
     """Probe: the head only (BatchNorm has no parameters). Fine-tuning: layer-decay groups (lr_scale,
     which the scheduler applies), without weight decay on biases, norms and tokens, as in MAE."""
-    from ..train.optim import LARS
+    from ..engine.optim import LARS
 
     if cfg.finetune:
-        from ..train.layer_decay import layer_decay_groups
+        from ..engine.layer_decay import layer_decay_groups
 
         no_decay = {n for n, p in model.named_parameters() if p.ndim <= 1}
         no_decay |= {f"backbone.{n}" for n in model.backbone.no_weight_decay()}
@@ -198,9 +198,9 @@ class TransferTrainer:
 
     def __init__(self, cfg: LinearProbeConfig, resume: str | None = None) -> None:
         from ..data.splits import check_eval_split
-        from ..train.checkpoint import CheckpointManager
-        from ..train.distributed import broadcast_object, init_distributed, wrap_model
-        from ..train.precision import apply_threads, resolve_precision
+        from ..engine.checkpoint import CheckpointManager
+        from ..engine.distributed import broadcast_object, init_distributed, wrap_model
+        from ..engine.runtime import apply_threads, resolve_precision
 
         cfg.validate_ready()
         self.cfg = cfg
@@ -237,14 +237,14 @@ class TransferTrainer:
         self.steps_per_epoch = math.ceil(self.train_size / cfg.batch_size)
         self.peak_lr = cfg.peak_lr()
         self.optimizer = build_optimizer(self.model, cfg, self.peak_lr)
-        from ..train.schedule import LRScheduler, WarmupCosine
+        from ..engine.schedule import LRScheduler, WarmupCosine
 
         total = cfg.epochs * self.steps_per_epoch
         self.scheduler = LRScheduler(self.optimizer, WarmupCosine(
             self.peak_lr, total, min(round(cfg.warmup_epochs * self.steps_per_epoch), total)))
         self.mixup = None
         if cfg.finetune and (cfg.mixup > 0 or cfg.cutmix > 0):
-            from ..train.mixup import Mixup
+            from .mixup import Mixup
 
             self.mixup = Mixup(self.num_classes, cfg.mixup, cfg.cutmix, cfg.mix_prob, cfg.switch_prob,
                                cfg.label_smoothing, seed=cfg.seed + self.info.rank)
@@ -350,9 +350,9 @@ class TransferTrainer:
         return topk_accuracy(torch.cat(scores), labels)
 
     def fit(self) -> ProbeResult:
-        from ..train.distributed import barrier
-        from ..train.metrics import MetricsLogger, ProgressBar
-        from ..train.precision import write_run_info
+        from ..engine.distributed import barrier
+        from ..engine.metrics import MetricsLogger, ProgressBar
+        from ..engine.runtime import write_run_info
         from ..utils import atomic_path
 
         cfg, info = self.cfg, self.info
@@ -391,7 +391,7 @@ class TransferTrainer:
 
     # ------------------------------------------------------------------ checkpoints
     def _save(self) -> Path:
-        from ..train.checkpoint import rng_state
+        from ..engine.checkpoint import rng_state
 
         train_state = {"epoch": self.epoch, "step": self.step, "scheduler": self.scheduler.state_dict(),
                        "best": self.best, "last": self.last}
@@ -401,7 +401,7 @@ class TransferTrainer:
                                      {"rng": rng_state(self.info.device)})
 
     def _resume(self, resume: str) -> None:
-        from ..train.checkpoint import set_rng_state
+        from ..engine.checkpoint import set_rng_state
 
         path = self.checkpoints.latest_good() if resume == "auto" else Path(resume)
         if path is None:
@@ -415,7 +415,7 @@ class TransferTrainer:
 
 def run_transfer(cfg: LinearProbeConfig, resume: str | None = None) -> ProbeResult | None:
     """Trains and evaluates; returns the result on the main process, None on the others."""
-    from ..train.distributed import shutdown_distributed
+    from ..engine.distributed import shutdown_distributed
 
     try:
         trainer = TransferTrainer(cfg, resume)

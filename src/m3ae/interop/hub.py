@@ -22,7 +22,7 @@ def resolve(name_or_path: str | Path, revision: str | None = None, **download) -
     newest checkpoint that verifies), or a Hub repo id (downloaded, or read from the local cache,
     which works offline, through huggingface_hub). `download` takes `snapshot_download`'s
     `cache_dir`, `force_download`, `local_files_only` and `token`."""
-    from ..train.checkpoint import CHECKPOINT_DIRNAME
+    from ..engine.checkpoint import CHECKPOINT_DIRNAME
 
     path = Path(name_or_path)
     if path.is_dir():
@@ -42,7 +42,7 @@ def resolve(name_or_path: str | Path, revision: str | None = None, **download) -
 
 
 def _newest_good_checkpoint(run_dir: Path) -> Path:
-    from ..train.checkpoint import CheckpointManager
+    from ..engine.checkpoint import CheckpointManager
 
     manager = CheckpointManager(run_dir, keep=1, info=None)
     step_dir = manager.newest_verified()

@@ -11,10 +11,10 @@ from typing import Any
 import torch
 
 from ..model import M3AE, M3AEConfig
-from .distributed import apply_activation_checkpointing, apply_compile
-from .flops import measure_peak_flops, training_flops
-from .optim import OptimConfig, build_optimizer, no_decay_names
-from .precision import ThreadsSetting, apply_threads, resolve_precision, sync
+from ..engine.distributed import apply_activation_checkpointing, apply_compile
+from ..engine.flops import measure_peak_flops, training_flops
+from ..engine.optim import OptimConfig, build_optimizer, no_decay_names
+from ..engine.runtime import ThreadsSetting, apply_threads, resolve_precision, sync
 from .synthetic import synthetic_batch
 
 

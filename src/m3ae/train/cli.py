@@ -54,7 +54,7 @@ def register(subparsers) -> None:
     p.set_defaults(func=pretrain_command)
 
     from .bench import BenchConfig
-    from .precision import parse_threads
+    from ..engine.runtime import parse_threads
 
     b = subparsers.add_parser("bench", help="training-step throughput (samples/s, FLOP/s, MFU)")
     for f in dataclasses.fields(BenchConfig):

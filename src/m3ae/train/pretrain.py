@@ -27,16 +27,16 @@ from .. import config as config_io
 from ..data import DataConfig
 from ..model import ConfigError, M3AE, M3AEConfig
 from ..utils import ensure_free_space, run_dir_lock
-from .checkpoint import CheckpointManager, rng_state, set_rng_state
-from .distributed import (
+from ..engine.checkpoint import CheckpointManager, rng_state, set_rng_state
+from ..engine.distributed import (
     DistInfo, ParallelName, apply_activation_checkpointing, apply_compile, barrier, broadcast_object,
     gradient_sync, init_distributed, mean_across_ranks, resolve_parallel, wrap_model,
 )
-from .flops import measure_peak_flops, training_flops
-from .metrics import LogConfig, MetricsLogger, ProgressBar, Throughput
-from .optim import OptimConfig, build_optimizer, no_decay_names
-from .precision import PrecisionSetting, ThreadsSetting, apply_threads, resolve_precision, write_run_info
-from .schedule import LRScheduler, WarmupCosine
+from ..engine.flops import measure_peak_flops, training_flops
+from ..engine.metrics import LogConfig, MetricsLogger, ProgressBar, Throughput
+from ..engine.optim import OptimConfig, build_optimizer, no_decay_names
+from ..engine.runtime import PrecisionSetting, ThreadsSetting, apply_threads, resolve_precision, write_run_info
+from ..engine.schedule import LRScheduler, WarmupCosine
 
 
 @dataclass
@@ -531,7 +531,7 @@ def run_pretraining(cfg: PretrainConfig, loader: Iterable[dict[str, torch.Tensor
                     resume: str | None = None) -> RunResult | None:
     """Builds everything, trains, and tears the process group down. Returns the result on the main
     process, None on the others."""
-    from .distributed import shutdown_distributed
+    from ..engine.distributed import shutdown_distributed
 
     try:
         trainer = Pretrainer(cfg, loader=loader, resume=resume)

@@ -11,7 +11,7 @@ MODEL_HELP = "a model directory, a pretraining run directory (its newest good ch
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    from ..train.precision import add_threads_argument
+    from ..engine.runtime import add_threads_argument
 
     reconstruct = subparsers.add_parser("reconstruct", help="reconstructions of given images and captions (paper Fig. 1)")
     reconstruct.add_argument("model_dir", help=MODEL_HELP)
@@ -56,7 +56,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def _common(parser: argparse.ArgumentParser) -> None:
-    from ..train.precision import add_threads_argument
+    from ..engine.runtime import add_threads_argument
 
     parser.add_argument("--normalization", help="input normalisation preset (default: the checkpoint run's, else cc12m)")
     parser.add_argument("--tokenizer", default="bert-base-uncased")
