@@ -25,6 +25,13 @@ from typing import Literal
 
 import torch
 
+def resolve_device(setting: str = "auto") -> torch.device:
+    """`auto`: CUDA when available, else the CPU; anything else as torch spells it ("cuda:1")."""
+    if setting == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(setting)
+
+
 PrecisionName = Literal["fp32", "bf16", "fp16"]
 PrecisionSetting = Literal["auto", "fp32", "bf16", "fp16"]  # what configs and flags accept
 ThreadsSetting = int | Literal["auto"]

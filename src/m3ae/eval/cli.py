@@ -79,11 +79,9 @@ def register(subparsers) -> None:
 
 
 def _device(args: argparse.Namespace):
-    import torch
+    from ..engine.runtime import resolve_device
 
-    if args.device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(args.device)
+    return resolve_device(args.device)
 
 
 def _resolve_precision(args: argparse.Namespace) -> None:

@@ -60,7 +60,8 @@ def run_export(args: argparse.Namespace) -> int:
 
 def run_push(args: argparse.Namespace) -> int:
     from ..model import M3AE
-    from .hub import card_info_from_runs, resolve
+    from ..model.files import resolve
+    from .hub import card_info_from_runs
 
     directory = resolve(args.model_dir)
     model = M3AE.from_pretrained(directory)
