@@ -5,6 +5,9 @@ from __future__ import annotations
 import json
 import math
 import shutil
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -246,3 +249,25 @@ def test_transfer_checkpoints_load_with_from_pretrained_as_their_encoder(setup, 
     assert result.epoch == 1
     with pytest.raises(ValueError, match="text"):
         encoder.encode(image, torch.randint(1000, 2000, (2, 16)))
+
+
+def test_transfer_runs_take_the_run_directory_lock(setup, tmp_path, capsys):
+    root, data = setup
+    run = tmp_path / "lp"
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import sys, time\nfrom m3ae.engine.run_dir import run_dir_lock\n"
+         f"with run_dir_lock({str(run)!r}):\n    print('held', flush=True)\n    time.sleep(60)"],
+        env={"PYTHONPATH": str(Path(__file__).resolve().parents[1] / "src")}, stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline() == "held\n"
+        args = ["linear-probe", "--checkpoint", str(root / "model"), "--data.source", f"{data}/train-*.tar",
+                "--data.eval_train_source", f"{data}/train-*.tar", "--data.eval_val_source", f"{data}/val-*.tar",
+                "--data.num_workers", "0", "--epochs", "1", "--batch_size", "16", "--log.progress", "false",
+                "--precision", "fp32", "--out_dir", str(run)]
+        assert main(args) == 2
+    finally:
+        holder.kill()
+        holder.wait()
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert f"{run} is in use by another run (pid {holder.pid}" in err and "Traceback" not in err
+    assert not (run / "metrics.jsonl").exists()

@@ -30,8 +30,9 @@ def ensure_free_space(directory: str | Path, needed: int) -> None:
                                           f"a checkpoint of this run needs about {needed / 2**20:.1f} MiB")
 
 
-class RunDirBusy(RuntimeError):
-    """Another live process holds the run directory's lock."""
+class RunDirBusy(OSError):
+    """Another live process holds the run directory's lock (an OSError: every command reports it in
+    one line)."""
 
 
 @contextlib.contextmanager

@@ -6,8 +6,9 @@ training, Resize + CenterCrop for evaluation. `cached=True` extracts the feature
 transform, no augmentation) and trains the head on them: the same head in seconds.
 
 Fine-tuning: the whole encoder with layer-wise lr decay, drop-path, mixup / CutMix, label smoothing
-and AdamW. Runs follow the pretraining engine: run directory with config.yaml and metrics.jsonl,
-checkpoints every epoch (resume auto), progress bar, torchrun.
+and AdamW. Both are tasks on `m3ae.engine` (`TransferTrainer` supplies an epoch as the unit of
+work): run directory with config.yaml and metrics.jsonl, checkpoints every epoch (resume auto; they
+load with `M3AE.from_pretrained` as the fine-tuned encoder), progress bar, stop signal, torchrun.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ import sys
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
@@ -370,14 +371,14 @@ class TransferTrainer(Trainer):
     def checkpoint_step(self) -> int:
         return self.epoch
 
-    def state_dict(self) -> dict:
+    def state_dict(self) -> dict[str, Any]:
         return {"epoch": self.epoch, "step": self.step, "best": self.best, "last": self.last}
 
-    def load_state_dict(self, state: dict) -> None:
+    def load_state_dict(self, state: dict[str, Any]) -> None:
         self.epoch, self.step = int(state["epoch"]), int(state["step"])
         self.best, self.last = dict(state["best"]), dict(state["last"])
 
-    def model_config(self) -> dict:
+    def model_config(self) -> dict[str, Any]:
         # `backbone` is what M3AE.from_pretrained reads from a transfer checkpoint
         return {"transfer": config_io.to_dict(self.cfg), "num_classes": self.num_classes,
                 "backbone": self.model.config.to_dict()}
