@@ -57,7 +57,7 @@ def _probe(features: dict[str, dict], model_dir: Path, splits: tuple[str, str], 
     from m3ae.data import DataConfig
     from m3ae.eval.features import save_features
     from m3ae.eval.probe import LinearProbeConfig, TransferTrainer
-    from m3ae.train.metrics import LogConfig
+    from m3ae.engine.metrics import LogConfig
 
     for split, part in features.items():
         save_features(part, run_dir / f"features_{split}.safetensors")

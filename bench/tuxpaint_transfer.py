@@ -56,7 +56,7 @@ def evaluate(checkpoint: str, train: Path, val: Path, out: Path, epochs: int, lr
     from m3ae.eval.features import load_features
     from m3ae.eval.knn import knn_predict, topk_accuracy
     from m3ae.eval.probe import LinearProbeConfig, run_transfer
-    from m3ae.train.metrics import LogConfig
+    from m3ae.engine.metrics import LogConfig
 
     data = DataConfig(source=str(train), eval_train_source=str(train), eval_val_source=str(val), num_workers=0)
     cfg = LinearProbeConfig(checkpoint=checkpoint, data=data, cached=True, epochs=epochs, batch_size=64,

@@ -7,7 +7,7 @@ import torch
 
 from m3ae import M3AE, M3AEConfig
 from m3ae.model.classifier import M3AEClassifier
-from m3ae.train.layer_decay import layer_decay_groups, layer_id
+from m3ae.engine.optim import layer_decay_groups, layer_id
 
 TINY = dict(image_size=32, patch_size=8, text_length=8, vocab_size=50, emb_dim=32, depth=3, num_heads=4,
             dec_emb_dim=16, dec_depth=1, dec_num_heads=2)

@@ -10,7 +10,7 @@ import torch
 
 from m3ae.eval.knn import knn_predict, topk_accuracy
 from m3ae.eval.ood import MahalanobisScorer, auroc, max_softmax_score
-from m3ae.train.mixup import Mixup
+from m3ae.eval.mixup import Mixup
 
 
 def test_knn_votes_are_temperature_weighted_cosines():

@@ -24,7 +24,7 @@ def test_missing_package_names_its_extra(tmp_path, monkeypatch, module, extra, c
 
 
 def _logger(tmp_path, **switches):
-    from m3ae.train.metrics import LogConfig, MetricsLogger
+    from m3ae.engine.metrics import LogConfig, MetricsLogger
 
     MetricsLogger(tmp_path, LogConfig(**switches), True, {}, None)
 

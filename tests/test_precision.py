@@ -1,9 +1,8 @@
-"""Precision and threads that fit the machine (train/precision.py): `auto` decisions with the CPU's
+"""Precision and threads that fit the machine (engine/runtime.py): `auto` decisions with the CPU's
 capability mocked both ways, warnings for forced slow modes, the MFU denominator, threads applied."""
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import platform
@@ -16,9 +15,9 @@ import torch
 
 from m3ae import config as config_io
 from m3ae.cli import main as m3ae_main
-from m3ae.train import flops, precision
+from m3ae.engine import flops, runtime as precision
 from m3ae.train.bench import BenchConfig, run_bench
-from m3ae.train.metrics import read_metrics
+from m3ae.engine.metrics import read_metrics
 from m3ae.train.pretrain import PretrainConfig, run_pretraining
 from m3ae.train.synthetic import ListLoader
 
@@ -124,7 +123,7 @@ def test_an_avx2_cpu_really_gets_fp32_and_a_bf16_peak_no_lower_than_fp32(tmp_pat
     denominator (a bf16 matmul at 1/20 of the fp32 rate) gave a 526 % MFU."""
     script = (
         "import json, torch\n"
-        "from m3ae.train import flops, precision\n"
+        "from m3ae.engine import flops, runtime as precision\n"
         "cpu = torch.device('cpu')\n"
         "p = precision.resolve_precision('auto', cpu)\n"
         "print(json.dumps({'name': p.name, 'reason': p.reason,\n"
@@ -187,9 +186,6 @@ def test_apply_threads_sets_torch_and_auto_follows_load_or_omp(monkeypatch):
 
 
 def test_threads_flags_and_config_fields(capsys):
-    assert precision.parse_threads("auto") == "auto" and precision.parse_threads("3") == 3
-    with pytest.raises(argparse.ArgumentTypeError):
-        precision.parse_threads("0")
     assert m3ae_main(["knn", "--checkpoint", "x", "--threads", "none"]) == 2
     assert "m3ae knn: config error: threads='none'" in capsys.readouterr().err
     cfg = config_io.load(PretrainConfig, None, {"train.threads": 1, "train.precision": "bf16"})

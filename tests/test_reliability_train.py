@@ -16,14 +16,15 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+import m3ae.engine.run_dir
 import m3ae.utils
 from m3ae import M3AE
 from m3ae.cli import main
 from m3ae.data.synth import SynthSpec, generate
 from m3ae.model import M3AEConfig
-from m3ae.train.checkpoint import CheckpointManager
-from m3ae.train.distributed import DistInfo
-from m3ae.train.metrics import LogConfig, read_metrics
+from m3ae.engine.checkpoint import CheckpointManager
+from m3ae.engine.distributed import DistInfo
+from m3ae.engine.metrics import LogConfig, read_metrics
 from m3ae.train.pretrain import CheckpointConfig, PretrainConfig, TrainConfig, run_pretraining
 from m3ae.train.synthetic import ListLoader, synthetic_batch
 from m3ae.utils import DiskFullError
@@ -94,8 +95,8 @@ def test_sigterm_to_the_process_group_checkpoints_exits_0_and_resumes_bit_exactl
 def test_a_second_signal_ends_the_process_at_once(tmp_path):
     code = (
         "import os, signal, time\n"
-        "from m3ae.train.pretrain import _StopSignal\n"
-        "with _StopSignal() as stop:\n"
+        "from m3ae.engine.run_dir import StopSignal\n"
+        "with StopSignal() as stop:\n"
         "    os.kill(os.getpid(), signal.SIGTERM)\n"
         "    assert stop.received == signal.SIGTERM\n"
         "    print('first signal noted', flush=True)\n"
@@ -174,7 +175,7 @@ def test_resume_checks_space_before_writing_anything(tmp_path, monkeypatch):
     (tmp_path / "checkpoints" / ".tmp_step_00000003").mkdir()  # left by a run killed while saving
     config_yaml = (tmp_path / "config.yaml").stat().st_mtime_ns
     needed = sum(p.stat().st_size for p in (tmp_path / "checkpoints" / "step_00000002").iterdir())
-    monkeypatch.setattr(m3ae.utils.shutil, "disk_usage", lambda path: shutil._ntuple_diskusage(10**9, 10**9, needed - 1))
+    monkeypatch.setattr(m3ae.engine.run_dir.shutil, "disk_usage", lambda path: shutil._ntuple_diskusage(10**9, 10**9, needed - 1))
     cfg.train.max_steps = None
     with pytest.raises(DiskFullError, match="no space left on device for .*MiB free"):
         run_pretraining(cfg, loader=batches(cfg), resume="auto")
@@ -256,7 +257,7 @@ def test_sigterm_to_a_torchrun_group_checkpoints_every_rank(data, tmp_path):
     run = tmp_path / "run"
     env = {**os.environ, "PYTHONPATH": SRC, "OMP_NUM_THREADS": "1"}
     # each rank gets the group's SIGTERM and the one torchrun's agent forwards; they mostly merge
-    # (a pending signal is not queued twice), and _StopSignal.echo_s covers the times they do not
+    # (a pending signal is not queued twice), and StopSignal.echo_s covers the times they do not
     proc = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
                              "-m", "m3ae.cli", *pretrain_args(data, run, 0), "--train.device", "cpu"],
                             env=env, start_new_session=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)

@@ -6,7 +6,7 @@ import yaml
 
 from m3ae.cli import main
 from m3ae.data.synth import SynthSpec, generate
-from m3ae.train.metrics import read_metrics
+from m3ae.engine.metrics import read_metrics
 
 
 def test_pretrain_command_trains_resumes_and_reports_where_outputs_are(tmp_path, capsys):

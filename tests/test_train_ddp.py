@@ -9,7 +9,7 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
-from m3ae.train.metrics import read_metrics
+from m3ae.engine.metrics import read_metrics
 from m3ae.train.pretrain import run_pretraining
 from m3ae.train.synthetic import ListLoader
 from test_train_loop import global_batches, split, tiny_config

@@ -11,11 +11,11 @@ import torch
 
 from m3ae import M3AE
 from m3ae.model import M3AEConfig
-from m3ae.interop.hub import resolve
-from m3ae.train.checkpoint import CheckpointManager
-from m3ae.train.distributed import DistInfo
-from m3ae.train.metrics import LogConfig, read_metrics
-from m3ae.train.optim import OptimConfig
+from m3ae.model.files import resolve
+from m3ae.engine.checkpoint import CheckpointManager
+from m3ae.engine.distributed import DistInfo
+from m3ae.engine.metrics import LogConfig, read_metrics
+from m3ae.engine.optim import OptimConfig
 from m3ae.train.pretrain import (
     CheckpointConfig, NonFiniteLossError, Pretrainer, PretrainConfig, TrainConfig, run_pretraining,
 )

@@ -10,10 +10,10 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from m3ae import M3AE
 from m3ae.model import M3AEConfig
-from m3ae.train.distributed import apply_activation_checkpointing
-from m3ae.train.flops import forward_flops, training_flops
-from m3ae.train.optim import LARS, OptimConfig, build_optimizer, no_decay_names, param_groups
-from m3ae.train.schedule import LRScheduler, WarmupCosine
+from m3ae.engine.distributed import apply_activation_checkpointing
+from m3ae.engine.flops import forward_flops, training_flops
+from m3ae.engine.optim import LARS, OptimConfig, build_optimizer, no_decay_names, param_groups
+from m3ae.engine.schedule import LRScheduler, WarmupCosine
 from m3ae.train.synthetic import synthetic_batch
 from test_train_loop import TINY
 

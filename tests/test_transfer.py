@@ -5,6 +5,9 @@ from __future__ import annotations
 import json
 import math
 import shutil
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -16,8 +19,8 @@ from m3ae.cli import main
 from m3ae.data import DataConfig, build_eval_loader
 from m3ae.data.synth import SynthSpec, generate
 from m3ae.eval.features import FeatureSpec, extract_features, load_features, pool_encoding, save_features
-from m3ae.eval.probe import FinetuneConfig, TransferTrainer
-from m3ae.train.metrics import read_metrics
+from m3ae.eval.probe import FinetuneConfig, TransferTrainer, run_transfer
+from m3ae.engine.metrics import read_metrics
 
 TINY = dict(emb_dim=32, depth=2, num_heads=2, dec_emb_dim=16, dec_depth=1, dec_num_heads=2, image_size=32,
             patch_size=8, text_length=16)
@@ -223,3 +226,48 @@ def test_the_default_probe_recipe_learns_at_small_and_large_batches(setup, tmp_p
             assert results["optimizer"]["name"] == "sgd" and results["last"]["top1"] >= 98.0
     # MAE's LARS protocol, meant for a 16,384 batch, leaves the loss near ln 4 at these batches
     assert losses["sgd"] < 0.3 and losses["mae"] > 0.9 * math.log(4)
+
+
+def test_transfer_checkpoints_load_with_from_pretrained_as_their_encoder(setup, tmp_path):
+    root, data = setup
+    cfg = FinetuneConfig(checkpoint=str(root / "model"), data=_data(data), epochs=1, batch_size=16, mixup=0.0,
+                         cutmix=0.0, out_dir=str(tmp_path / "ft"), precision="fp32")
+    cfg.log.progress = False
+    result = run_transfer(cfg)
+    step_dir = tmp_path / "ft" / "checkpoints" / "step_00000001"
+    saved = load_file(step_dir / "model.safetensors")
+    for name in (step_dir, tmp_path / "ft"):  # the step directory, and the run directory resolved to it
+        encoder = M3AE.from_pretrained(name)
+        weights = encoder.state_dict()
+        assert weights.keys() == {k.removeprefix("backbone.") for k in saved if k.startswith("backbone.")}
+        assert all(torch.equal(weights[k], saved[f"backbone.{k}"]) for k in weights)
+    pretrained = M3AE.from_pretrained(root / "model").state_dict()
+    assert not torch.equal(weights["image_embedding.weight"], pretrained["image_embedding.weight"])  # fine-tuned
+    image = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        assert encoder.eval().encode(image).cls.shape == (2, 32)
+    assert result.epoch == 1
+    with pytest.raises(ValueError, match="text"):
+        encoder.encode(image, torch.randint(1000, 2000, (2, 16)))
+
+
+def test_transfer_runs_take_the_run_directory_lock(setup, tmp_path, capsys):
+    root, data = setup
+    run = tmp_path / "lp"
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import sys, time\nfrom m3ae.engine.run_dir import run_dir_lock\n"
+         f"with run_dir_lock({str(run)!r}):\n    print('held', flush=True)\n    time.sleep(60)"],
+        env={"PYTHONPATH": str(Path(__file__).resolve().parents[1] / "src")}, stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline() == "held\n"
+        args = ["linear-probe", "--checkpoint", str(root / "model"), "--data.source", f"{data}/train-*.tar",
+                "--data.eval_train_source", f"{data}/train-*.tar", "--data.eval_val_source", f"{data}/val-*.tar",
+                "--data.num_workers", "0", "--epochs", "1", "--batch_size", "16", "--log.progress", "false",
+                "--precision", "fp32", "--out_dir", str(run)]
+        assert main(args) == 2
+    finally:
+        holder.kill()
+        holder.wait()
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert f"{run} is in use by another run (pid {holder.pid}" in err and "Traceback" not in err
+    assert not (run / "metrics.jsonl").exists()

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 from ..data import DataConfig
-from ..train.precision import PrecisionSetting, ThreadsSetting
+from ..engine.runtime import PrecisionSetting, ThreadsSetting
 from .features import Pool
 
 MODEL_HELP = "a model directory, a checkpoint step directory, a run directory or a Hub repo id"
@@ -97,19 +97,17 @@ def register(subparsers) -> None:
 
 
 def _device(cfg: FeatureCommandConfig):
-    import torch
+    from ..engine.runtime import resolve_device
 
-    if cfg.device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(cfg.device)
+    return resolve_device(cfg.device)
 
 
 def _prepare(args: argparse.Namespace, cls: type):
     """The command's config and model, with threads applied and --precision auto resolved (both said
     on stderr); (None, None) after --print-config."""
     from ..config import command_config
+    from ..engine.runtime import apply_threads, resolve_precision
     from ..model import M3AE
-    from ..train.precision import apply_threads, resolve_precision
 
     cfg = command_config(args, cls)
     if cfg is None:

@@ -49,7 +49,7 @@ def pretrain_config(cfg: DemoConfig, model_type: str, run_dir: Path):
 
 def evaluate(cfg: DemoConfig, pretrain_cfg, run_dir: Path) -> dict[str, float]:
     """Cached linear probe, then kNN on the same cached features."""
-    from ..train.metrics import LogConfig
+    from ..engine.metrics import LogConfig
     from .features import load_features
     from .knn import knn_predict, topk_accuracy
     from .probe import LinearProbeConfig, run_transfer
@@ -102,8 +102,7 @@ def class_name_ids(data) -> list[int] | None:
 def grounding(pretrain_cfg) -> dict[str, dict[str, float]]:
     """Masked-word accuracy of the M3AE run with each caption's own image vs another one's: all
     words, and the class names alone when the data has them."""
-    import torch
-
+    from ..engine.runtime import resolve_device
     from ..model import M3AE
     from .grounding import grounding_accuracy
 
@@ -113,9 +112,8 @@ def grounding(pretrain_cfg) -> dict[str, dict[str, float]]:
     word_sets = {"all_words": None}
     if (names := class_name_ids(pretrain_cfg.data)) is not None:
         word_sets["class_names"] = names
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return grounding_accuracy(M3AE.from_pretrained(pretrain_cfg.out_dir), pairs, device, pretrain_cfg.train.precision,
-                              word_sets)
+    return grounding_accuracy(M3AE.from_pretrained(pretrain_cfg.out_dir), pairs, resolve_device(pretrain_cfg.train.device),
+                              pretrain_cfg.train.precision, word_sets)
 
 
 def bar_chart(results: dict[str, dict[str, float]], path: Path) -> Path:
@@ -145,10 +143,11 @@ def table(results: dict[str, dict[str, float]]) -> str:
 
 
 def run_demo(cfg: DemoConfig) -> dict[str, dict[str, float]]:
+    from ..engine.run_dir import default_run_dir
     from ..train.pretrain import run_pretraining
     from ..utils import atomic_path
 
-    run_dir = Path(cfg.out_dir or Path("runs") / f"demo-{time.strftime('%Y%m%d-%H%M%S')}")
+    run_dir = Path(cfg.out_dir or default_run_dir("demo"))
     results = {}
     for model_type in MODELS:
         pretrain = pretrain_config(cfg, model_type, run_dir)

@@ -15,7 +15,7 @@ import numpy as np
 import torch
 
 from ..model import M3AE
-from ..train.precision import PrecisionSetting, resolve_precision
+from ..engine.runtime import PrecisionSetting, resolve_precision
 
 Modality = Literal["image", "text", "pair"]
 Pool = Literal["cls", "mean"]

@@ -14,7 +14,7 @@ from collections.abc import Iterable, Mapping, Sequence
 import torch
 
 from ..model import M3AE
-from ..train.precision import PrecisionSetting, resolve_precision
+from ..engine.runtime import PrecisionSetting, resolve_precision
 
 
 @torch.no_grad()

@@ -6,8 +6,9 @@ training, Resize + CenterCrop for evaluation. `cached=True` extracts the feature
 transform, no augmentation) and trains the head on them: the same head in seconds.
 
 Fine-tuning: the whole encoder with layer-wise lr decay, drop-path, mixup / CutMix, label smoothing
-and AdamW. Runs follow the pretraining engine: run directory with config.yaml and metrics.jsonl,
-checkpoints every epoch (resume auto), progress bar, torchrun.
+and AdamW. Both are tasks on `m3ae.engine` (`TransferTrainer` supplies an epoch as the unit of
+work): run directory with config.yaml and metrics.jsonl, checkpoints every epoch (resume auto; they
+load with `M3AE.from_pretrained` as the fine-tuned encoder), progress bar, stop signal, torchrun.
 """
 
 from __future__ import annotations
@@ -16,21 +17,25 @@ import dataclasses
 import json
 import math
 import sys
-import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
 
 from .. import config as config_io
 from ..data import DataConfig
+from ..engine.distributed import wrap_model
+from ..engine.loop import RunSettings, Trainer, run_task
+from ..engine.metrics import LogConfig, MetricsLogger, ProgressBar
+from ..engine.optim import LARS, layer_decay_groups
+from ..engine.runtime import PrecisionSetting, ThreadsSetting
+from ..engine.schedule import LRScheduler, WarmupCosine
 from ..model import M3AE, ConfigError
 from ..model.classifier import M3AEClassifier
-from ..train.metrics import LogConfig
-from ..train.precision import PrecisionSetting, ThreadsSetting
+from ..utils import atomic_path
 from .features import FeatureSpec, Pool, require_labels
 
 OptimizerName = Literal["lars", "sgd", "adamw"]
@@ -159,11 +164,7 @@ def count_labelled(data: DataConfig, split: str) -> tuple[int, int]:
 def build_optimizer(model: M3AEClassifier, cfg: LinearProbeConfig, peak_lr: float) -> torch.optim.Optimizer:
     """Probe: the head only (BatchNorm has no parameters). Fine-tuning: layer-decay groups (lr_scale,
     which the scheduler applies), without weight decay on biases, norms and tokens, as in MAE."""
-    from ..train.optim import LARS
-
     if cfg.finetune:
-        from ..train.layer_decay import layer_decay_groups
-
         no_decay = {n for n, p in model.named_parameters() if p.ndim <= 1}
         no_decay |= {f"backbone.{n}" for n in model.backbone.no_weight_decay()}
         groups = layer_decay_groups(model, model.config.depth, cfg.layer_decay, cfg.weight_decay, no_decay)
@@ -193,25 +194,20 @@ class ProbeResult:
                 f"(best top-1 {self.best_top1:.2f}% at epoch {self.best_epoch})\n  run {self.run_dir}")
 
 
-class TransferTrainer:
-    """One run of `linear-probe` or `finetune`."""
+class TransferTrainer(Trainer):
+    """One run of `linear-probe` or `finetune`, a task on the engine: one `advance` is one epoch,
+    evaluated and checkpointed."""
 
     def __init__(self, cfg: LinearProbeConfig, resume: str | None = None) -> None:
         from ..data.splits import check_eval_split
-        from ..train.checkpoint import CheckpointManager
-        from ..train.distributed import broadcast_object, init_distributed, wrap_model
-        from ..train.precision import apply_threads, resolve_precision
 
         cfg.validate_ready()
-        self.cfg = cfg
-        self.threads = apply_threads(cfg.threads)
-        self.info = init_distributed(cfg.device)
+        super().__init__(cfg, RunSettings(
+            name="finetune" if cfg.finetune else "linear-probe", out_dir=cfg.out_dir, device=cfg.device,
+            precision=cfg.precision, threads=cfg.threads, keep=cfg.keep, log=cfg.log))
         if cfg.batch_size % self.info.world_size:
             raise ConfigError(f"batch_size={cfg.batch_size}: must be a multiple of the {self.info.world_size} processes")
         self.local_batch = cfg.batch_size // self.info.world_size
-        command = "finetune" if cfg.finetune else "linear-probe"
-        self.run_dir = Path(broadcast_object(str(cfg.out_dir or Path("runs") / f"{command}-{time.strftime('%Y%m%d-%H%M%S')}")))
-        self.precision = resolve_precision(cfg.precision, self.info.device)
         overrides = {"drop_path": cfg.drop_path} if cfg.finetune else {}
         if cfg.image_size is not None:
             overrides["image_size"] = cfg.image_size
@@ -231,28 +227,26 @@ class TransferTrainer:
         else:
             self.train_size, labels_classes = count_labelled(cfg.data, "train")
         self.num_classes = cfg.num_classes or labels_classes
-        self.model = M3AEClassifier(backbone, self.num_classes, cfg.pool, probe=not cfg.finetune).to(self.info.device)
+        model = M3AEClassifier(backbone, self.num_classes, cfg.pool, probe=not cfg.finetune).to(self.info.device)
         # Cached features: every process trains the same head on the same data, so no wrapper.
-        self.wrapped = self.model if cfg.cached else wrap_model(self.model, self.info, "ddp", None)
+        wrapped = model if cfg.cached else wrap_model(model, self.info, "ddp", None)
         self.steps_per_epoch = math.ceil(self.train_size / cfg.batch_size)
         self.peak_lr = cfg.peak_lr()
-        self.optimizer = build_optimizer(self.model, cfg, self.peak_lr)
-        from ..train.schedule import LRScheduler, WarmupCosine
-
+        optimizer = build_optimizer(model, cfg, self.peak_lr)
         total = cfg.epochs * self.steps_per_epoch
-        self.scheduler = LRScheduler(self.optimizer, WarmupCosine(
+        scheduler = LRScheduler(optimizer, WarmupCosine(
             self.peak_lr, total, min(round(cfg.warmup_epochs * self.steps_per_epoch), total)))
+        self.attach(model, wrapped, optimizer, scheduler)
         self.mixup = None
         if cfg.finetune and (cfg.mixup > 0 or cfg.cutmix > 0):
-            from ..train.mixup import Mixup
+            from .mixup import Mixup
 
             self.mixup = Mixup(self.num_classes, cfg.mixup, cfg.cutmix, cfg.mix_prob, cfg.switch_prob,
                                cfg.label_smoothing, seed=cfg.seed + self.info.rank)
-        self.checkpoints = CheckpointManager(self.run_dir, cfg.keep, self.info)
-        self.epoch, self.step, self.best = 0, 0, {"top1": -1.0, "epoch": 0}
+        self.epoch, self.best = 0, {"top1": -1.0, "epoch": 0}
         self.last: dict[str, float] = {}  # the last evaluation, kept in checkpoints for finished runs
-        if resume:
-            self._resume(resume)
+        self.metrics: dict[str, float] = {}  # the last epoch's
+        self.resume(resume)
 
     # ------------------------------------------------------------------ data
     def _cached_features(self, backbone) -> dict[str, dict]:
@@ -349,37 +343,51 @@ class TransferTrainer:
         require_labels(labels, f"data source {self.cfg.data.source!r} (val split)")
         return topk_accuracy(torch.cat(scores), labels)
 
-    def fit(self) -> ProbeResult:
-        from ..train.distributed import barrier
-        from ..train.metrics import MetricsLogger, ProgressBar
-        from ..train.precision import write_run_info
-        from ..utils import atomic_path
+    # ------------------------------------------------------------------ the engine's hooks
+    def total_steps(self) -> int:
+        return self.cfg.epochs * self.steps_per_epoch
 
-        cfg, info = self.cfg, self.info
-        if info.is_main:
-            self.run_dir.mkdir(parents=True, exist_ok=True)
-            config_io.save_yaml(cfg, self.run_dir / "config.yaml")
-            write_run_info(self.run_dir, self.precision, self.threads)
-        barrier()
-        logger = MetricsLogger(self.run_dir, cfg.log, info.is_main, config_io.to_dict(cfg),
-                               self.step if self.epoch else None)
-        bar = ProgressBar(cfg.epochs * self.steps_per_epoch, self.step, cfg.log.progress and info.is_main)
-        try:
-            while self.epoch < cfg.epochs:
-                metrics = self.train_epoch(bar)
-                self.epoch += 1
-                metrics.update(self.evaluate(), epoch=self.epoch)
-                if metrics["top1"] > self.best["top1"]:
-                    self.best = {"top1": metrics["top1"], "top5": metrics["top5"], "epoch": self.epoch}
-                self.last = {"top1": metrics["top1"], "top5": metrics["top5"]}
-                logger.log(self.step, metrics)
-                self._save()
-        finally:
-            bar.close()
-            logger.close()
+    def finished(self) -> bool:
+        return self.epoch >= self.cfg.epochs
+
+    def advance(self, bar: ProgressBar) -> None:
+        self.metrics = self.train_epoch(bar)
+        self.epoch += 1
+        self.metrics.update(self.evaluate(), epoch=self.epoch)
+        if self.metrics["top1"] > self.best["top1"]:
+            self.best = {"top1": self.metrics["top1"], "top5": self.metrics["top5"], "epoch": self.epoch}
+        self.last = {"top1": self.metrics["top1"], "top5": self.metrics["top5"]}
+
+    def log_due(self) -> bool:
+        return True
+
+    def log(self, logger: MetricsLogger, bar: ProgressBar) -> dict[str, float]:
+        logger.log(self.step, self.metrics)
+        return self.metrics
+
+    def checkpoint_due(self) -> bool:
+        return True
+
+    def checkpoint_step(self) -> int:
+        return self.epoch
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"epoch": self.epoch, "step": self.step, "best": self.best, "last": self.last}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.epoch, self.step = int(state["epoch"]), int(state["step"])
+        self.best, self.last = dict(state["best"]), dict(state["last"])
+
+    def model_config(self) -> dict[str, Any]:
+        # `backbone` is what M3AE.from_pretrained reads from a transfer checkpoint
+        return {"transfer": config_io.to_dict(self.cfg), "num_classes": self.num_classes,
+                "backbone": self.model.config.to_dict()}
+
+    def result(self, interrupted: bool, metrics: dict[str, float], checkpoint: Path | None) -> ProbeResult:
+        cfg = self.cfg
         result = ProbeResult(self.run_dir, self.epoch, self.last.get("top1", float("nan")),
                              self.last.get("top5", float("nan")), self.best["top1"], self.best["epoch"])
-        if info.is_main:
+        if self.info.is_main:
             summary = {"last": {"epoch": result.epoch, "top1": result.top1, "top5": result.top5},
                        "best": self.best, "num_classes": self.num_classes, "train_samples": self.train_size,
                        "split": self.split.to_dict(),
@@ -389,37 +397,7 @@ class TransferTrainer:
                 tmp.write_text(json.dumps(summary, indent=2) + "\n")
         return result
 
-    # ------------------------------------------------------------------ checkpoints
-    def _save(self) -> Path:
-        from ..train.checkpoint import rng_state
-
-        train_state = {"epoch": self.epoch, "step": self.step, "scheduler": self.scheduler.state_dict(),
-                       "best": self.best, "last": self.last}
-        config = {"transfer": config_io.to_dict(self.cfg), "num_classes": self.num_classes,
-                  "backbone": self.model.config.to_dict()}
-        return self.checkpoints.save(self.epoch, self.wrapped, config, self.optimizer, train_state,
-                                     {"rng": rng_state(self.info.device)})
-
-    def _resume(self, resume: str) -> None:
-        from ..train.checkpoint import set_rng_state
-
-        path = self.checkpoints.latest_good() if resume == "auto" else Path(resume)
-        if path is None:
-            return
-        train_state, rank_state = self.checkpoints.load(path, self.wrapped, self.optimizer)
-        self.epoch, self.step = int(train_state["epoch"]), int(train_state["step"])
-        self.scheduler.load_state_dict(train_state["scheduler"])
-        self.best, self.last = dict(train_state["best"]), dict(train_state["last"])
-        set_rng_state(rank_state["rng"], self.info.device)
-
 
 def run_transfer(cfg: LinearProbeConfig, resume: str | None = None) -> ProbeResult | None:
     """Trains and evaluates; returns the result on the main process, None on the others."""
-    from ..train.distributed import shutdown_distributed
-
-    try:
-        trainer = TransferTrainer(cfg, resume)
-        result = trainer.fit()
-        return result if trainer.info.is_main else None
-    finally:
-        shutdown_distributed()
+    return run_task(TransferTrainer, cfg, resume)

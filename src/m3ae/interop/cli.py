@@ -75,7 +75,8 @@ def run_export(args: argparse.Namespace) -> int:
 def run_push(args: argparse.Namespace) -> int:
     from ..config import command_config
     from ..model import M3AE
-    from .hub import card_info_from_runs, resolve
+    from ..model.files import resolve
+    from .hub import card_info_from_runs
 
     cfg = command_config(args, PushConfig)
     if cfg is None:

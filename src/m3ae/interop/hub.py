@@ -1,9 +1,8 @@
-"""Hugging Face Hub conventions: resolving repo ids, pushing, and the model card."""
+"""Hugging Face Hub conventions: pushing and the model card (resolving names: `m3ae.model.files`)."""
 
 from __future__ import annotations
 
 import json
-import re
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -11,44 +10,6 @@ from typing import Any
 import yaml
 
 from ..model.config import M3AEConfig
-
-HUB_FILES = ["config.json", "model.safetensors", "README.md"]
-_REPO_ID = re.compile(r"^[\w.-]+/[\w.-]+$")
-
-
-def resolve(name_or_path: str | Path, revision: str | None = None, **download) -> Path:
-    """The directory holding a model's config.json + model.safetensors, from any of the names users
-    give: a `save_pretrained` or checkpoint step directory (as is), a pretraining run directory (its
-    newest checkpoint that verifies), or a Hub repo id (downloaded, or read from the local cache,
-    which works offline, through huggingface_hub). `download` takes `snapshot_download`'s
-    `cache_dir`, `force_download`, `local_files_only` and `token`."""
-    from ..train.checkpoint import CHECKPOINT_DIRNAME
-
-    path = Path(name_or_path)
-    if path.is_dir():
-        if (path / "config.json").is_file() or not (path / CHECKPOINT_DIRNAME).is_dir():
-            return path
-        return _newest_good_checkpoint(path)
-    if not _REPO_ID.match(str(name_or_path)):
-        raise FileNotFoundError(f"{name_or_path}: neither a directory nor a Hub repo id (owner/name)")
-    try:
-        from huggingface_hub import snapshot_download
-    except ImportError as error:
-        raise FileNotFoundError(
-            f"{name_or_path} is not a local directory; loading it from the Hub needs huggingface_hub: "
-            f"pip install 'm3ae[hub]'"
-        ) from error
-    return Path(snapshot_download(str(name_or_path), revision=revision, allow_patterns=HUB_FILES, **download))
-
-
-def _newest_good_checkpoint(run_dir: Path) -> Path:
-    from ..train.checkpoint import CheckpointManager
-
-    manager = CheckpointManager(run_dir, keep=1, info=None)
-    step_dir = manager.newest_verified()
-    if step_dir is None:
-        raise FileNotFoundError(f"run directory {run_dir}: no checkpoint under {manager.directory} verifies")
-    return step_dir
 
 
 def model_card(config: M3AEConfig, info: dict[str, Any] | None = None) -> str:

@@ -16,12 +16,11 @@ import torch
 from torch import nn
 
 from .config import M3AEConfig
+from .files import CONFIG_NAME, WEIGHTS_NAME
 from .layers import OutputHead, Transformer, sincos_1d, sincos_2d, sincos_buffer
 from .losses import cross_entropy_by_sample, masked_cross_entropy, normalize_patches, patch_mse_loss
 from .masking import Masking, draw_noise, gather_tokens, random_masking, unshuffle
 
-CONFIG_NAME = "config.json"
-WEIGHTS_NAME = "model.safetensors"
 # Text positions are fixed sin-cos; a table this long serves captions and unpaired text corpora alike.
 MAX_TEXT_POSITIONS = 512
 
@@ -439,7 +438,7 @@ class M3AE(nn.Module):
         non-structural fields (mask ratios, loss options, attention implementation, image size)."""
         from safetensors.torch import load_file
 
-        from ..interop.hub import resolve
+        from .files import resolve
 
         download = dict(cache_dir=cache_dir, force_download=force_download, local_files_only=local_files_only,
                         token=token)
@@ -448,11 +447,22 @@ class M3AE(nn.Module):
         for path in (config_path, weights_path):
             if not path.is_file():
                 raise FileNotFoundError(f"{path} not found: expected a directory written by save_pretrained")
-        config = M3AEConfig.load(config_path)
-        if config_overrides:
-            config = config.replace(**config_overrides)
-        model = cls(config)
+        try:
+            backbone = json.loads(config_path.read_text()).get("backbone")
+        except (ValueError, AttributeError):
+            backbone = None  # M3AEConfig.load below says what is wrong with the file
         state = load_file(str(weights_path))
+        if backbone is not None:
+            # A linear-probe or fine-tuning checkpoint: its weights are a classifier's, whose backbone
+            # is the image encoder alone, so the model comes back as that encoder (encode(image)).
+            from .classifier import image_encoder
+
+            config = M3AEConfig.from_dict(backbone).replace(**config_overrides)
+            model = image_encoder(cls(config))
+            state = {k.removeprefix("backbone."): v for k, v in state.items() if k.startswith("backbone.")}
+        else:
+            config = M3AEConfig.load(config_path)
+            model = cls(config.replace(**config_overrides) if config_overrides else config)
         missing, unexpected = model.load_state_dict(state, strict=False)
         if missing or unexpected:
             raise ValueError(f"{weights_path} does not match {config_path}: missing {missing}, unexpected {unexpected}")

@@ -11,11 +11,11 @@ from typing import Any
 import torch
 
 from ..model import M3AE, M3AEConfig
+from ..engine.distributed import apply_activation_checkpointing, apply_compile
+from ..engine.flops import measure_peak_flops, training_flops
+from ..engine.optim import OptimConfig, build_optimizer, no_decay_names
+from ..engine.runtime import PrecisionSetting, ThreadsSetting, apply_threads, resolve_device, resolve_precision, sync
 from ..model.config import AttentionImpl, ModelType
-from .distributed import apply_activation_checkpointing, apply_compile
-from .flops import measure_peak_flops, training_flops
-from .optim import OptimConfig, build_optimizer, no_decay_names
-from .precision import PrecisionSetting, ThreadsSetting, apply_threads, resolve_precision, sync
 from .synthetic import synthetic_batch
 
 
@@ -41,7 +41,7 @@ class BenchConfig:
 
 def run_bench(b: BenchConfig) -> dict[str, Any]:
     threads = apply_threads(b.threads)
-    device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if b.device == "auto" else b.device)
+    device = resolve_device(b.device)
     cfg = M3AEConfig.from_preset(
         b.preset, image_size=b.image_size, text_length=b.text_length, vocab_size=b.vocab_size,
         image_mask_ratio=b.image_mask_ratio, text_mask_ratio=b.text_mask_ratio, model_type=b.model_type,

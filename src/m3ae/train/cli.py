@@ -138,7 +138,8 @@ def pretrain_command(args: argparse.Namespace) -> int:
     if args.print_config:
         print(config_io.to_yaml(cfg), end="")
         return 0
-    from ..utils import DiskFullError, RunDirBusy
+    from ..engine.run_dir import RunDirBusy
+    from ..utils import DiskFullError
     from .pretrain import NonFiniteLossError, run_pretraining
 
     try:

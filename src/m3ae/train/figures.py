@@ -13,7 +13,7 @@ import torch
 from ..utils import atomic_path
 from ..viz.plotting import loss_curves_figure, save_figure
 from ..viz.reconstruction import caption_predictions, plot_reconstructions, reconstruct_images
-from .metrics import read_metrics
+from ..engine.metrics import read_metrics
 
 VOCAB_ASSET = "assets/bert-base-uncased-vocab.txt"
 

@@ -8,12 +8,8 @@ the same computation whatever the number of processes or micro-batches.
 
 from __future__ import annotations
 
-import contextlib
-import dataclasses
 import importlib.util
 import logging
-import math
-import signal
 import time
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
@@ -23,20 +19,19 @@ from typing import Any
 import torch
 from torch import nn
 
-from .. import config as config_io
 from ..data import DataConfig
-from ..model import ConfigError, M3AE, M3AEConfig
-from ..utils import ensure_free_space, run_dir_lock
-from .checkpoint import CheckpointManager, rng_state, set_rng_state
-from .distributed import (
-    DistInfo, ParallelName, apply_activation_checkpointing, apply_compile, barrier, broadcast_object,
-    gradient_sync, init_distributed, mean_across_ranks, resolve_parallel, wrap_model,
+from ..engine.checkpoint import GeneratorState
+from ..engine.distributed import (
+    ParallelName, apply_activation_checkpointing, apply_compile, gradient_sync, mean_across_ranks, resolve_parallel,
+    wrap_model,
 )
-from .flops import measure_peak_flops, training_flops
-from .metrics import LogConfig, MetricsLogger, ProgressBar, Throughput
-from .optim import OptimConfig, build_optimizer, no_decay_names
-from .precision import PrecisionSetting, ThreadsSetting, apply_threads, resolve_precision, write_run_info
-from .schedule import LRScheduler, WarmupCosine
+from ..engine.flops import measure_peak_flops, training_flops
+from ..engine.loop import RunSettings, Trainer, run_task
+from ..engine.metrics import LogConfig, MetricsLogger, ProgressBar, Throughput
+from ..engine.optim import OptimConfig, build_optimizer, no_decay_names
+from ..engine.runtime import PrecisionSetting, ThreadsSetting
+from ..engine.schedule import LRScheduler, WarmupCosine
+from ..model import ConfigError, M3AE, M3AEConfig
 
 
 @dataclass
@@ -140,49 +135,14 @@ def _to_device(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
     return {k: v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
 
 
-def _default_run_dir(cfg: PretrainConfig) -> Path:
-    return Path("runs") / f"{cfg.model.preset or cfg.model.model_type}-{time.strftime('%Y%m%d-%H%M%S')}"
+class Pretrainer(Trainer):
+    """Pretraining as a task on the engine: one `advance` is one optimizer step."""
 
-
-class _StopSignal:
-    """SIGTERM / SIGINT set a flag; the loop checkpoints at the end of the step and returns. A second
-    signal ends the process at once, unless it comes within `echo_s` of the first: a signal to the
-    process group under torchrun reaches each rank twice (directly, then forwarded by the agent)."""
-
-    echo_s = 2.0
-
-    def __init__(self) -> None:
-        self.received: int | None = None
-        self._first_at = 0.0
-        self._previous: dict[int, Any] = {}
-
-    def __enter__(self) -> "_StopSignal":
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            try:
-                self._previous[sig] = signal.signal(sig, self._handle)
-            except ValueError:  # not the main thread: leave signals alone
-                pass
-        return self
-
-    def _handle(self, signum, frame) -> None:
-        if self.received is None:
-            self.received, self._first_at = signum, time.monotonic()
-        elif time.monotonic() - self._first_at > self.echo_s:
-            # A second request means "now": no checkpoint, the conventional 128 + signal status.
-            signal.signal(signum, signal.SIG_DFL)
-            signal.raise_signal(signum)
-
-    def __exit__(self, *exc) -> None:
-        for sig, handler in self._previous.items():
-            signal.signal(sig, handler)
-
-
-class Pretrainer:
     def __init__(self, cfg: PretrainConfig, loader: Iterable[dict[str, torch.Tensor]] | None = None,
                  resume: str | None = None) -> None:
-        self.cfg = cfg
-        self.threads = apply_threads(cfg.train.threads)
-        self.info: DistInfo = init_distributed(cfg.train.device)
+        super().__init__(cfg, RunSettings(
+            name=cfg.model.preset or cfg.model.model_type, out_dir=cfg.out_dir, device=cfg.train.device,
+            precision=cfg.train.precision, threads=cfg.train.threads, keep=cfg.checkpoint.keep, log=cfg.log))
         t, world = cfg.train, self.info.world_size
         self.micro_batch = t.micro_batch_size or t.batch_size // world
         if t.batch_size % (self.micro_batch * world):
@@ -193,39 +153,47 @@ class Pretrainer:
         self.accum = t.batch_size // (self.micro_batch * world)
         if t.deterministic:
             torch.use_deterministic_algorithms(True)
-        self.run_dir = Path(broadcast_object(str(cfg.out_dir or _default_run_dir(cfg))))
-        self.precision = resolve_precision(t.precision, self.info.device)
 
         torch.manual_seed(t.seed)  # same initial weights on every process
-        self.model = M3AE(cfg.model).to(self.info.device)
-        exclude = no_decay_names(self.model, cfg.optim.no_decay)
+        model = M3AE(cfg.model).to(self.info.device)
+        exclude = no_decay_names(model, cfg.optim.no_decay)
         if t.activation_checkpointing:
-            apply_activation_checkpointing(self.model)
+            apply_activation_checkpointing(model)
         if t.compile:
-            apply_compile(self.model)
+            apply_compile(model)
         param_dtype = self.precision.dtype if self.precision.name != "fp32" else None
-        self.wrapped = wrap_model(self.model, self.info, resolve_parallel(t.parallel, cfg.model.preset), param_dtype)
+        wrapped = wrap_model(model, self.info, resolve_parallel(t.parallel, cfg.model.preset), param_dtype)
         self.peak_lr = cfg.optim.peak_lr(t.batch_size)
-        self.optimizer = build_optimizer(self.wrapped, cfg.optim, self.peak_lr, exclude)
-        self.scheduler = LRScheduler(
-            self.optimizer,
+        optimizer = build_optimizer(wrapped, cfg.optim, self.peak_lr, exclude)
+        scheduler = LRScheduler(
+            optimizer,
             WarmupCosine(self.peak_lr, t.total_steps, cfg.optim.warmup_steps, cfg.optim.lr_init, cfg.optim.lr_end),
         )
+        self.attach(model, wrapped, optimizer, scheduler)
         self.scaler = self.precision.grad_scaler()
+        if self.scaler is not None:
+            self.checkpoints.register("scaler", self.scaler)
         self.noise = torch.Generator().manual_seed(t.seed + 1)
+        self.checkpoints.register("noise", GeneratorState(self.noise), per_rank=True)
         self.loader = loader if loader is not None else self._build_loader()
+        if hasattr(self.loader, "state_dict"):
+            self.checkpoints.register("data", self.loader, per_rank=True)
         if cfg.log.figures_every and importlib.util.find_spec("matplotlib") is None:
             # figures are on by default: a core install trains without them rather than failing
             logging.getLogger("m3ae.train").warning(
                 "log.figures_every=%d: figures need matplotlib, which is not installed (pip install 'm3ae[viz]'); "
                 "training without figures", cfg.log.figures_every)
             cfg.log.figures_every = 0
-        self.checkpoints = CheckpointManager(self.run_dir, cfg.checkpoint.keep, self.info)
-        self.step = 0
         self.nonfinite_total = torch.zeros((), device=self.info.device)
         self.nonfinite_run = torch.zeros((), device=self.info.device)
         self.figure_batch: dict[str, torch.Tensor] | None = None
-        self.resumed_from = self._resume(resume) if resume else None
+        self.flops = None  # per sample; known after the first step, which says which losses ran
+        self.window: list[torch.Tensor] = []
+        self.present: list[str] = []
+        self.figures: list[Path] = []
+        self.peak_flops: float | None = None  # measured when training starts
+        self.batches: Iterator[dict[str, torch.Tensor]] | None = None
+        self.resumed_from = self.resume(resume)
 
     # ------------------------------------------------------------------ set-up
     def _build_loader(self):
@@ -254,36 +222,15 @@ class Pretrainer:
             raise ConfigError(f"model.vocab_size={model.vocab_size}: smaller than the {vocab} tokens of "
                               f"data.tokenizer={data.tokenizer!r}")
 
-    def _resume(self, resume: str) -> Path | None:
-        path = self.checkpoints.latest_good() if resume == "auto" else Path(resume)
-        if path is None:
-            return None
-        train_state, rank_state = self.checkpoints.load(path, self.wrapped, self.optimizer)
-        self.step = int(train_state["step"])
-        self.scheduler.load_state_dict(train_state["scheduler"])
-        if self.scaler is not None and train_state.get("scaler"):
-            self.scaler.load_state_dict(train_state["scaler"])
-        self.nonfinite_total.fill_(float(train_state["nonfinite_total"]))
-        self.noise.set_state(rank_state["noise"])
-        set_rng_state(rank_state["rng"], self.info.device)
-        if rank_state.get("data") is not None and hasattr(self.loader, "load_state_dict"):
-            self.loader.load_state_dict(rank_state["data"])
-        return path
+    def state_dict(self) -> dict[str, Any]:
+        return {"step": self.step, "nonfinite_total": float(self.nonfinite_total.item())}
 
-    def save_checkpoint(self) -> Path:
-        train_state = {
-            "step": self.step,
-            "scheduler": self.scheduler.state_dict(),
-            "scaler": self.scaler.state_dict() if self.scaler is not None else None,
-            "nonfinite_total": float(self.nonfinite_total.item()),
-        }
-        rank_state = {
-            "rng": rng_state(self.info.device),
-            "noise": self.noise.get_state(),
-            "data": self.loader.state_dict() if hasattr(self.loader, "state_dict") else None,
-        }
-        return self.checkpoints.save(self.step, self.wrapped, self.model.config.to_dict(), self.optimizer,
-                                     train_state, rank_state)
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.step = int(state["step"])
+        self.nonfinite_total.fill_(float(state["nonfinite_total"]))
+
+    def model_config(self) -> dict[str, Any]:
+        return self.model.config.to_dict()
 
     # ------------------------------------------------------------------ one step
     def _draw_noise(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -409,65 +356,49 @@ class Pretrainer:
                 yield batch
         raise RuntimeError("the data loader yielded no batch")
 
-    def fit(self) -> RunResult:
-        cfg, info = self.cfg, self.info
-        last_step = cfg.train.last_step
-        if info.is_main:
-            self.run_dir.mkdir(parents=True, exist_ok=True)
-            config_io.save_yaml(cfg, self.run_dir / "config.yaml")
-            write_run_info(self.run_dir, self.precision, self.threads)
-        barrier()
-        # Whatever the file holds past this step (a run killed before its first checkpoint included)
-        # will be logged again.
-        logger = MetricsLogger(self.run_dir, cfg.log, info.is_main, config_io.to_dict(cfg), self.step)
-        peak = measure_peak_flops(info.device, self.precision.name)
-        bar = ProgressBar(last_step, self.step, cfg.log.progress and info.is_main)
-        meter, window, figures = Throughput(), [], []
-        metrics: dict[str, float] = {}
-        interrupted, checkpoint, flops = False, None, None
-        batches = self._batches()
-        self.wrapped.train()
-        try:
-            with _StopSignal() as stop:
-                while self.step < last_step:
-                    stats, present = self.train_step(batches, meter)
-                    if flops is None:
-                        flops = self._flops(present)
-                    window.append(stats)
-                    self.step += 1
-                    # One process decides alone; several agree at the next log step (a collective).
-                    stop_now = stop.received is not None and not info.enabled
-                    if self.step % cfg.log.every == 0 or self.step == last_step or stop_now:
-                        metrics, stop_now = self._log(window, present, meter, flops, peak, logger,
-                                                      stop.received is not None)
-                        bar.update(len(window), metrics)
-                        window = []
-                        meter.reset()
-                    if "image" in self.figure_batch and cfg.log.figures_every and (self.step % cfg.log.figures_every == 0 or self.step == last_step):
-                        figures += self._figures(logger)
-                        meter.reset()
-                    if self.step % cfg.checkpoint.every == 0 or self.step == last_step or stop_now:
-                        checkpoint = self.save_checkpoint()
-                        meter.reset()  # throughput measures training steps, not checkpoint writes
-                    if stop_now:
-                        interrupted = True
-                        break
-        finally:
-            bar.close()
-            logger.close()
-        return RunResult(self.run_dir, self.step, interrupted, metrics, checkpoint, figures)
+    # ------------------------------------------------------------------ the engine's hooks
+    def total_steps(self) -> int:
+        return self.cfg.train.last_step
 
-    @contextlib.contextmanager
-    def claim_run_dir(self) -> Iterator[None]:
-        """Rank 0 holds the run directory's lock for the block, clears temporaries a killed run left
-        and checks there is room for a checkpoint before anything is written."""
-        if not self.info.is_main:
-            yield
-            return
-        with run_dir_lock(self.run_dir):
-            self.checkpoints.remove_stale_temporaries()
-            ensure_free_space(self.run_dir, self.checkpoints.bytes_needed(self.model))
-            yield
+    def finished(self) -> bool:
+        return self.step >= self.cfg.train.last_step
+
+    def advance(self, bar: ProgressBar) -> None:
+        if self.batches is None:
+            self.peak_flops = measure_peak_flops(self.info.device, self.precision.name)
+            self.batches = self._batches()
+            self.wrapped.train()
+        stats, self.present = self.train_step(self.batches, self.meter)
+        if self.flops is None:
+            self.flops = self._flops(self.present)
+        self.window.append(stats)
+        self.step += 1
+
+    def _due(self, every: int) -> bool:
+        return self.step % every == 0 or self.step == self.cfg.train.last_step
+
+    def log_due(self) -> bool:
+        return self._due(self.cfg.log.every)
+
+    def checkpoint_due(self) -> bool:
+        return self._due(self.cfg.checkpoint.every)
+
+    def after_log(self, logger: MetricsLogger) -> bool:
+        every = self.cfg.log.figures_every
+        if not ("image" in self.figure_batch and every and self._due(every)):
+            return False
+        self.figures += self._figures(logger)
+        return True
+
+    def teardown(self) -> None:
+        if self.batches is not None:
+            # its DataLoader workers end with it, not at interpreter exit (where a worker already
+            # stopped by the job's SIGTERM makes the shutdown hang)
+            self.batches.close()
+            self.batches = None
+
+    def result(self, interrupted: bool, metrics: dict[str, float], checkpoint: Path | None) -> RunResult:
+        return RunResult(self.run_dir, self.step, interrupted, metrics, checkpoint, self.figures)
 
     def _flops(self, present: list[str]):
         text = self.figure_batch.get("text")
@@ -479,33 +410,34 @@ class Pretrainer:
             unpaired.shape[1] if unpaired is not None and "unpaired_text_loss" in present else None,
         )
 
-    def _log(self, window, present, meter, flops, peak, logger, stop_flag: bool):
-        """Host sync point: averages the window's statistics over steps and processes."""
-        window_stats = torch.stack(window)
+    def log(self, logger: MetricsLogger, bar: ProgressBar) -> dict[str, float]:
+        """Averages the window's statistics over steps and processes."""
+        window_stats = torch.stack(self.window)
         finite = 1.0 - window_stats[:, -1]
         count = finite.sum().clamp_min(1.0)
         summary = torch.cat([
             (torch.nan_to_num(window_stats[:, :-1], nan=0.0, posinf=0.0, neginf=0.0) * finite[:, None]).sum(0) / count,
             self.nonfinite_total.reshape(1).float(),
             self.nonfinite_run.reshape(1).float(),
-            torch.tensor([float(stop_flag)], device=window_stats.device),
         ])
         summary = mean_across_ranks(summary).tolist()
         names = ["loss", "image_loss", "text_loss", "text_accuracy", "unpaired_text_loss", "grad_norm"]
         values = dict(zip(names, summary))
-        metrics = {k: values[k] for k in names if k in present or k == "grad_norm"}
-        nonfinite_total, nonfinite_run, stop_any = summary[len(names):]
+        metrics = {k: values[k] for k in names if k in self.present or k == "grad_norm"}
+        nonfinite_total, nonfinite_run = summary[len(names):]
         metrics.update(lr=self.scheduler.schedule(self.step - 1), nonfinite_steps=int(round(nonfinite_total)))
-        metrics.update(meter.summary(flops.per_sample if flops else 0, peak))
+        metrics.update(self.meter.summary(self.flops.per_sample if self.flops else 0, self.peak_flops))
         metrics["eta_s"] = metrics["step_s"] * (self.cfg.train.last_step - self.step)
         logger.log(self.step, metrics)
+        bar.update(len(self.window), metrics)
+        self.window = []
         if nonfinite_run >= self.cfg.train.max_nonfinite_steps:
             raise NonFiniteLossError(
                 f"the loss or gradient was NaN/Inf for {int(nonfinite_run)} consecutive steps (up to step "
                 f"{self.step}; train.max_nonfinite_steps={self.cfg.train.max_nonfinite_steps}): lower optim.lr "
                 f"or use train.precision=bf16/fp32"
             )
-        return metrics, stop_any > 0
+        return metrics
 
     def _figures(self, logger) -> list[Path]:
         from .figures import plot_loss_curves, reconstruction_figures
@@ -531,12 +463,4 @@ def run_pretraining(cfg: PretrainConfig, loader: Iterable[dict[str, torch.Tensor
                     resume: str | None = None) -> RunResult | None:
     """Builds everything, trains, and tears the process group down. Returns the result on the main
     process, None on the others."""
-    from .distributed import shutdown_distributed
-
-    try:
-        trainer = Pretrainer(cfg, loader=loader, resume=resume)
-        with trainer.claim_run_dir():
-            result = trainer.fit()
-        return result if trainer.info.is_main else None
-    finally:
-        shutdown_distributed()
+    return run_task(Pretrainer, cfg, loader=loader, resume=resume)

@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 from ..data import DataConfig
-from ..train.precision import ThreadsSetting
+from ..engine.runtime import ThreadsSetting
 
 MODEL_HELP = "a model directory, a checkpoint step directory, a run directory or a Hub repo id"
 
@@ -89,7 +89,7 @@ def _config(args: argparse.Namespace):
     import sys
 
     from ..config import command_config
-    from ..train.precision import apply_threads
+    from ..engine.runtime import apply_threads
 
     cfg = command_config(args, args.config_cls)
     if cfg is not None and hasattr(cfg, "threads"):

@@ -14,7 +14,7 @@ import re
 from pathlib import Path
 from typing import Any
 
-from ..train.metrics import read_metrics
+from ..engine.metrics import read_metrics
 from ..utils import atomic_path
 from .plotting import loss_curves_figure, pyplot
 

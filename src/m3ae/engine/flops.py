@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .precision import PrecisionName, matmul_rate
+from .runtime import PrecisionName, matmul_rate
 
 
 def _block_flops(seq: int, dim: int, mlp_ratio: float) -> int:

@@ -13,7 +13,6 @@ than the free cores loses far more than it gains.
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import functools
 import os
@@ -24,6 +23,13 @@ from pathlib import Path
 from typing import Literal
 
 import torch
+
+def resolve_device(setting: str = "auto") -> torch.device:
+    """`auto`: CUDA when available, else the CPU; anything else as torch spells it ("cuda:1")."""
+    if setting == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(setting)
+
 
 PrecisionName = Literal["fp32", "bf16", "fp16"]
 PrecisionSetting = Literal["auto", "fp32", "bf16", "fp16"]  # what configs and flags accept
@@ -212,22 +218,6 @@ def apply_threads(setting: ThreadsSetting) -> Threads:
     with contextlib.suppress(RuntimeError):
         torch.set_num_interop_threads(chosen.count)
     return chosen
-
-
-def parse_threads(text: str) -> ThreadsSetting:
-    """argparse type of --threads."""
-    if text == "auto":
-        return "auto"
-    if text.isdigit() and int(text) >= 1:
-        return int(text)
-    raise argparse.ArgumentTypeError(f"{text!r}: a number >= 1 or 'auto'")
-
-
-def add_threads_argument(parser: argparse.ArgumentParser) -> None:
-    """--threads for commands configured by flags; `m3ae` applies it before the command runs."""
-    parser.add_argument("--threads", type=parse_threads, default="auto",
-                        help="CPU threads (default auto: every free physical core; 1 when the load average "
-                        "says other processes compete for them; OMP_NUM_THREADS when set)")
 
 
 def sync(device: torch.device) -> None:
