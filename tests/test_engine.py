@@ -1,36 +1,14 @@
-"""The engine below the tasks: what it may import, and the checkpointer's registered parts."""
+"""The checkpointer's registered parts (what the engine may import: tests/test_layering.py)."""
 
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
-from pathlib import Path
 
 import torch
 from torch import nn
 
 from m3ae.engine.checkpoint import CheckpointManager, GeneratorState
 from m3ae.engine.distributed import DistInfo
-
-SRC = str(Path(__file__).resolve().parents[1] / "src")
-ENGINE = ["checkpoint", "distributed", "flops", "loop", "metrics", "optim", "run_dir", "runtime", "schedule"]
-
-
-def _loaded_packages(*modules: str) -> set[str]:
-    """The m3ae sub-packages a fresh interpreter holds after importing `modules`."""
-    code = (f"import sys\nimport {', '.join(modules)}\n"
-            "print(sorted({m.split('.')[1] for m in sys.modules if m.startswith('m3ae.')}))")
-    out = subprocess.run([sys.executable, "-c", code], env={"PYTHONPATH": SRC, "OMP_NUM_THREADS": "1"},
-                         capture_output=True, text=True, check=True).stdout
-    return set(json.loads(out.replace("'", '"')))
-
-
-def test_the_engine_imports_no_task_and_the_model_no_engine():
-    engine = _loaded_packages(*(f"m3ae.engine.{name}" for name in ENGINE))
-    assert "engine" in engine and not engine & {"train", "eval", "viz", "interop", "cli"}
-    model = _loaded_packages("m3ae.model", "m3ae.model.files")
-    assert not model & {"engine", "train", "eval", "viz", "interop", "data"}
 
 
 class Counter:

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from m3ae import M3AE, M3AEConfig
-from m3ae.interop.hub import model_card
+from m3ae.model.hub import model_card
 
 CONFIG = dict(image_size=32, patch_size=8, text_length=8, vocab_size=50, emb_dim=32, depth=1, num_heads=2,
               dec_emb_dim=16, dec_depth=1, dec_num_heads=2)

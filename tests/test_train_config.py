@@ -16,7 +16,7 @@ import yaml
 from m3ae import config as config_io
 from m3ae.cli import main
 from m3ae.config import ConfigError
-from m3ae.train.cli import RECIPES
+from m3ae.recipes import DIRECTORY as RECIPES
 from m3ae.train.pretrain import PretrainConfig
 
 

@@ -38,13 +38,13 @@ class DemoConfig:
 def pretrain_config(cfg: DemoConfig, model_type: str, run_dir: Path):
     """The recipe with only the model type changed: the comparison differs in nothing else."""
     from .. import config as config_io
-    from ..train.cli import resolve_recipe
+    from .. import recipes
     from ..train.pretrain import PretrainConfig
 
     overrides = {"model.model_type": model_type, "train.total_steps": cfg.steps, "train.batch_size": cfg.batch_size,
                  "out_dir": str(run_dir / model_type), "log.progress": cfg.progress, "log.figures_every": 0,
                  "checkpoint.every": max(cfg.steps // 2, 1)}
-    return config_io.load(PretrainConfig, resolve_recipe(cfg.recipe), overrides)
+    return config_io.load(PretrainConfig, recipes.resolve(cfg.recipe), overrides)
 
 
 def evaluate(cfg: DemoConfig, pretrain_cfg, run_dir: Path) -> dict[str, float]:

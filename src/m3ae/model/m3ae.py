@@ -404,7 +404,7 @@ class M3AE(nn.Module):
     # ------------------------------------------------------------------ persistence
     def save_pretrained(self, directory: str | Path, card_info: dict | None = None) -> Path:
         """Writes `config.json` and `model.safetensors` (atomically: temp files, then rename), and a
-        model card `README.md` when `card_info` is given (see `m3ae.interop.hub.model_card`)."""
+        model card `README.md` when `card_info` is given (see `m3ae.model.hub.model_card`)."""
         from safetensors.torch import save_file
 
         from ..utils import atomic_path
@@ -417,15 +417,15 @@ class M3AE(nn.Module):
         with atomic_path(directory / CONFIG_NAME) as tmp:
             self.config.save(tmp)
         if card_info is not None:
-            from ..interop.hub import model_card
+            from .hub import model_card
 
             with atomic_path(directory / "README.md") as tmp:
                 tmp.write_text(model_card(self.config, card_info))
         return directory
 
     def push_to_hub(self, repo_id: str, **kwargs) -> object:
-        """Uploads config, weights and a model card to the Hugging Face Hub (`m3ae.interop.hub.push_to_hub`)."""
-        from ..interop.hub import push_to_hub
+        """Uploads config, weights and a model card to the Hugging Face Hub (`m3ae.model.hub.push_to_hub`)."""
+        from .hub import push_to_hub
 
         return push_to_hub(self, repo_id, **kwargs)
 

@@ -7,24 +7,7 @@ import json
 import sys
 from pathlib import Path
 
-DEFAULT_RECIPE = "tiny"
-# Recipes ship inside the package, so an installed wheel finds them from any directory.
-RECIPES = Path(__file__).resolve().parents[1] / "recipes"
-
-
-def recipe_names() -> list[str]:
-    return sorted(p.stem for p in RECIPES.glob("*.yaml"))
-
-
-def resolve_recipe(name: str) -> Path:
-    """A YAML file's path as given, else the packaged recipe of that name."""
-    from ..config import ConfigError
-
-    for path in (Path(name), RECIPES / f"{name}.yaml"):
-        if path.is_file():
-            return path
-    raise ConfigError(f"--config {name!r}: no such file or recipe (recipes: {', '.join(recipe_names())})")
-
+from .. import recipes
 
 def register(subparsers) -> None:
     from ..config import add_config_arguments, add_override_arguments
@@ -73,7 +56,7 @@ def build_config(args: argparse.Namespace):
     saved = saved_run_config(args, overrides.get("out_dir"))
     if saved is not None:
         return resumed_config(saved, overrides, args.config)
-    return config_io.load(PretrainConfig, resolve_recipe(args.config or DEFAULT_RECIPE), overrides)
+    return config_io.load(PretrainConfig, recipes.resolve(args.config or recipes.DEFAULT), overrides)
 
 
 def saved_run_config(args: argparse.Namespace, out_dir: str | None) -> Path | None:
@@ -127,8 +110,8 @@ def pretrain_command(args: argparse.Namespace) -> int:
     from ..config import ConfigError
 
     if args.list_recipes:
-        for name in recipe_names():
-            print(f"{name}\t{RECIPES / (name + '.yaml')}")
+        for name in recipes.names():
+            print(f"{name}\t{recipes.DIRECTORY / (name + '.yaml')}")
         return 0
     try:
         cfg = build_config(args)
