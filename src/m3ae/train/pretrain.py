@@ -9,6 +9,7 @@ the same computation whatever the number of processes or micro-batches.
 from __future__ import annotations
 
 import importlib.util
+import itertools
 import logging
 import time
 from collections.abc import Iterable, Iterator
@@ -131,6 +132,27 @@ class RunResult:
         return "\n".join(lines)
 
 
+@dataclass
+class StepStats:
+    """One step's statistics as a single tensor on the device, so that micro-batches sum into it and
+    processes average it in one all-reduce, read on the host only at log steps. `NAMES` orders it."""
+
+    NAMES = ("loss", "image_loss", "text_loss", "text_accuracy", "unpaired_text_loss", "grad_norm", "skipped")
+    LOSSES = NAMES[:5]  # what a forward gives; the step adds the gradient norm and whether it was skipped
+    values: torch.Tensor  # (len(NAMES),) or (steps, len(NAMES)) for a window of steps
+    present: tuple[str, ...]  # the losses this run computes (the others stay zero)
+
+    @classmethod
+    def of_losses(cls, losses: dict[str, torch.Tensor | None]) -> "StepStats":
+        zero = next(v for v in losses.values() if v is not None).new_zeros(())
+        values = torch.stack([(losses.get(k) if losses.get(k) is not None else zero).detach().float()
+                              for k in cls.LOSSES])
+        return cls(values, tuple(k for k in cls.LOSSES if losses.get(k) is not None))
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        return self.values[..., self.NAMES.index(name)]
+
+
 def _to_device(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
     return {k: v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
 
@@ -186,10 +208,10 @@ class Pretrainer(Trainer):
             cfg.log.figures_every = 0
         self.nonfinite_total = torch.zeros((), device=self.info.device)
         self.nonfinite_run = torch.zeros((), device=self.info.device)
-        self.figure_batch: dict[str, torch.Tensor] | None = None
+        self.sample_batch: dict[str, torch.Tensor] = {}  # a few samples of the first batch: figures, FLOPs
         self.flops = None  # per sample; known after the first step, which says which losses ran
-        self.window: list[torch.Tensor] = []
-        self.present: list[str] = []
+        self.window: list[torch.Tensor] = []  # StepStats.values of the steps since the last log
+        self.present: tuple[str, ...] = ()
         self.figures: list[Path] = []
         self.peak_flops: float | None = None  # measured when training starts
         self.batches: Iterator[dict[str, torch.Tensor]] | None = None
@@ -258,8 +280,10 @@ class Pretrainer(Trainer):
         start = (micro * self.info.world_size + self.info.rank) * size
         return noise[start : start + size].to(self.info.device, non_blocking=True)
 
-    def _forward(self, batch: dict[str, torch.Tensor], noise: dict[str, torch.Tensor], micro: int):
-        """Returns (total loss, per-term statistics)."""
+    def _forward(self, batch: dict[str, torch.Tensor], noise: dict[str, torch.Tensor],
+                 micro: int) -> dict[str, torch.Tensor | None]:
+        """The micro-batch's losses by name (`StepStats.LOSSES`; None where the run has no such term),
+        "loss" being the weighted total that is back-propagated."""
         has_image, has_text = "image" in noise, "text" in noise
         out = self.wrapped(
             image=batch["image"] if has_image else None,
@@ -269,20 +293,16 @@ class Pretrainer(Trainer):
             text_noise=self._rows(noise["text"], micro) if has_text else None,
             compute_logits=False,
         )
-        loss = out.loss
-        zero = loss.new_zeros(())
-        stats = {"loss": None, "image_loss": out.image_loss, "text_loss": out.text_loss,
-                 "text_accuracy": out.text_accuracy, "unpaired_text_loss": None}
+        losses = {"loss": out.loss, "image_loss": out.image_loss, "text_loss": out.text_loss,
+                  "text_accuracy": out.text_accuracy, "unpaired_text_loss": None}
         if "unpaired_text" in noise:
             unpaired = self.wrapped(
                 text=batch["unpaired_text"], text_padding_mask=batch.get("unpaired_text_padding_mask"),
                 text_noise=self._rows(noise["unpaired_text"], micro), compute_logits=False,
             )
-            loss = loss + self.cfg.train.unpaired_text_weight * unpaired.text_loss
-            stats["unpaired_text_loss"] = unpaired.text_loss
-        stats["loss"] = loss
-        present = [k for k, v in stats.items() if v is not None]
-        return loss, torch.stack([(stats[k] if stats[k] is not None else zero).detach().float() for k in stats]), present
+            losses["loss"] = out.loss + self.cfg.train.unpaired_text_weight * unpaired.text_loss
+            losses["unpaired_text_loss"] = unpaired.text_loss
+        return losses
 
     def _optimizer_step(self, found_inf: torch.Tensor) -> None:
         if self.scaler is not None:
@@ -299,11 +319,11 @@ class Pretrainer(Trainer):
         elif not bool(found_inf.item()):
             self.optimizer.step()
 
-    def train_step(self, batches: Iterator[dict[str, torch.Tensor]], meter: Throughput) -> tuple[torch.Tensor, list[str]]:
-        """One optimizer step over `accum` micro-batches. Returns the step's statistics on the
-        device (loss, image, text, accuracy, unpaired, grad norm, skipped) without synchronising."""
+    def train_step(self, batches: Iterator[dict[str, torch.Tensor]], meter: Throughput) -> StepStats:
+        """One optimizer step over `accum` micro-batches. Returns the step's statistics on the device,
+        without synchronising."""
         noise = None
-        sums, present = None, []
+        sums: StepStats | None = None
         for micro in range(self.accum):
             wait = time.perf_counter()
             batch = next(batches)
@@ -318,11 +338,12 @@ class Pretrainer(Trainer):
             if noise is None:
                 noise = self._draw_noise(batch)
             with gradient_sync(self.wrapped, micro == self.accum - 1), self.precision.autocast():
-                loss, stats, present = self._forward(batch, noise, micro)
-            loss = loss / self.accum
+                losses = self._forward(batch, noise, micro)
+            loss = losses["loss"] / self.accum
             (self.scaler.scale(loss) if self.scaler is not None else loss).backward()
-            sums = stats if sums is None else sums + stats
-        stats = sums / self.accum
+            stats = StepStats.of_losses(losses)
+            sums = stats if sums is None else StepStats(sums.values + stats.values, stats.present)
+        mean = sums.values / self.accum
         if self.scaler is not None:
             self.scaler.unscale_(self.optimizer)
         params = [p for g in self.optimizer.param_groups for p in g["params"] if p.grad is not None]
@@ -332,7 +353,7 @@ class Pretrainer(Trainer):
         clip = self.cfg.optim.clip_grad_norm
         if clip is not None:
             torch.nn.utils.clip_grads_with_norm_(params, clip, grad_norm, foreach=True)
-        found_inf = (~torch.isfinite(grad_norm) | ~torch.isfinite(stats[0])).float()
+        found_inf = (~torch.isfinite(grad_norm) | ~torch.isfinite(mean[StepStats.NAMES.index("loss")])).float()
         self._optimizer_step(found_inf)
         self.optimizer.zero_grad(set_to_none=True)
         self.scheduler.step()
@@ -340,21 +361,27 @@ class Pretrainer(Trainer):
         self.nonfinite_run = (self.nonfinite_run + found_inf) * found_inf
         meter.samples += self.cfg.train.batch_size
         meter.steps += 1
-        return torch.cat([stats, grad_norm.detach().float().reshape(1), found_inf.reshape(1)]), present
+        return StepStats(torch.cat([mean, grad_norm.detach().float().reshape(1), found_inf.reshape(1)]), sums.present)
 
     # ------------------------------------------------------------------ the loop
     def _batches(self) -> Iterator[dict[str, torch.Tensor]]:
-        """Endless: the loader is iterated again at each epoch's end. Keeps a few samples of the
-        run's first batch for the figures."""
+        """Endless: the loader is iterated again at each epoch's end."""
         empty_passes = 0
         while empty_passes < 2:  # a resumed loader may be at its epoch's end: one empty pass is fine
             empty_passes += 1
             for batch in self.loader:
                 empty_passes = 0
-                if self.figure_batch is None:
-                    self.figure_batch = {k: v[:8].clone().cpu() for k, v in batch.items() if isinstance(v, torch.Tensor)}
                 yield batch
         raise RuntimeError("the data loader yielded no batch")
+
+    def _start(self) -> None:
+        """Opens the batch stream; the first batch also gives the samples the figures are drawn from."""
+        self.peak_flops = measure_peak_flops(self.info.device, self.precision.name)
+        batches = self._batches()
+        first = next(batches)
+        self.sample_batch = {k: v[:8].clone().cpu() for k, v in first.items() if isinstance(v, torch.Tensor)}
+        self.batches = itertools.chain([first], batches)
+        self._stream = batches  # closed at teardown: its DataLoader workers end with it
 
     # ------------------------------------------------------------------ the engine's hooks
     def total_steps(self) -> int:
@@ -365,13 +392,13 @@ class Pretrainer(Trainer):
 
     def advance(self, bar: ProgressBar) -> None:
         if self.batches is None:
-            self.peak_flops = measure_peak_flops(self.info.device, self.precision.name)
-            self.batches = self._batches()
+            self._start()
             self.wrapped.train()
-        stats, self.present = self.train_step(self.batches, self.meter)
+        stats = self.train_step(self.batches, self.meter)
+        self.present = stats.present
         if self.flops is None:
             self.flops = self._flops(self.present)
-        self.window.append(stats)
+        self.window.append(stats.values)
         self.step += 1
 
     def _due(self, every: int) -> bool:
@@ -385,7 +412,7 @@ class Pretrainer(Trainer):
 
     def after_log(self, logger: MetricsLogger) -> bool:
         every = self.cfg.log.figures_every
-        if not ("image" in self.figure_batch and every and self._due(every)):
+        if not ("image" in self.sample_batch and every and self._due(every)):
             return False
         self.figures += self._figures(logger)
         return True
@@ -394,15 +421,15 @@ class Pretrainer(Trainer):
         if self.batches is not None:
             # its DataLoader workers end with it, not at interpreter exit (where a worker already
             # stopped by the job's SIGTERM makes the shutdown hang)
-            self.batches.close()
+            self._stream.close()
             self.batches = None
 
     def result(self, interrupted: bool, metrics: dict[str, float], checkpoint: Path | None) -> RunResult:
         return RunResult(self.run_dir, self.step, interrupted, metrics, checkpoint, self.figures)
 
-    def _flops(self, present: list[str]):
-        text = self.figure_batch.get("text")
-        unpaired = self.figure_batch.get("unpaired_text")
+    def _flops(self, present: tuple[str, ...]):
+        text = self.sample_batch.get("text")
+        unpaired = self.sample_batch.get("unpaired_text")
         return training_flops(
             self.cfg.model,
             "image_loss" in present,
@@ -412,19 +439,15 @@ class Pretrainer(Trainer):
 
     def log(self, logger: MetricsLogger, bar: ProgressBar) -> dict[str, float]:
         """Averages the window's statistics over steps and processes."""
-        window_stats = torch.stack(self.window)
-        finite = 1.0 - window_stats[:, -1]
+        window = StepStats(torch.stack(self.window), self.present)  # (steps, len(NAMES))
+        finite = 1.0 - window["skipped"]
         count = finite.sum().clamp_min(1.0)
-        summary = torch.cat([
-            (torch.nan_to_num(window_stats[:, :-1], nan=0.0, posinf=0.0, neginf=0.0) * finite[:, None]).sum(0) / count,
-            self.nonfinite_total.reshape(1).float(),
-            self.nonfinite_run.reshape(1).float(),
-        ])
-        summary = mean_across_ranks(summary).tolist()
-        names = ["loss", "image_loss", "text_loss", "text_accuracy", "unpaired_text_loss", "grad_norm"]
-        values = dict(zip(names, summary))
-        metrics = {k: values[k] for k in names if k in self.present or k == "grad_norm"}
-        nonfinite_total, nonfinite_run = summary[len(names):]
+        averaged = (torch.nan_to_num(window.values, nan=0.0, posinf=0.0, neginf=0.0) * finite[:, None]).sum(0) / count
+        counters = torch.stack([self.nonfinite_total, self.nonfinite_run]).float()
+        summary = mean_across_ranks(torch.cat([averaged, counters])).tolist()  # one all-reduce
+        values = dict(zip(StepStats.NAMES, summary))
+        metrics = {k: values[k] for k in StepStats.NAMES if k in self.present or k == "grad_norm"}
+        nonfinite_total, nonfinite_run = summary[len(StepStats.NAMES):]
         metrics.update(lr=self.scheduler.schedule(self.step - 1), nonfinite_steps=int(round(nonfinite_total)))
         metrics.update(self.meter.summary(self.flops.per_sample if self.flops else 0, self.peak_flops))
         metrics["eta_s"] = metrics["step_s"] * (self.cfg.train.last_step - self.step)
@@ -442,7 +465,7 @@ class Pretrainer(Trainer):
     def _figures(self, logger) -> list[Path]:
         from .figures import plot_loss_curves, reconstruction_figures
 
-        batch, c = self.figure_batch, self.cfg.model
+        batch, c = self.sample_batch, self.cfg.model
         generator = torch.Generator().manual_seed(self.cfg.train.seed + 2)  # the same masks every time
         n = batch["image"].shape[0]
         noise = {"image_noise": torch.rand(n, c.num_patches, generator=generator)}
