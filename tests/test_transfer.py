@@ -164,33 +164,6 @@ def test_knn_ood_and_embed_commands(setup, tmp_path, capsys):
         assert f["features"].shape == (16, 32) and f["labels"].shape == (16,) and f["keys"].shape == (16,)
 
 
-def test_demo_pretrains_both_models_and_writes_its_results(setup, tmp_path, capsys):
-    import yaml
-
-    root, data = setup
-    recipe = tmp_path / "recipe.yaml"
-    recipe.write_text(yaml.safe_dump({
-        "model": {**TINY, "preset": None},
-        "data": {"source": f"{data}/train-*.tar", "eval_train_source": f"{data}/train-*.tar",
-                 "eval_val_source": f"{data}/val-*.tar", "num_workers": 0},
-        "train": {"precision": "fp32"}, "log": {"every": 1},
-    }))
-    run = tmp_path / "demo"
-    assert main(["demo", "--steps", "2", "--batch-size", "8", "--probe-epochs", "2", "--knn-k", "5",
-                 "--recipe", str(recipe), "--out-dir", str(run), "--no-progress"]) == 0
-    results = json.loads((run / "demo_results.json").read_text())
-    for model in ("m3ae", "mae"):
-        assert 0.0 <= results[model]["linear"] <= 100.0 and 0.0 <= results[model]["knn"] <= 100.0
-        assert read_metrics(run / model / "metrics.jsonl")[-1]["step"] == 2  # equal steps for both
-    # held-out pairs scored with their own and with other images; class names only for the embedded set
-    grounding = results["m3ae"]["grounding"]
-    assert list(grounding) == ["all_words"] and "grounding" not in results["mae"]
-    assert grounding["all_words"]["words"] > 0 and 0.0 <= grounding["all_words"]["mismatched"] <= 100.0
-    assert (run / "demo_results.png").stat().st_size > 0
-    out = capsys.readouterr().out
-    assert "| M3AE |" in out and "own image vs another image" in out
-
-
 def test_softmax_head_for_ood_is_confident_on_its_classes_and_not_between_them():
     from m3ae.eval.ood import auroc, fit_softmax_head, max_softmax_score
 

@@ -13,9 +13,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     synth = commands.add_parser("synth", help="generate the embedded procedural image-caption dataset")
     synth.add_argument("out", help="output directory (created; left unchanged if it already holds this dataset)")
     synth.add_argument("--seed", type=int, default=0)
-    synth.add_argument("--train", type=int, default=20_000, help="training samples")
+    synth.add_argument("--train", type=int, default=10_000, help="training samples")
     synth.add_argument("--val", type=int, default=2_000, help="held-out labelled samples")
-    synth.add_argument("--image-size", type=int, default=64)
+    synth.add_argument("--image-size", type=int, default=32)
     synth.add_argument("--shard-size", type=int, default=500)
     synth.set_defaults(func=_synth)
 
