@@ -40,7 +40,7 @@ def test_generation_is_deterministic_idempotent_and_checked(tmp_path):
     with pytest.raises(ValueError, match="different dataset"):
         ensure_embedded_dataset(first, seed=1, **SMALL)
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temporary left behind
-    assert label_names("embedded", embedded_root=str(first)) == list(SHAPES)  # the labels' names, from the manifest
+    assert label_names("embedded", embedded_root=str(first)) == list(COLORS)  # the labels' names, from the manifest
 
 
 def test_captions_name_the_label_once_among_nuisance_words():
@@ -53,19 +53,19 @@ def test_captions_name_the_label_once_among_nuisance_words():
         image, caption, attributes = render_scene(0, "train", index)
         assert image.size == (32, 32)
         words = caption.replace(",", " ").replace(";", " ").split()
-        label_word = SHAPES[attributes["label"]]
-        assert attributes["shape"] == label_word and words.count(label_word) == 1
-        assert attributes["color"] in words
-        distractor_shapes = [d.split()[1] for d in attributes["distractors"]]
-        assert label_word not in distractor_shapes
-        assert all(s in words for s in distractor_shapes)  # other class names appear as clutter words
+        label_word = list(COLORS)[attributes["label"]]
+        assert attributes["color"] == label_word and words.count(label_word) == 1
+        assert attributes["shape"] in words and attributes["background_color"] != label_word
+        distractor_colors = [d.split()[0] for d in attributes["distractors"]]
+        assert label_word not in distractor_colors
+        assert all(c in words for c in distractor_colors)  # other colour words appear as clutter
         templates.add(" ".join(w for w in words[:3] if w not in SHAPES and w not in COLORS))
         ids = tokenizer.encode([caption])[0]
-        assert tokenizer.unk_id not in ids and len(ids) <= 40  # within the demo recipe's text_length
+        assert tokenizer.unk_id not in ids and len(ids) <= 32  # within the demo recipe's text_length
         assert ids.count(tokenizer.encode([label_word])[0][0]) == 1
     assert len(templates) >= 10  # varied sentences, not one slot pattern
     labels = {render_scene(0, "train", i)[2]["label"] for i in range(200)}
-    assert labels == set(range(len(SHAPES)))
+    assert labels == set(range(len(COLORS)))
 
 
 def test_old_format_directory_is_rebuilt_and_interrupted_generation_leaves_nothing(tmp_path, monkeypatch, capsys):
@@ -113,13 +113,13 @@ def test_sigterm_during_generation_removes_the_temporary_directory(tmp_path):
 def test_cli_synth_shards_read_back_through_both_loaders(tmp_path, capsys):
     cli(["data", "synth", str(tmp_path / "emb"), "--train", "60", "--val", "20", "--image-size", "32",
          "--shard-size", "25"])
-    assert json.loads(capsys.readouterr().out)["classes"] == list(SHAPES)
+    assert json.loads(capsys.readouterr().out)["classes"] == list(COLORS)
     with tarfile.open(tmp_path / "emb" / "train-0000.tar") as tar:
         names = tar.getnames()[:4]
         meta = json.loads(tar.extractfile(names[2]).read())
         label = int(tar.extractfile(names[3]).read())
     assert [n.split(".")[1] for n in names] == ["jpg", "txt", "json", "cls"]
-    assert meta["label"] == label and meta["shape"] == SHAPES[label]
+    assert meta["label"] == label and meta["color"] == list(COLORS)[label]
 
     cfg = DataConfig(source="embedded", embedded_root=str(tmp_path / "emb"), image_size=32, text_length=32)
     keys = [k for batch in build_pretrain_loader(cfg, batch_size=16, epochs=1) for k in batch["key"]]

@@ -15,7 +15,7 @@ from m3ae.eval.logistic import fit_logistic
 from m3ae.train.metrics import read_metrics
 
 TINY = dict(emb_dim=32, depth=1, num_heads=2, dec_emb_dim=16, dec_depth=1, dec_num_heads=2, image_size=32,
-            patch_size=8, text_length=40, vocab_size=len(caption_vocabulary()))
+            patch_size=8, text_length=32, vocab_size=len(caption_vocabulary()))
 
 
 def test_logistic_probe_reaches_the_regularised_optimum_and_matches_sklearn():

@@ -48,7 +48,7 @@ STUDIES: dict[str, tuple[Row, ...]] = {
 
 @dataclass
 class DemoConfig:
-    steps: int = 1000  # training steps of every trained row (pretraining, and the supervised ceiling)
+    steps: int = 600  # training steps of every trained row (pretraining, and the supervised ceiling)
     batch_size: int = 64
     seeds: int = 3
     study: str = "main"  # main, text-mask or paired-fraction
