@@ -261,19 +261,20 @@ def table(results: dict, seeds: int) -> str:
 
 
 class Eta:
-    """Remaining time from the rows already run: trained rows cost about the same, untrained ones
-    (random init) a fraction; printed after every row, first after the first one."""
+    """Remaining time from the runs already made: each row at its own measured cost once one of its
+    seeds has run, else at the mean of the trained rows seen so far (random init: at its own or
+    nothing, it only extracts features). Printed after every run, first after the first one."""
 
     def __init__(self, units: list[Row]) -> None:
         self.pending = list(units)
-        self.spent: dict[bool, list[float]] = {True: [], False: []}
+        self.spent: dict[str, list[float]] = {}
 
     def done(self, row: Row, seconds: float) -> str:
         self.pending.remove(row)
-        self.spent[row.kind != "random"].append(seconds)
-        known = {k: statistics.fmean(v) for k, v in self.spent.items() if v}
-        trained = known.get(True, 0.0)
-        left = sum(known.get(r.kind != "random", trained) for r in self.pending)
+        self.spent.setdefault(row.name, []).append(seconds)
+        known = {name: statistics.fmean(v) for name, v in self.spent.items()}
+        trained = [v for name, v in known.items() if name != "random_init"] or [0.0]
+        left = sum(known.get(r.name, 0.0 if r.kind == "random" else statistics.fmean(trained)) for r in self.pending)
         return f"{len(self.pending)} runs left, about {left / 60:.1f} min"
 
 
