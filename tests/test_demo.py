@@ -39,14 +39,19 @@ def test_logistic_probe_reaches_the_regularised_optimum_and_matches_sklearn():
         fit_logistic(features, labels, l2=0.0)
 
 
-def test_demo_with_two_seeds_writes_every_row_and_resumes(tmp_path, capsys):
+@pytest.fixture
+def recipe(tmp_path):
     data = generate(tmp_path / "data", SynthSpec(seed=0, train=48, val=16, image_size=32, shard_size=24), processes=1,
                     progress=False)
-    recipe = tmp_path / "recipe.yaml"
-    recipe.write_text(yaml.safe_dump({
+    path = tmp_path / "recipe.yaml"
+    path.write_text(yaml.safe_dump({
         "model": TINY, "data": {"embedded_root": str(data), "tokenizer": "m3ae-embedded", "num_workers": 0},
         "train": {"precision": "fp32"}, "log": {"every": 1},
     }))
+    return path
+
+
+def test_demo_with_two_seeds_writes_every_row_and_resumes(recipe, tmp_path, capsys):
     run = tmp_path / "demo"
     argv = ["demo", "--steps", "3", "--batch-size", "8", "--seeds", "2", "--knn-k", "5", "--recipe", str(recipe),
             "--out-dir", str(run), "--no-progress"]
@@ -81,10 +86,18 @@ def test_demo_with_two_seeds_writes_every_row_and_resumes(tmp_path, capsys):
     assert json.loads((run / "demo_results.json").read_text())["rows"]["m3ae"]["mean"] == rows["m3ae"]["mean"]
 
 
-def test_demo_study_rows_and_bad_arguments(capsys):
+def test_demo_studies_change_one_setting_per_row(recipe, tmp_path, capsys):
     from m3ae.eval.demo import STUDIES
 
     assert [r.overrides for r in STUDIES["text-mask"]] == [{"model.text_mask_ratio": r} for r in (0.15, 0.5, 0.75, 0.9)]
     assert [r.overrides for r in STUDIES["paired-fraction"]] == [{"data.paired_fraction": f} for f in (0.1, 0.2, 0.3, 1.0)]
+    run = tmp_path / "paired"
+    assert main(["demo", "--study", "paired-fraction", "--steps", "2", "--batch-size", "8", "--seeds", "1", "--knn-k", "5",
+                 "--recipe", str(recipe), "--out-dir", str(run), "--no-progress"]) == 0
+    rows = json.loads((run / "demo_results.json").read_text())["rows"]
+    assert list(rows) == ["paired_10pct", "paired_20pct", "paired_30pct", "paired_100pct"]
+    assert all(set(METRICS) <= set(r["mean"]) for r in rows.values())
+    fractions = [yaml.safe_load((run / name / "seed0" / "config.yaml").read_text())["data"]["paired_fraction"] for name in rows]
+    assert fractions == [0.1, 0.2, 0.3, 1.0]
     assert main(["demo", "--seeds", "0"]) == 2
     assert "--seeds=0" in capsys.readouterr().err
