@@ -92,7 +92,7 @@ def test_demo_studies_change_one_setting_per_row(recipe, tmp_path, capsys):
     assert [r.overrides for r in STUDIES["text-mask"]] == [{"model.text_mask_ratio": r} for r in (0.15, 0.5, 0.75, 0.9)]
     assert [r.overrides for r in STUDIES["paired-fraction"]] == [{"data.paired_fraction": f} for f in (0.1, 0.2, 0.3, 1.0)]
     run = tmp_path / "paired"
-    assert main(["demo", "--study", "paired-fraction", "--steps", "2", "--batch-size", "8", "--seeds", "1", "--knn-k", "5",
+    assert main(["demo", "--study", "paired-fraction", "--steps", "2", "--batch-size", "8", "--seeds", "1", "--knn-k", "5", "--jobs", "1",
                  "--recipe", str(recipe), "--out-dir", str(run), "--no-progress"]) == 0
     rows = json.loads((run / "demo_results.json").read_text())["rows"]
     assert list(rows) == ["paired_10pct", "paired_20pct", "paired_30pct", "paired_100pct"]

@@ -56,12 +56,13 @@ class DemoConfig:
     knn_k: int = 20
     recipe: str = "demo"  # pretraining recipe (configs/<name>.yaml or a path): the same for every row
     out_dir: str | None = None  # null: runs/demo-<date-time>
+    jobs: int = 2  # runs side by side in separate processes (each with cpu_count / jobs threads)
     progress: bool = True
 
     def __post_init__(self) -> None:
         from ..config import ConfigError
 
-        for name in ("steps", "batch_size", "seeds", "knn_k"):
+        for name in ("steps", "batch_size", "seeds", "knn_k", "jobs"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"--{name.replace('_', '-')}={getattr(self, name)!r}: must be >= 1")
         if self.study not in STUDIES:
@@ -265,8 +266,9 @@ class Eta:
     seeds has run, else at the mean of the trained rows seen so far (random init: at its own or
     nothing, it only extracts features). Printed after every run, first after the first one."""
 
-    def __init__(self, units: list[Row]) -> None:
+    def __init__(self, units: list[Row], jobs: int = 1) -> None:
         self.pending = list(units)
+        self.jobs = jobs
         self.spent: dict[str, list[float]] = {}
 
     def done(self, row: Row, seconds: float) -> str:
@@ -275,26 +277,61 @@ class Eta:
         known = {name: statistics.fmean(v) for name, v in self.spent.items()}
         trained = [v for name, v in known.items() if name != "random_init"] or [0.0]
         left = sum(known.get(r.name, 0.0 if r.kind == "random" else statistics.fmean(trained)) for r in self.pending)
-        return f"{len(self.pending)} runs left, about {left / 60:.1f} min"
+        return f"{len(self.pending)} runs left, about {left / self.jobs / 60:.1f} min"
+
+
+def _worker_init(threads: int) -> None:
+    import torch
+
+    torch.set_num_threads(threads)
+
+
+def _timed_run(cfg: DemoConfig, row: Row, seed: int, run_dir: Path) -> tuple[dict, float]:
+    started = time.perf_counter()
+    return run_row(cfg, row, seed, run_dir), time.perf_counter() - started
 
 
 def run_demo(cfg: DemoConfig) -> dict:
+    from ..data.sources import open_source
     from ..utils import atomic_path
 
     run_dir = Path(cfg.out_dir or Path("runs") / f"demo-{time.strftime('%Y%m%d-%H%M%S')}")
     rows = STUDIES[cfg.study]
     units = [(row, seed) for seed in range(cfg.seeds) for row in rows]
     print(f"m3ae demo ({cfg.study}): {len(rows)} rows × {cfg.seeds} seeds, {cfg.steps} steps of batch "
-          f"{cfg.batch_size} per trained row; results in {run_dir}", flush=True)
-    eta = Eta([row for row, _ in units])
-    per_row: dict[str, list[dict]] = {row.name: [] for row in rows}
+          f"{cfg.batch_size} per trained row, {cfg.jobs} at a time; results in {run_dir}", flush=True)
+    data = pretrain_config(cfg, rows[0], 0, run_dir).data
+    if data.source == "embedded":  # generated once here, not by every parallel run
+        open_source("embedded", role="labelled", split="train", embedded_root=data.embedded_root)
+    eta = Eta([row for row, _ in units], cfg.jobs)
+    results_by_unit: dict[tuple[str, int], dict] = {}
     started = time.perf_counter()
-    for row, seed in units:
-        t = time.perf_counter()
-        per_row[row.name].append(run_row(cfg, row, seed, run_dir / row.name / f"seed{seed}"))
-        print(f"m3ae demo: {row.name} seed {seed} done in {time.perf_counter() - t:.0f} s; "
-              f"{eta.done(row, time.perf_counter() - t)}", flush=True)
-    results = {name: {"seeds": seeds, **summarise(seeds)} for name, seeds in per_row.items()}
+
+    def finished(row: Row, seed: int, result: dict, seconds: float) -> None:
+        results_by_unit[row.name, seed] = result
+        print(f"m3ae demo: {row.name} seed {seed} done in {seconds:.0f} s; {eta.done(row, seconds)}", flush=True)
+
+    if cfg.jobs == 1:
+        for row, seed in units:
+            finished(row, seed, *_timed_run(cfg, row, seed, run_dir / row.name / f"seed{seed}"))
+    else:
+        import multiprocessing
+        import os
+        from concurrent.futures import ProcessPoolExecutor, as_completed
+
+        # Small models use one core poorly: whole runs side by side, the cores shared among them,
+        # one progress line per finished run instead of interleaved bars.
+        quiet = dataclasses.replace(cfg, progress=False)
+        threads = max(1, (os.cpu_count() or 1) // cfg.jobs)
+        with ProcessPoolExecutor(cfg.jobs, multiprocessing.get_context("spawn"), _worker_init, (threads,)) as pool:
+            futures = {pool.submit(_timed_run, quiet, row, seed, run_dir / row.name / f"seed{seed}"): (row, seed)
+                       for row, seed in units}
+            for future in as_completed(futures):
+                finished(*futures[future], *future.result())
+    results = {}
+    for row in rows:
+        seeds = [results_by_unit[row.name, seed] for seed in range(cfg.seeds)]
+        results[row.name] = {"seeds": seeds, **summarise(seeds)}
     with atomic_path(run_dir / "demo_results.json") as tmp:
         tmp.write_text(json.dumps({"config": dataclasses.asdict(cfg), "wall_s": time.perf_counter() - started,
                                    "rows": results}, indent=1) + "\n")
