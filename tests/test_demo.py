@@ -101,3 +101,17 @@ def test_demo_studies_change_one_setting_per_row(recipe, tmp_path, capsys):
     assert fractions == [0.1, 0.2, 0.3, 1.0]
     assert main(["demo", "--seeds", "0"]) == 2
     assert "--seeds=0" in capsys.readouterr().err
+
+
+def test_an_interrupted_pretraining_stops_the_demo_instead_of_being_scored(recipe, tmp_path, monkeypatch):
+    from m3ae.eval import demo
+    from m3ae.train import pretrain
+
+    def interrupted(cfg, resume=None):
+        return pretrain.RunResult(tmp_path, 1, True, {}, None, [])
+
+    monkeypatch.setattr(pretrain, "run_pretraining", interrupted)
+    cfg = demo.DemoConfig(steps=3, batch_size=8, seeds=1, recipe=str(recipe), jobs=1, progress=False)
+    with pytest.raises(SystemExit, match="interrupted"):
+        demo.run_row(cfg, demo.STUDIES["main"][0], 0, tmp_path / "m3ae" / "seed0")
+    assert not (tmp_path / "m3ae" / "seed0" / "result.json").exists()

@@ -187,7 +187,8 @@ def run_row(cfg: DemoConfig, row: Row, seed: int, run_dir: Path) -> dict:
     started = time.perf_counter()
     extra: dict = {}
     if row.kind == "pretrain":
-        run_pretraining(pretrain, resume="auto")
+        if run_pretraining(pretrain, resume="auto").interrupted:  # SIGTERM/SIGINT: checkpointed, resumable
+            raise SystemExit(f"m3ae demo: interrupted during {run_dir}; run the same command again to resume")
         model = M3AE.from_pretrained(run_dir)
     else:
         torch.manual_seed(seed)
