@@ -467,11 +467,12 @@ def open_source(spec: str, fmt: str = "auto", *, role: str = "pair", split: str 
     from m3ae.data import layouts
 
     if spec == "embedded":
-        from m3ae.data.synth import ensure_embedded_dataset
+        from m3ae.data.synth import FORMAT_VERSION, ensure_embedded_dataset, format_version
 
-        # A dataset already there is used whatever its size (e.g. a small one from `m3ae data synth`).
+        # A dataset already there is used whatever its size (e.g. a small one from `m3ae data synth`);
+        # one of an older format is regenerated.
         root = Path(embedded_root)
-        if not (root / "manifest.json").is_file():
+        if format_version(root) != FORMAT_VERSION:
             root = ensure_embedded_dataset(root)
         return WebDatasetSource(str(root / f"{split or 'train'}-*.tar"))
     if role == "labelled" and os.path.isdir(os.path.join(spec, split)):

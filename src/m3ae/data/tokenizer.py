@@ -8,7 +8,8 @@ from typing import Sequence
 
 import torch
 
-SHIPPED_VOCABS = {"bert-base-uncased": "bert-base-uncased-vocab.txt"}
+SHIPPED_VOCABS = {"bert-base-uncased": "bert-base-uncased-vocab.txt",
+                  "m3ae-embedded": "m3ae-embedded-vocab.txt"}  # the closed vocabulary of data.synth captions
 
 
 class Tokenizer:

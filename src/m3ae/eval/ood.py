@@ -50,22 +50,10 @@ class MahalanobisScorer:
 
 def fit_softmax_head(features: torch.Tensor, labels: torch.Tensor, steps: int = 200,
                      weight_decay: float = 1e-4):
-    """A softmax classifier on standardised in-distribution features (full-batch L-BFGS), whose
-    maximum probability is the max-softmax score when no fine-tuned classifier is at hand.
-    Returns a function features -> logits."""
-    features = features.float()
-    mean, std = features.mean(0), features.std(0).clamp_min(1e-6)
-    x = (features - mean) / std
-    classes = int(labels.max()) + 1
-    linear = torch.nn.Linear(x.shape[1], classes)
-    optimizer = torch.optim.LBFGS(linear.parameters(), max_iter=steps, line_search_fn="strong_wolfe")
+    """A softmax classifier on standardised in-distribution features (the logistic probe,
+    eval.logistic), whose maximum probability is the max-softmax score when no fine-tuned classifier
+    is at hand. Returns a function features -> logits."""
+    from .logistic import fit_logistic
 
-    def closure():
-        optimizer.zero_grad()
-        loss = torch.nn.functional.cross_entropy(linear(x), labels.long()) + weight_decay * linear.weight.square().sum()
-        loss.backward()
-        return loss
-
-    optimizer.step(closure)
-    linear.requires_grad_(False)
-    return lambda f: linear((f.float() - mean) / std)
+    probe = fit_logistic(features, labels, l2=2 * weight_decay, max_iter=steps)
+    return lambda f: probe.logits(f).float()
