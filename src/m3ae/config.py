@@ -189,9 +189,10 @@ def load(cls: type[T], path: str | Path | None = None, overrides: dict[str, Any]
         raise ConfigError(f"{e}{source}") from None
 
 
-def leaf_fields(cls: type, prefix: str = "") -> dict[str, Any]:
-    """{"optim.lr": float, ...} for every non-dataclass field, recursively."""
-    out: dict[str, Any] = {}
+def leaf_fields(cls: type, prefix: str = "") -> dict[str, tuple[Any, str]]:
+    """{"optim.lr": (float, its help text), ...} for every non-dataclass field, recursively."""
+    out: dict[str, tuple[Any, str]] = {}
+    docs = field_help(cls)
     for f in dataclasses.fields(cls):
         if not f.init:
             continue
@@ -199,7 +200,7 @@ def leaf_fields(cls: type, prefix: str = "") -> dict[str, Any]:
         if _is_dataclass_type(tp):
             out.update(leaf_fields(tp, f"{prefix}{f.name}."))
         else:
-            out[f"{prefix}{f.name}"] = tp
+            out[f"{prefix}{f.name}"] = (tp, docs.get(f.name, ""))
     return out
 
 
@@ -247,21 +248,6 @@ def _own_field_help(cls: type) -> dict[str, str]:
     return out
 
 
-def leaf_help(cls: type, prefix: str = "") -> dict[str, str]:
-    """{"optim.lr": help text, ...} for every non-dataclass field, recursively."""
-    out: dict[str, str] = {}
-    docs = field_help(cls)
-    for f in dataclasses.fields(cls):
-        if not f.init:
-            continue
-        tp = _hints(cls)[f.name]
-        if _is_dataclass_type(tp):
-            out.update(leaf_help(tp, f"{prefix}{f.name}."))
-        else:
-            out[f"{prefix}{f.name}"] = docs.get(f.name, "")
-    return out
-
-
 def flag_name(dotted: str) -> str:
     """The one spelling of a field's flag: kebab-case words, dotted sections (`--optim.base-lr`)."""
     return "--" + dotted.replace("_", "-")
@@ -275,15 +261,14 @@ def add_override_arguments(parser: argparse.ArgumentParser, cls: type, defaults:
     if parser.usage is None:
         parser.usage = "%(prog)s [options] [--section.field VALUE ...]"
     values = flatten(to_dict(defaults)) if defaults is not None else _field_defaults(cls)
-    docs = leaf_help(cls)
-    for dotted, tp in leaf_fields(cls).items():
+    for dotted, (tp, doc) in leaf_fields(cls).items():
         common = dict(metavar=_metavar(tp), dest=f"{OVERRIDES_DEST}:{dotted}", default=argparse.SUPPRESS,
                       type=parse_value)
         if _is_list(tp):
             common.update(nargs="+", action=_ListValue)
         elif tp is bool:  # a bare `--flag` turns it on
             common.update(nargs="?", const=True)
-        text = docs[dotted] or dotted.rsplit(".", 1)[-1].replace("_", " ")
+        text = doc or dotted.rsplit(".", 1)[-1].replace("_", " ")
         shown = f"default: {_yaml_scalar(values[dotted])}" if dotted in values else "required"
         group.add_argument(flag_name(dotted), help=f"{text} ({shown})".replace("%", "%%"), **common)
         if "_" in dotted:  # the Python spelling, accepted but not listed
