@@ -83,6 +83,8 @@ def test_demo_with_two_seeds_writes_every_row_and_resumes(recipe, tmp_path, caps
     stamp = (run / "m3ae" / "seed0" / "result.json").stat().st_mtime_ns
     assert main(argv) == 0
     assert (run / "m3ae" / "seed0" / "result.json").stat().st_mtime_ns == stamp
+    out = capsys.readouterr().out
+    assert "8 runs read back" in out and "runs left" not in out  # no ETA from runs that took no time
     assert json.loads((run / "demo_results.json").read_text())["rows"]["m3ae"]["mean"] == rows["m3ae"]["mean"]
 
 

@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Literal
 
 METRICS = ("logreg_cls", "logreg_mean", "knn_cls", "knn_mean")
+RESULT_FILE = "result.json"  # one row and seed, scored: a rerun reads it back instead of training again
 METRIC_NAMES = {"logreg_cls": "logistic CLS", "logreg_mean": "logistic mean-pool", "knn_cls": "kNN CLS",
                 "knn_mean": "kNN mean-pool"}
 
@@ -170,7 +171,7 @@ def grounding(model, pretrain) -> dict[str, dict[str, float]]:
 
 
 def run_row(cfg: DemoConfig, row: Row, seed: int, run_dir: Path) -> dict:
-    """The row's encoder for one seed, scored; cached as result.json in its directory."""
+    """The row's encoder for one seed, scored; written as RESULT_FILE in its directory."""
     import torch
 
     from ..engine.runtime import resolve_device
@@ -178,9 +179,6 @@ def run_row(cfg: DemoConfig, row: Row, seed: int, run_dir: Path) -> dict:
     from ..train.pretrain import run_pretraining
     from ..utils import atomic_path
 
-    cached = run_dir / "result.json"
-    if cached.is_file():
-        return json.loads(cached.read_text())
     pretrain = pretrain_config(cfg, row, seed, run_dir)
     started = time.perf_counter()
     extra: dict = {}
@@ -199,7 +197,7 @@ def run_row(cfg: DemoConfig, row: Row, seed: int, run_dir: Path) -> dict:
     if pretrain.model.model_type == "m3ae" and row.kind == "pretrain" and row.overrides.get("data.paired_fraction", 1):
         result["grounding"] = grounding(model, pretrain)
     result.update(train_s=train_s, total_s=time.perf_counter() - started)
-    with atomic_path(cached) as tmp:
+    with atomic_path(run_dir / RESULT_FILE) as tmp:
         tmp.write_text(json.dumps(result, indent=1) + "\n")
     return result
 
@@ -303,8 +301,17 @@ def run_demo(cfg: DemoConfig) -> dict:
     data = pretrain_config(cfg, rows[0], 0, run_dir).data
     if data.source == "embedded":  # generated once here, not by every parallel run
         open_source("embedded", role="labelled", split="train", embedded_root=data.embedded_root)
-    eta = Eta([row for row, _ in units], cfg.jobs)
     results_by_unit: dict[tuple[str, int], dict] = {}
+    todo = []
+    for row, seed in units:
+        done = run_dir / row.name / f"seed{seed}" / RESULT_FILE
+        if done.is_file():
+            results_by_unit[row.name, seed] = json.loads(done.read_text())
+        else:
+            todo.append((row, seed))
+    if len(todo) < len(units):
+        print(f"m3ae demo: {len(units) - len(todo)} runs read back from {run_dir}", flush=True)
+    eta = Eta([row for row, _ in todo], cfg.jobs)
     started = time.perf_counter()
 
     def finished(row: Row, seed: int, result: dict, seconds: float) -> None:
@@ -312,7 +319,7 @@ def run_demo(cfg: DemoConfig) -> dict:
         print(f"m3ae demo: {row.name} seed {seed} done in {seconds:.0f} s; {eta.done(row, seconds)}", flush=True)
 
     if cfg.jobs == 1:
-        for row, seed in units:
+        for row, seed in todo:
             finished(row, seed, *_timed_run(cfg, row, seed, run_dir / row.name / f"seed{seed}"))
     else:
         import multiprocessing
@@ -325,7 +332,7 @@ def run_demo(cfg: DemoConfig) -> dict:
         threads = max(1, (os.cpu_count() or 1) // cfg.jobs)
         with ProcessPoolExecutor(cfg.jobs, multiprocessing.get_context("spawn"), _worker_init, (threads,)) as pool:
             futures = {pool.submit(_timed_run, quiet, row, seed, run_dir / row.name / f"seed{seed}"): (row, seed)
-                       for row, seed in units}
+                       for row, seed in todo}
             for future in as_completed(futures):
                 finished(*futures[future], *future.result())
     results = {}
