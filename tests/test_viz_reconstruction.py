@@ -46,6 +46,10 @@ def test_caption_predictions_mark_masked_words_with_guesses():
     assert prediction.words == ["w3", "w4", "w5", "w6"] and prediction.removed == [True] * 4
     assert all(len(g) == 2 for g in prediction.guesses)
     assert prediction.render().startswith("[w3] [w4] [w5] [w6]")
+    assert len(prediction.render().splitlines()) == 1 + 4  # the caption, then every masked word
+    # a figure's row has room for a few guess lines: the rest are counted, not drawn over the next row
+    short = prediction.render(max_guesses=1).splitlines()
+    assert len(short) == 3 and short[1].startswith("  'w3' -> ") and short[2] == "  … and 3 more masked words"
 
 
 def test_reconstruction_figure_size_and_content(tmp_path):

@@ -57,11 +57,14 @@ class CaptionPrediction:
     removed: list[bool]  # which of them were masked
     guesses: list[list[str]]  # top-k guesses for each masked word (empty for visible words)
 
-    def render(self) -> str:
+    def render(self, max_guesses: int | None = None) -> str:
+        """The caption with its masked words in brackets, then the guesses for each masked word (the
+        first `max_guesses` of them, where a figure has room for no more)."""
         shown = [f"[{w}]" if r else w for w, r in zip(self.words, self.removed)]
-        lines = [" ".join(shown)]
-        lines += [f"  {w!r} -> {', '.join(g)}" for w, r, g in zip(self.words, self.removed, self.guesses) if r]
-        return "\n".join(lines)
+        guessed = [f"  {w!r} -> {', '.join(g)}" for w, r, g in zip(self.words, self.removed, self.guesses) if r]
+        if max_guesses is not None and len(guessed) > max_guesses:
+            guessed = guessed[:max_guesses] + [f"  … and {len(guessed) - max_guesses} more masked words"]
+        return "\n".join([" ".join(shown), *guessed])
 
 
 @torch.no_grad()
@@ -129,7 +132,8 @@ def plot_reconstructions(
         if captions:
             ax = axes[row][4]
             ax.axis("off")
-            ax.text(0.0, 0.95, captions[row].render(), fontsize=8, va="top", family="monospace", wrap=True,
+            # a row is 2.2 inches: room for the wrapped caption and about eight guess lines at 8 pt
+            ax.text(0.0, 0.95, captions[row].render(max_guesses=8), fontsize=8, va="top", family="monospace", wrap=True,
                     transform=ax.transAxes)
             if row == 0:
                 ax.set_title("caption: [masked] -> top guesses", fontsize=9)
