@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
 import shutil
@@ -10,6 +11,7 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -48,11 +50,18 @@ def pretrain_args(data: str, run: Path, workers: int) -> list[str]:
             "--log.figures_every", "0", "--log.tensorboard", "false", *SMALL_MODEL]
 
 
-def spawn(args: list[str]) -> subprocess.Popen:
+@contextlib.contextmanager
+def spawned(args: list[str]) -> Iterator[subprocess.Popen]:
     env = {**os.environ, "PYTHONPATH": SRC, "OMP_NUM_THREADS": "1"}
     # start_new_session: the run leads its own process group, as under `setsid`
-    return subprocess.Popen([sys.executable, "-m", "m3ae.cli", *args], env=env, start_new_session=True,
+    proc = subprocess.Popen([sys.executable, "-m", "m3ae.cli", *args], env=env, start_new_session=True,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        yield proc
+    finally:
+        if proc.poll() is None:  # a failed assertion must not leave a 100,000-step run behind
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.communicate()
 
 
 def wait_for_steps(run: Path, proc: subprocess.Popen, steps: int, timeout: float = 120) -> None:
@@ -70,10 +79,10 @@ def weights(checkpoint: Path) -> dict[str, torch.Tensor]:
 @pytest.mark.parametrize("workers", [1, 2])
 def test_sigterm_to_the_process_group_checkpoints_exits_0_and_resumes_bit_exactly(data, tmp_path, workers):
     run = tmp_path / "run"
-    proc = spawn(pretrain_args(data, run, workers))
-    wait_for_steps(run, proc, 3)
-    os.killpg(proc.pid, signal.SIGTERM)  # what Slurm does: every process of the job, workers included
-    out, err = proc.communicate(timeout=120)
+    with spawned(pretrain_args(data, run, workers)) as proc:
+        wait_for_steps(run, proc, 3)
+        os.killpg(proc.pid, signal.SIGTERM)  # what Slurm does: every process of the job, workers included
+        out, err = proc.communicate(timeout=120)
     assert proc.returncode == 0, err
     assert "interrupted; continue with --resume auto" in out
     saved = sorted((run / "checkpoints").iterdir())
@@ -115,16 +124,16 @@ def test_a_second_signal_ends_the_process_at_once(tmp_path):
 
 def test_a_second_run_on_the_same_out_dir_fails_at_once_naming_the_holder(data, tmp_path, capsys):
     run = tmp_path / "run"
-    proc = spawn(pretrain_args(data, run, 0))
-    try:
-        wait_for_steps(run, proc, 2)
-        assert main(pretrain_args(data, run, 0)) == 1
-        err = capsys.readouterr().err
-        assert f"{run} is in use by another run (pid {proc.pid} on host {socket.gethostname()})" in err
-        assert len(err.strip().splitlines()) == 1
-    finally:
-        os.killpg(proc.pid, signal.SIGTERM)
-        proc.communicate(timeout=120)
+    with spawned(pretrain_args(data, run, 0)) as proc:
+        try:
+            wait_for_steps(run, proc, 2)
+            assert main(pretrain_args(data, run, 0)) == 1
+            err = capsys.readouterr().err
+            assert f"{run} is in use by another run (pid {proc.pid} on host {socket.gethostname()})" in err
+            assert len(err.strip().splitlines()) == 1
+        finally:
+            os.killpg(proc.pid, signal.SIGTERM)
+            proc.communicate(timeout=120)
     assert proc.returncode == 0
     steps = [m["step"] for m in read_metrics(run / "metrics.jsonl")]
     assert steps == list(range(1, len(steps) + 1))  # one writer: no interleaving
