@@ -6,7 +6,7 @@ import os
 import tarfile
 
 import pytest
-from data_helpers import image_bytes, pair_members, write_tar
+from data_helpers import image_bytes, write_tar
 
 from m3ae.cli import main
 from m3ae.data import DataConfig, build_eval_loader, build_pretrain_loader

@@ -18,7 +18,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from torch import nn
 
 from ..data import DataConfig
 from ..engine.checkpoint import GeneratorState
