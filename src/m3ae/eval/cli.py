@@ -65,7 +65,7 @@ def _add_eval_split_aliases(p: argparse.ArgumentParser) -> None:
 
 
 def register(subparsers) -> None:
-    from ..config import add_config_arguments, add_override_arguments
+    from ..config import add_config_arguments
     from .probe import FinetuneConfig, LinearProbeConfig
 
     for name, cls, func, help_text in (
