@@ -171,3 +171,14 @@ def test_a_damaged_member_header_is_counted_not_a_quiet_end_of_shard(tmp_path):
     report = inspect_source(str(path))
     # "a" survives; "b" (cut at its header) and everything after are reported, not silently dropped
     assert report["samples"] == 1 and report["skipped"] == {"truncated_shard": 1}
+
+
+def test_an_interrupted_build_leaves_only_whole_shards(tmp_path):
+    with pytest.raises(KeyboardInterrupt), ShardWriter(tmp_path, shard_size=2) as writer:
+        for i in range(3):
+            writer.write(f"k{i}", image_bytes(i), f"caption {i}")
+        raise KeyboardInterrupt  # mid-way through the second shard
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["shard-0000.tar"]
+    assert [p.name for p in writer.written] == ["shard-0000.tar"]
+    report = inspect_source(str(tmp_path / "shard-0000.tar"))
+    assert report["samples"] == 2 and report["skipped"] == {}

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import json
+import os
 import tarfile
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
@@ -61,6 +62,8 @@ class ShardWriter:
     """Writes samples into `{prefix}-{index:04d}.tar`, `shard_size` samples per shard.
 
     Members get fixed metadata (mtime 0, root owner) so the same input gives byte-identical shards.
+    A shard is written under a temporary name and renamed once complete: an interrupted build leaves
+    only whole shards under shard names.
     """
 
     out_dir: Path
@@ -74,6 +77,7 @@ class ShardWriter:
         self.out_dir = Path(self.out_dir)
         self.out_dir.mkdir(parents=True, exist_ok=True)
         self._tar: tarfile.TarFile | None = None
+        self._paths: tuple[Path, Path] | None = None  # (temporary, final) of the open shard
         self._in_shard = 0
         self.last_key: str | None = None
         self.shard_index = self.first_shard - 1
@@ -102,20 +106,34 @@ class ShardWriter:
         self.close()
         self.shard_index += 1
         path = self.out_dir / f"{self.prefix}-{self.shard_index:04d}.tar"
-        self._tar = tarfile.open(path, "w")
+        self._paths = (path.with_name(f".{path.name}.tmp"), path)
+        self._tar = tarfile.open(self._paths[0], "w")
         self._in_shard = 0
-        self.written.append(path)
 
     def close(self) -> None:
+        """Completes the open shard."""
         if self._tar is not None:
             self._tar.close()
-            self._tar = None
+            tmp, path = self._paths
+            os.replace(tmp, path)
+            self.written.append(path)
+            self._tar = self._paths = None
+
+    def abort(self) -> None:
+        """Drops the open, incomplete shard."""
+        if self._tar is not None:
+            self._tar.close()
+            self._paths[0].unlink(missing_ok=True)
+            self._tar = self._paths = None
 
     def __enter__(self) -> "ShardWriter":
         return self
 
-    def __exit__(self, *exc) -> None:
-        self.close()
+    def __exit__(self, exc_type, *exc) -> None:
+        if exc_type is None:
+            self.close()
+        else:
+            self.abort()
 
 
 def build_shards(source_spec: str, out_dir: str | Path, fmt: str = "auto", shard_size: int = 1000,
