@@ -352,10 +352,11 @@ def save_yaml(obj: Any, path: str | Path) -> None:
         tmp.write_text(to_yaml(obj))
 
 
-def add_config_arguments(parser: argparse.ArgumentParser, cls: type) -> None:
+def add_config_arguments(parser: argparse.ArgumentParser, cls: type, config_help: str | None = None) -> None:
     """The grammar of a command configured by the dataclass `cls`: `--config FILE`, `--print-config`
     and one flag per field (`add_override_arguments`); `command_config` reads them back."""
-    parser.add_argument("--config", help="YAML file of config fields (as --print-config writes); flags apply on top")
+    parser.add_argument("--config", help=config_help or "YAML file of config fields (as --print-config writes); "
+                        "flags apply on top")
     parser.add_argument("--print-config", action="store_true",
                         help="print the resolved config as YAML (readable by --config) and exit")
     add_override_arguments(parser, cls)

@@ -100,9 +100,12 @@ def supervised_encoder(cfg: DemoConfig, pretrain, start: Path, run_dir: Path):
         epochs=max(1, round(cfg.steps * cfg.batch_size / train_size)), batch_size=cfg.batch_size,
         lr=pretrain.optim.lr, warmup_epochs=0.0, layer_decay=1.0, drop_path=0.0, mixup=0.0, cutmix=0.0,
         label_smoothing=0.0, precision=pretrain.train.precision, seed=pretrain.train.seed, keep=1,
-        out_dir=str(run_dir), log=LogConfig(figures_every=0, progress=cfg.progress))
-    trainer = TransferTrainer(tune, resume="auto")
-    result = trainer.fit()
+        out_dir=str(run_dir), resume="auto", log=LogConfig(figures_every=0, progress=cfg.progress))
+    trainer = TransferTrainer(tune)
+    try:
+        result = trainer.fit()
+    finally:
+        trainer.close()
     return trainer.model.backbone, {"finetune_top1": result.top1, "supervised_steps": trainer.step}
 
 

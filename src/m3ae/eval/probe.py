@@ -33,6 +33,7 @@ from ..engine.metrics import LogConfig, MetricsLogger, ProgressBar
 from ..engine.optim import LARS, layer_decay_groups
 from ..engine.runtime import PrecisionSetting, ThreadsSetting
 from ..engine.schedule import LRScheduler, WarmupCosine
+from ..engine.step import StatsWindow
 from ..model import M3AE, ConfigError
 from ..model.classifier import M3AEClassifier
 from ..utils import atomic_path
@@ -79,6 +80,8 @@ class LinearProbeConfig:
     keep: int = 2  # most recent checkpoints kept (one per epoch)
     log: LogConfig = field(default_factory=lambda: LogConfig(every=20, figures_every=0))
     out_dir: str | None = None  # null: runs/<command>-<date-time>
+    resume: str | None = None  # 'auto': continue the run in out_dir from its newest good checkpoint, if any; or a checkpoint
+    overwrite: bool = False  # a fresh run into an out_dir holding another run moves that run aside (never deletes)
 
     @property
     def finetune(self) -> bool:
@@ -198,13 +201,14 @@ class TransferTrainer(Trainer):
     """One run of `linear-probe` or `finetune`, a task on the engine: one `advance` is one epoch,
     evaluated and checkpointed."""
 
-    def __init__(self, cfg: LinearProbeConfig, resume: str | None = None) -> None:
+    def __init__(self, cfg: LinearProbeConfig) -> None:
         from ..data.splits import check_eval_split
 
         cfg.validate_ready()
         super().__init__(cfg, RunSettings(
             name="finetune" if cfg.finetune else "linear-probe", out_dir=cfg.out_dir, device=cfg.device,
-            precision=cfg.precision, threads=cfg.threads, keep=cfg.keep, log=cfg.log))
+            precision=cfg.precision, threads=cfg.threads, keep=cfg.keep, log=cfg.log, overwrite=cfg.overwrite),
+            resume=cfg.resume)
         if cfg.batch_size % self.info.world_size:
             raise ConfigError(f"batch_size={cfg.batch_size}: must be a multiple of the {self.info.world_size} processes")
         self.local_batch = cfg.batch_size // self.info.world_size
@@ -236,7 +240,7 @@ class TransferTrainer(Trainer):
         total = cfg.epochs * self.steps_per_epoch
         scheduler = LRScheduler(optimizer, WarmupCosine(
             self.peak_lr, total, min(round(cfg.warmup_epochs * self.steps_per_epoch), total)))
-        self.attach(model, wrapped, optimizer, scheduler)
+        self.attach(model, wrapped, optimizer, scheduler, clip_grad_norm=getattr(cfg, "clip_grad_norm", None))
         self.mixup = None
         if cfg.finetune and (cfg.mixup > 0 or cfg.cutmix > 0):
             from .mixup import Mixup
@@ -246,7 +250,7 @@ class TransferTrainer(Trainer):
         self.epoch, self.best = 0, {"top1": -1.0, "epoch": 0}
         self.last: dict[str, float] = {}  # the last evaluation, kept in checkpoints for finished runs
         self.metrics: dict[str, float] = {}  # the last epoch's
-        self.resume(resume)
+        self.resume()
 
     # ------------------------------------------------------------------ data
     def _cached_features(self, backbone) -> dict[str, dict]:
@@ -256,7 +260,7 @@ class TransferTrainer(Trainer):
 
         out = {}
         for split in ("train", "val"):
-            path = self.run_dir / f"features_{split}.safetensors"
+            path = self.run_dir.features(split)
             if path.is_file():
                 out[split] = load_features(path)
                 continue
@@ -296,30 +300,26 @@ class TransferTrainer(Trainer):
             return self.model.head(self.model.head_norm(inputs))
         return self.wrapped(inputs)
 
+    def losses(self, batch: tuple[torch.Tensor, torch.Tensor], micro: int) -> dict[str, torch.Tensor]:
+        inputs, labels = (t.to(self.info.device) for t in batch)
+        if self.mixup is not None:
+            inputs, targets = self.mixup(inputs, labels)
+        else:
+            targets = labels
+        smoothing = getattr(self.cfg, "label_smoothing", 0.0) if self.mixup is None else 0.0
+        return {"loss": F.cross_entropy(self._logits(inputs).float(), targets, label_smoothing=smoothing)}
+
     def train_epoch(self, bar) -> dict[str, float]:
         self.wrapped.train()
-        total, count = torch.zeros((), device=self.info.device), 0
-        for inputs, labels in self._train_batches(self.epoch):
-            inputs, labels = inputs.to(self.info.device), labels.to(self.info.device)
-            if self.mixup is not None:
-                inputs, targets = self.mixup(inputs, labels)
-            else:
-                targets = labels
-            with self.precision.autocast():
-                logits = self._logits(inputs)
-            smoothing = getattr(self.cfg, "label_smoothing", 0.0) if self.mixup is None else 0.0
-            loss = F.cross_entropy(logits.float(), targets, label_smoothing=smoothing)
-            loss.backward()
-            self.optimizer.step()
-            self.optimizer.zero_grad(set_to_none=True)
-            self.scheduler.step()
+        window = StatsWindow()
+        for batch in self._train_batches(self.epoch):
+            window.append(self.train_step(iter((batch,)), self.losses))
             self.step += 1
-            total += loss.detach()
-            count += 1
             bar.update(1)
-        if count == 0:
+        if not len(window):
             raise ValueError("the training split yielded no batch of two or more samples")
-        return {"train_loss": float(total.item()) / count, "lr": self.scheduler.last_lr()}
+        stats, _ = window.summary()
+        return {"train_loss": stats["loss"], "skipped_steps": stats["skipped_steps"], "lr": self.scheduler.last_lr()}
 
     @torch.no_grad()
     def evaluate(self) -> dict[str, float]:
@@ -385,7 +385,7 @@ class TransferTrainer(Trainer):
 
     def result(self, interrupted: bool, metrics: dict[str, float], checkpoint: Path | None) -> ProbeResult:
         cfg = self.cfg
-        result = ProbeResult(self.run_dir, self.epoch, self.last.get("top1", float("nan")),
+        result = ProbeResult(self.run_dir.path, self.epoch, self.last.get("top1", float("nan")),
                              self.last.get("top5", float("nan")), self.best["top1"], self.best["epoch"])
         if self.info.is_main:
             summary = {"last": {"epoch": result.epoch, "top1": result.top1, "top5": result.top5},
@@ -393,11 +393,11 @@ class TransferTrainer(Trainer):
                        "split": self.split.to_dict(),
                        "optimizer": {"name": cfg.optimizer, "peak_lr": self.peak_lr,
                                      **({} if cfg.finetune else {"recipe": cfg.recipe})}}
-            with atomic_path(self.run_dir / "results.json") as tmp:
+            with atomic_path(self.run_dir.results) as tmp:
                 tmp.write_text(json.dumps(summary, indent=2) + "\n")
         return result
 
 
-def run_transfer(cfg: LinearProbeConfig, resume: str | None = None) -> ProbeResult | None:
+def run_transfer(cfg: LinearProbeConfig) -> ProbeResult | None:
     """Trains and evaluates; returns the result on the main process, None on the others."""
-    return run_task(TransferTrainer, cfg, resume)
+    return run_task(TransferTrainer, cfg)

@@ -97,9 +97,18 @@ def _config(args: argparse.Namespace):
     return cfg
 
 
+def checkpoint_normalization(model_dir: str) -> str:
+    """The input normalisation the model was trained with: the `data.normalization` of its run's
+    config.yaml when given a run directory or a checkpoint in one, else cc12m (e.g. a Hub repo id)."""
+    from ..engine.run_dir import RunDir
+
+    run = RunDir.containing(model_dir)
+    data = (run.read_config().get("data") or {}) if run is not None else {}
+    return str(data.get("normalization", "cc12m"))
+
+
 def _load(cfg: FigureConfig, **overrides):
     from ..model import M3AE
-    from .inputs import checkpoint_normalization
 
     model = M3AE.from_pretrained(cfg.checkpoint, **{k: v for k, v in overrides.items() if v is not None}).eval()
     return model, cfg.normalization or checkpoint_normalization(cfg.checkpoint)

@@ -10,23 +10,6 @@ import torch
 from ..model import M3AE
 
 
-def checkpoint_normalization(model_dir: str | Path) -> str:
-    """The input normalisation the model was trained with: the `data.normalization` of the run's
-    config.yaml when given a run directory or a checkpoint in one (run/checkpoints/step_N/), else
-    cc12m (e.g. a Hub repo id)."""
-    import yaml
-
-    path = Path(model_dir)
-    if not path.is_dir():
-        return "cc12m"
-    for parent in (path.resolve(), *path.resolve().parents[:3]):
-        config = parent / "config.yaml"
-        if config.is_file():
-            data = (yaml.safe_load(config.read_text()) or {}).get("data") or {}
-            return str(data.get("normalization", "cc12m"))
-    return "cc12m"
-
-
 def normalization_stats(name: str) -> tuple[tuple[float, ...], tuple[float, ...]]:
     """(mean, std) of a normalisation preset, validated as the data pipeline does."""
     from ..data.config import DataConfig
