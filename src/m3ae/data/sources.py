@@ -407,6 +407,24 @@ class FolderSource(IndexedSource):
         self.base = base
         super().__init__(root, len(self.files), unit_size)
 
+    def use_classes(self, classes: Sequence[str], origin: str) -> None:
+        """Labels by another split's class map (the val split of an evaluation is scored with the
+        train split's indices, whatever folders it lacks): a class `origin` lacks is an error, one
+        this folder lacks a warning."""
+        unseen = sorted(set(self.classes) - set(classes))
+        if unseen:
+            shown = ", ".join(repr(name[:40]) for name in unseen[:5]) + (" ..." if len(unseen) > 5 else "")
+            raise ValueError(f"data source {self.name!r}: class folder(s) {shown} do not occur in the train split "
+                             f"{origin!r}; a classifier fitted there cannot predict them")
+        missing = sorted(set(classes) - set(self.classes))
+        if missing:
+            logging.getLogger("m3ae.data").warning(
+                "data source %r has no folder for %d of the %d train class(es) (%s); it is scored on the others",
+                self.name, len(missing), len(classes), ", ".join(missing[:5]) + (" ..." if len(missing) > 5 else ""))
+        index = {name: i for i, name in enumerate(classes)}
+        self.files = [(path, index[self.classes[label]]) for path, label in self.files]
+        self.classes = list(classes)
+
     def read(self, index: int) -> RawRecord:
         path, label = self.files[index]
         key = str(path.relative_to(self.base).with_suffix(""))
