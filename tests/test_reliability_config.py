@@ -127,3 +127,24 @@ def test_a_zero_or_negative_adam_eps_is_refused(capsys, value):
     assert main(["pretrain", "--print-config", "--optim.eps", value]) == 2
     err = capsys.readouterr().err
     assert f"optim.eps={float(value)!r}: must be > 0" in err and len(err.strip().splitlines()) == 1
+
+
+def test_a_stored_command_or_url_source_is_refused_unless_typed_again():
+    from m3ae.data import DataConfig, WeightedSource
+    from m3ae.data.config import refuse_stored_commands, runs_or_fetches
+
+    for spec in ("pipe:curl -s http://x/a.tar", "a.tar::pipe:sh -c 'touch PWNED'", "{pipe:x,y}.tar",
+                 "https://host/shard-{000..009}.tar", "s3://bucket/a.tar"):
+        assert runs_or_fetches(spec), spec
+    for spec in ("data/shards-{000..009}.tar", "file:///data/a.tar", "embedded", "/data/a.h5", ""):
+        assert not runs_or_fetches(spec), spec
+    stored = DataConfig(source="pipe:touch PWNED", image_only_sources=[WeightedSource("local.tar"),
+                                                                       WeightedSource("https://x/b.tar")])
+    with pytest.raises(ConfigError, match=r"^data.source='pipe:touch PWNED' \(from runs/a/config.yaml\) runs a "
+                                          r"command or fetches a URL; .* type it again \(--data.source \.\.\.\)$"):
+        refuse_stored_commands(stored, "runs/a/config.yaml")
+    with pytest.raises(ConfigError, match=r"^data.image_only_sources\[1\].source='https://x/b.tar' .*"
+                                          r"\(--data.image-only-sources \.\.\.\)$"):
+        refuse_stored_commands(stored, "runs/a/config.yaml", typed={"data.source"})
+    refuse_stored_commands(stored, "runs/a/config.yaml", typed={"data.source", "data.image_only_sources"})
+    refuse_stored_commands(DataConfig(source="data/a.tar"), "runs/a/config.yaml")
