@@ -11,8 +11,9 @@ from data_helpers import image_bytes, write_tar
 from m3ae.cli import main
 from m3ae.data import DataConfig, build_eval_loader, build_pretrain_loader
 from m3ae.data.inspect import inspect_source
-from m3ae.data.sources import MAX_JSON_DEPTH, BadField, checked_label, load_json, open_source
-from m3ae.data.writer import ShardWriter, build_shards
+from m3ae.data.factory import build_shards, open_source
+from m3ae.data.sources import MAX_JSON_DEPTH, BadField, checked_label, load_json
+from m3ae.data.writer import ShardWriter
 
 
 def good(key: str, index: int, label: int = 1) -> list[tuple[str, bytes]]:

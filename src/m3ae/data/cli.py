@@ -8,8 +8,8 @@ from dataclasses import dataclass, field
 from inspect import signature
 
 from .config import DataConfig
+from .factory import build_shards
 from .synth import ensure_embedded_dataset
-from .writer import build_shards
 
 _SYNTH = signature(ensure_embedded_dataset).parameters
 _BUILD = signature(build_shards).parameters

@@ -26,7 +26,8 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from m3ae.data.config import DEFAULT_IMAGE_SIZE, DataConfig
-from m3ae.data.sources import IndexedSource, RawRecord, Source, decode_caption, open_source
+from m3ae.data.factory import open_source
+from m3ae.data.sources import IndexedSource, RawRecord, Source, decode_caption
 from m3ae.data.splits import key_hash, open_eval_split
 from m3ae.data.tokenizer import Tokenizer
 from m3ae.data.transforms import ImageTransform, SkipSample, decode_image, normalize_batch, unexpected_skip
