@@ -201,3 +201,18 @@ def test_hostile_jsonl_rows_are_counted_skips(tmp_path):
     (tmp_path / "m.jsonl").write_text("\n".join(rows) + "\n")
     report = inspect_source(str(tmp_path / "m.jsonl"), columns=TableColumns(image="img", caption="text"))
     assert report["samples"] == 1 and sum(report["skipped"].values()) == 1
+
+
+def test_open_clip_column_flags_are_on_every_command_that_reads_data(tmp_path, capsys):
+    from m3ae.cli import _subparsers, build_parser, main
+
+    readers = {sub.prog: sub for sub in _subparsers(build_parser())
+               if "--data.columns.image" in sub._option_string_actions}
+    assert {"m3ae pretrain", "m3ae knn", "m3ae embed", "m3ae linear-probe", "m3ae data build"} <= set(readers)
+    for prog, parser in readers.items():
+        for alias, field in (("--csv-img-key", "image"), ("--csv-caption-key", "caption"), ("--csv-separator", "separator")):
+            assert parser._option_string_actions[alias].dest == f"config_overrides:data.columns.{field}", prog
+    # knn refused --csv-img-key once; its resolved config now holds the value typed
+    assert main(["knn", "--checkpoint", "x", "--csv-img-key", "filepath", "--csv-separator", "\\t", "--print-config"]) == 0
+    printed = capsys.readouterr().out
+    assert "image: filepath" in printed and "separator: \"\\t\"" in printed

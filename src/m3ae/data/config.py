@@ -43,11 +43,13 @@ class TableColumns:
     """Column names of CSV/TSV/JSONL tables and parquet files (open_clip's --csv-img-key,
     --csv-caption-key and --csv-separator set `image`, `caption` and `separator`)."""
 
-    image: str = ""  # "": "image" in tables; in parquet the first of jpg, png, webp, image present
-    caption: str = "caption"  # caption column
+    # "": "image" in tables; in parquet the first of jpg, png, webp, image present
+    image: str = field(default="", metadata={"aliases": ("--csv-img-key",)})
+    caption: str = field(default="caption", metadata={"aliases": ("--csv-caption-key",)})  # caption column
     label: str = "label"  # class label column
     key: str = "key"  # sample key column
-    separator: str = ""  # "": tab for .tsv files, comma otherwise
+    # "": tab for .tsv files, comma otherwise
+    separator: str = field(default="", metadata={"aliases": ("--csv-separator",)})
 
     def __post_init__(self) -> None:
         if self.separator.startswith("\\"):  # "\t" as typed in a shell or YAML

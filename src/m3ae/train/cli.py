@@ -11,7 +11,6 @@ from .. import recipes
 
 def register(subparsers) -> None:
     from ..config import add_config_arguments, add_override_arguments
-    from ..data.cli import add_open_clip_aliases
     from .bench import BenchConfig
     from .pretrain import PretrainConfig
 
@@ -32,7 +31,6 @@ def register(subparsers) -> None:
     p.add_argument("--print-config", action="store_true",
                    help="print the resolved config as YAML (readable by --config) and exit")
     add_override_arguments(p, PretrainConfig)
-    add_open_clip_aliases(p)
     p.set_defaults(func=pretrain_command)
 
     b = subparsers.add_parser("bench", help="training-step throughput (samples/s, FLOP/s, MFU)",
