@@ -10,7 +10,8 @@ imports), and every import statement in the source (the lazy ones inside functio
     3  engine                                        device, precision, distributed, run directory,
                                                      checkpoints, metrics, optimisers, the loop
     4  train, eval (the tasks)                       pretraining, transfer, demo
-    5  interop, viz.report, every *.cli, m3ae.cli    conversion, export, reports, command lines
+    5  interop, viz.report, every *.cli, m3ae.cli,   conversion, export, reports, command lines
+       m3ae.__main__
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ PACKAGE = SRC / "m3ae"
 
 def layer(module: str) -> int:
     parts = module.split(".")
-    if parts[-1] == "cli" or module in ("m3ae.viz.report",) or parts[:2] == ["m3ae", "interop"]:
+    if parts[-1] in ("cli", "__main__") or module in ("m3ae.viz.report",) or parts[:2] == ["m3ae", "interop"]:
         return 5
     top = parts[1] if len(parts) > 1 else ""
     return {"utils": 0, "config": 0, "": 1, "api": 1, "model": 1, "data": 1, "recipes": 1, "viz": 2, "engine": 3,
