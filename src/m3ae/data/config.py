@@ -61,8 +61,9 @@ class TableColumns:
 @dataclass
 class DataConfig:
     # Main image-text source: a path, a glob, a brace pattern ("shards-{0000..0009}.tar"), a URL or
-    # `pipe:` command, a comma-separated list of those, or "embedded" for the procedural dataset.
-    source: str = "embedded"
+    # `pipe:` command, a comma-separated list of those, or "embedded" for the procedural dataset;
+    # null (the scale recipes): must be given.
+    source: str | None = "embedded"
     format: str = "auto"  # the source's layout: auto (from its names) or one in docs/DATA.md
     embedded_root: str = "data/embedded"  # where the embedded dataset is generated (once) and read
     columns: TableColumns = field(default_factory=TableColumns)
@@ -104,6 +105,9 @@ class DataConfig:
     eval_val_fraction: float = 0.0
 
     def __post_init__(self) -> None:
+        if self.source is None:  # a recipe that must never fall back to the toy set
+            raise ValueError("data.source: this recipe trains at scale and needs your data: give --data.source "
+                             "(shards, a folder, a table, parquet or HDF5; docs/DATA.md)")
         self.image_only_sources = [_as_weighted(s, "image_only_sources") for s in self.image_only_sources]
         self.text_only_sources = [_as_weighted(s, "text_only_sources") for s in self.text_only_sources]
         if self.format not in FORMATS:
