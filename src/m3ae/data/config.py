@@ -148,6 +148,13 @@ class DataConfig:
             if values is not None and not all(math.isfinite(v) for v in values):
                 raise ValueError(f"DataConfig.{name}={values!r}: must be finite")
 
+    def preprocessing(self) -> dict:
+        """How this pipeline prepares inputs, as config.json records it beside the model's fields
+        (`m3ae.create_model_and_transforms` and the HF export read it back)."""
+        mean, std = self.normalization_stats()
+        return {"tokenizer": self.tokenizer, "image_mean": list(mean), "image_std": list(std),
+                "crop_scale": list(self.crop_scale), "horizontal_flip": self.horizontal_flip}
+
     def normalization_stats(self) -> tuple[tuple[float, ...], tuple[float, ...]]:
         if self.normalization == "custom":
             if self.mean is None or self.std is None or len(self.mean) != 3 or len(self.std) != 3:

@@ -271,7 +271,7 @@ class Pretrainer(Trainer):
         self.nonfinite_total.fill_(float(state["nonfinite_total"]))
 
     def model_config(self) -> dict[str, Any]:
-        return self.model.config.to_dict()
+        return {**self.model.config.to_dict(), "preprocessing": self.cfg.data.preprocessing()}
 
     # ------------------------------------------------------------------ one step
     def _draw_noise(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
