@@ -183,3 +183,30 @@ def test_an_interrupted_build_leaves_only_whole_shards(tmp_path):
     assert [p.name for p in writer.written] == ["shard-0000.tar"]
     report = inspect_source(str(tmp_path / "shard-0000.tar"))
     assert report["samples"] == 2 and report["skipped"] == {}
+
+
+def test_a_bad_sample_is_logged_once_per_run_not_once_per_epoch(tmp_path, caplog):
+    # a probe reads its split with a new loader every epoch: 3 bad images over 90 epochs were 270 lines
+    pattern = hostile_shards(tmp_path)
+    eval_cfg = config(pattern)
+    eval_cfg.eval_train_source = pattern
+    with caplog.at_level(logging.WARNING, logger="m3ae.data"):
+        for _ in range(3):
+            assert len([k for batch in build_eval_loader(eval_cfg, batch_size=4) for k in batch["key"]]) == 4
+        loader = build_pretrain_loader(config(pattern), batch_size=2, epochs=3)
+        assert len([k for batch in loader for k in batch["key"]]) == 12
+    assert loader.stats()["skipped"] == {"bad_json": 6, "bad_label": 6}  # still every skip counted
+    messages = [r.getMessage() for r in caplog.records if "skipped" in r.getMessage()]
+    assert len(messages) == 4 and len(set(messages)) == 4, messages
+
+
+def test_skip_lines_stop_after_twenty_per_reason_and_say_so(tmp_path, caplog):
+    members = [m for i in range(25) for m in ((f"k{i:03d}.png", b"not an image"), (f"k{i:03d}.txt", b"x"))]
+    members += good("ok", 0)
+    write_tar(tmp_path / "many-bad.tar", members)
+    with caplog.at_level(logging.WARNING, logger="m3ae.data"):
+        loader = build_pretrain_loader(config(str(tmp_path / "many-bad.tar")), batch_size=1, epochs=1)
+        assert [k for batch in loader for k in batch["key"]] == ["ok"]
+    assert loader.stats()["skipped"] == {"undecodable_image": 25}
+    messages = [r.getMessage() for r in caplog.records if "skipped" in r.getMessage()]
+    assert len(messages) == 21 and "no longer logged one by one" in messages[-1]
