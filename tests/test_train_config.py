@@ -178,3 +178,14 @@ def test_a_data_image_size_other_than_the_models_is_an_error_naming_both():
     assert cfg.data.image_size == 64  # the same size, given twice, is fine
     with pytest.raises(ConfigError, match=r"data.image_size=48 disagrees with model.image_size=64"):
         config_io.load(PretrainConfig, None, {"model.preset": "tiny", "data.image_size": 48})
+
+
+def test_a_config_error_blames_the_file_or_the_command_line_whichever_holds_the_value(tmp_path, capsys):
+    # a value typed on the command line was reported "(in .../tiny.yaml)"
+    assert main(["pretrain", "--optim.base_lr", "fast", "--print-config"]) == 2
+    line = capsys.readouterr().err.strip()
+    assert line.endswith("optim.base_lr='fast': expected a number (on the command line)") and "tiny.yaml" not in line
+    recipe = tmp_path / "bad.yaml"
+    recipe.write_text("optim:\n  base_lr: fast\n")
+    assert main(["pretrain", "--config", str(recipe), "--train.batch_size", "8", "--print-config"]) == 2
+    assert capsys.readouterr().err.strip().endswith(f"expected a number (in {recipe})")

@@ -10,6 +10,7 @@ classmethod and a `preset` field is built from that preset first, then the other
 from __future__ import annotations
 
 import argparse
+import copy
 import dataclasses
 import functools
 import inspect
@@ -181,11 +182,20 @@ def load(cls: type[T], path: str | Path | None = None, overrides: dict[str, Any]
             raise ConfigError(f"{path}: the top level must be a mapping of sections")
         tree = loaded or {}
         source = f" (in {path})"
+    from_file = copy.deepcopy(tree)
     for dotted, value in (overrides or {}).items():
         _set_dotted(tree, dotted, value)
     try:
         return from_dict(cls, tree)
     except ConfigError as e:
+        if source and overrides:
+            # blame the file only for what the file says: a value typed on the command line is the
+            # command line's error (the file alone is checked for the same message)
+            try:
+                from_dict(cls, from_file)
+                source = " (on the command line)"
+            except ConfigError as alone:
+                source = source if str(alone) == str(e) else " (on the command line)"
         raise ConfigError(f"{e}{source}") from None
 
 

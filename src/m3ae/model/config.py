@@ -37,7 +37,7 @@ class M3AEConfig:
     image_size: int = 256  # input image side, in pixels
     patch_size: int = 16  # side of one ViT patch, in pixels
     in_chans: int = 3  # image channels
-    text_length: int = 64  # caption tokens, [CLS] included, padded or cut to this
+    text_length: int = 64  # caption tokens (no [CLS]/[SEP]: the model adds its own CLS), padded or cut to this
     vocab_size: int = 30522  # tokenizer vocabulary size (bert-base-uncased: 30522)
     emb_dim: int = 768  # encoder width
     depth: int = 12  # encoder blocks
