@@ -46,11 +46,13 @@ class TableColumns:
     """Column names of CSV/TSV/JSONL tables and parquet files (open_clip's --csv-img-key,
     --csv-caption-key and --csv-separator set `image`, `caption` and `separator`)."""
 
-    image: str = ""  # "": "image" in tables; in parquet the first of jpg, png, webp, image present
-    caption: str = "caption"  # caption column
+    # "": "image" in tables; in parquet the first of jpg, png, webp, image present
+    image: str = field(default="", metadata={"aliases": ("--csv-img-key",)})
+    caption: str = field(default="caption", metadata={"aliases": ("--csv-caption-key",)})  # caption column
     label: str = "label"  # class label column
     key: str = "key"  # sample key column
-    separator: str = ""  # "": tab for .tsv files, comma otherwise
+    # "": tab for .tsv files, comma otherwise
+    separator: str = field(default="", metadata={"aliases": ("--csv-separator",)})
 
     def __post_init__(self) -> None:
         if self.separator.startswith("\\"):  # "\t" as typed in a shell or YAML
@@ -62,8 +64,9 @@ class TableColumns:
 @dataclass
 class DataConfig:
     # Main image-text source: a path, a glob, a brace pattern ("shards-{0000..0009}.tar"), a URL or
-    # `pipe:` command, a comma-separated list of those, or "embedded" for the procedural dataset.
-    source: str = "embedded"
+    # `pipe:` command, a comma-separated list of those, or "embedded" for the procedural dataset;
+    # null (the scale recipes): must be given.
+    source: str | None = "embedded"
     format: str = "auto"  # the source's layout: auto (from its names) or one in docs/DATA.md
     embedded_root: str = "data/embedded"  # where the embedded dataset is generated (once) and read
     columns: TableColumns = field(default_factory=TableColumns)
@@ -105,6 +108,9 @@ class DataConfig:
     eval_val_fraction: float = 0.0
 
     def __post_init__(self) -> None:
+        if self.source is None:  # a recipe that must never fall back to the toy set
+            raise ValueError("data.source: this recipe trains at scale and needs your data: give --data.source "
+                             "(shards, a folder, a table, parquet or HDF5; docs/DATA.md)")
         self.image_only_sources = [_as_weighted(s, "image_only_sources") for s in self.image_only_sources]
         self.text_only_sources = [_as_weighted(s, "text_only_sources") for s in self.text_only_sources]
         if self.format not in FORMATS:
@@ -144,6 +150,13 @@ class DataConfig:
             values = getattr(self, name)
             if values is not None and not all(math.isfinite(v) for v in values):
                 raise ValueError(f"DataConfig.{name}={values!r}: must be finite")
+
+    def preprocessing(self) -> dict:
+        """How this pipeline prepares inputs, as config.json records it beside the model's fields
+        (`m3ae.create_model_and_transforms` and the HF export read it back)."""
+        mean, std = self.normalization_stats()
+        return {"tokenizer": self.tokenizer, "image_mean": list(mean), "image_std": list(std),
+                "crop_scale": list(self.crop_scale), "horizontal_flip": self.horizontal_flip}
 
     def normalization_stats(self) -> tuple[tuple[float, ...], tuple[float, ...]]:
         if self.normalization == "custom":

@@ -26,7 +26,8 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from m3ae.data.config import DEFAULT_IMAGE_SIZE, DataConfig
-from m3ae.data.sources import IndexedSource, NoUsableSample, RawRecord, Source, decode_caption, open_source
+from m3ae.data.factory import open_source
+from m3ae.data.sources import IndexedSource, NoUsableSample, RawRecord, Source, decode_caption
 from m3ae.data.splits import key_hash, open_eval_split
 from m3ae.data.tokenizer import Tokenizer
 from m3ae.data.transforms import ImageTransform, SkipSample, decode_image, normalize_batch, unexpected_skip
@@ -129,10 +130,14 @@ class WorkerStats:
     image_only: int = 0
     unpaired_text: int = 0
 
+    def __post_init__(self) -> None:
+        # (reason, key, source) of the skips since the last batch: reported by the main process
+        # (`report_skips`), which outlives the workers of one epoch; not part of the state
+        self.events: list[tuple[str, str, str]] = []
+
     def skip(self, reason: str, key: str, source: str) -> None:
         self.skipped[reason] = self.skipped.get(reason, 0) + 1
-        level = logging.WARNING if self.skipped[reason] <= _LOGGED_SKIPS_PER_REASON else logging.DEBUG
-        logger.log(level, "skipped sample %r of %s: %s", key, source, reason)
+        self.events.append((reason, key, source))
 
     @staticmethod
     def merge(parts: list[dict]) -> dict:
@@ -143,6 +148,26 @@ class WorkerStats:
             total.update({k: v for k, v in part.items() if k != "skipped"})
         return {**{name: total.get(name, 0) for name in WorkerStats.__dataclass_fields__ if name != "skipped"},
                 "skipped": dict(sorted(skipped.items()))}
+
+
+# reason -> the (source, key) already reported in this process (at most _LOGGED_SKIPS_PER_REASON + 1)
+_reported: dict[str, set[tuple[str, str]]] = {}
+
+
+def report_skips(events: list[tuple[str, str, str]]) -> None:
+    """Logs each skipped sample once per process, whatever the epoch or loader that meets it again
+    (a probe builds a loader per epoch), and at most _LOGGED_SKIPS_PER_REASON samples per reason;
+    the counts stay complete in the loader's statistics."""
+    for reason, key, source in events:
+        seen = _reported.setdefault(reason, set())
+        if (source, key) in seen or len(seen) > _LOGGED_SKIPS_PER_REASON:
+            continue
+        seen.add((source, key))
+        if len(seen) > _LOGGED_SKIPS_PER_REASON:
+            logger.warning("more samples skipped (%s): counted in the loader's statistics, no longer logged one by one",
+                           reason)
+        else:
+            logger.warning("skipped sample %r of %s: %s", key, source, reason)
 
 
 class BatchStream(IterableDataset):
@@ -244,7 +269,7 @@ class BatchStream(IterableDataset):
                 stats.unpaired_text += len(texts)
             batch_index += 1
             stats.samples += len(samples)
-            batch["_worker"] = worker
+            batch["_worker"], batch["_skips"], stats.events = worker, stats.events, []
             batch["_state"] = {
                 "batches": batch_index,
                 "image_streams": [asdict(s.position) for s in image_streams],
@@ -386,6 +411,7 @@ class PretrainLoader:
             batches = iter(loader)
         for batch in batches:
             self._worker_states[batch.pop("_worker")] = batch.pop("_state")
+            report_skips(batch.pop("_skips"))
             self._batches += 1
             yield batch
 

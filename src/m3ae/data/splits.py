@@ -14,9 +14,9 @@ from dataclasses import asdict, dataclass
 from typing import Iterator, Sequence
 
 from m3ae.data.config import DataConfig
+from m3ae.data.factory import open_source
 from m3ae.data.layouts import ParquetSource
-from m3ae.data.sources import (FolderSource, HDF5Source, ManifestSource, RawRecord, Source, WebDatasetSource,
-                               _is_remote, open_source)
+from m3ae.data.sources import FolderSource, HDF5Source, ManifestSource, RawRecord, Source, WebDatasetSource, _is_remote
 
 _HASH_BUCKETS = 1_000_000
 

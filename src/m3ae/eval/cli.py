@@ -81,7 +81,7 @@ def register(subparsers) -> None:
         p.set_defaults(func=func)
 
     for name, cls, help_text in (
-        ("linear-probe", LinearProbeConfig, "linear probe of a frozen encoder (BatchNorm + Linear, LARS)"),
+        ("linear-probe", LinearProbeConfig, "linear probe of a frozen encoder (BatchNorm + Linear; SGD or LARS by batch size)"),
         ("finetune", FinetuneConfig, "full fine-tuning (layer decay, drop-path, mixup/CutMix, AdamW)"),
     ):
         p = subparsers.add_parser(name, help=help_text, description=f"{help_text}. Any config field is a "

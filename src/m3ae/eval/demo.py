@@ -148,7 +148,7 @@ def caption_pairs(data):
 def class_name_ids(data) -> list[int] | None:
     """Token ids of the held-out labels' class names (the words the labels are), where the source
     records them (the embedded dataset, an image folder); else None."""
-    from ..data.sources import label_names
+    from ..data.factory import label_names
     from ..data.tokenizer import Tokenizer
 
     names = label_names(data.eval_val_source or data.source, data.format, "val", data.embedded_root)
@@ -292,7 +292,7 @@ def _timed_run(cfg: DemoConfig, row: Row, seed: int, run_dir: Path) -> tuple[dic
 
 
 def run_demo(cfg: DemoConfig) -> dict:
-    from ..data.sources import open_source
+    from ..data.factory import open_source
     from ..engine.run_dir import default_run_dir
     from ..utils import atomic_path
 

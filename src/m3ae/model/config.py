@@ -15,6 +15,7 @@ from ..config import ConfigError, from_dict
 ModelType = Literal["m3ae", "mae"]
 MaskingMode = Literal["per_sample", "shared"]
 AttentionImpl = Literal["auto", "sdpa", "math"]
+PREPROCESSING_KEY = "preprocessing"  # config.json's record of how inputs were prepared (not a field)
 
 # Encoder (width, depth, heads); SPEC 7. The decoder is 512 wide, 8 deep, 16 heads for the paper's
 # sizes. `tiny` is ours: small enough to learn the embedded 64 px dataset on a laptop CPU.
@@ -36,7 +37,7 @@ class M3AEConfig:
     image_size: int = 256  # input image side, in pixels
     patch_size: int = 16  # side of one ViT patch, in pixels
     in_chans: int = 3  # image channels
-    text_length: int = 64  # caption tokens, [CLS] included, padded or cut to this
+    text_length: int = 64  # caption tokens (no [CLS]/[SEP]: the model adds its own CLS), padded or cut to this
     vocab_size: int = 30522  # tokenizer vocabulary size (bert-base-uncased: 30522)
     emb_dim: int = 768  # encoder width
     depth: int = 12  # encoder blocks
@@ -148,8 +149,10 @@ class M3AEConfig:
             raise ConfigError(f"M3AEConfig: unknown field(s) {unknown}")
         return cls(**values)
 
-    def save(self, path: str | Path) -> None:
-        Path(path).write_text(json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n")
+    def save(self, path: str | Path, preprocessing: dict[str, Any] | None = None) -> None:
+        """config.json: the fields, and `preprocessing` (how inputs were prepared) when known."""
+        extra = {PREPROCESSING_KEY: preprocessing} if preprocessing is not None else {}
+        Path(path).write_text(json.dumps({**self.to_dict(), **extra}, indent=2, sort_keys=True) + "\n")
 
     @classmethod
     def load(cls, path: str | Path) -> "M3AEConfig":
@@ -161,6 +164,7 @@ class M3AEConfig:
             raise ConfigError(f"{path}: not a readable JSON file ({error})") from None
         if not isinstance(values, dict):
             raise ConfigError(f"{path}: expected a JSON object of M3AEConfig fields")
+        values.pop(PREPROCESSING_KEY, None)  # the data pipeline's record, not a field of the network
         try:
             return from_dict(cls, values)
         except ConfigError as error:

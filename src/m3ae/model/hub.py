@@ -40,7 +40,7 @@ def model_card(config: M3AEConfig, info: dict[str, Any] | None = None) -> str:
         f"| masking | image {config.image_mask_ratio:.0%}" + (f", text {config.text_mask_ratio:.0%}" if config.has_text else "") + " |",
         f"| image target | {target} |",
         f"| training data | {info.get('data', 'not recorded')} |",
-        f"| training length | {info.get('steps', 'not recorded')} steps"
+        "| training length | " + (f"{info['steps']} steps" if info.get("steps") is not None else "not recorded")
         + (f" ({info['epochs']} epochs)" if info.get("epochs") is not None else "") + " |",
     ]
     run_config = info.get("run_config")

@@ -11,7 +11,6 @@ from .. import recipes
 
 def register(subparsers) -> None:
     from ..config import add_config_arguments, add_override_alias
-    from ..data.cli import add_open_clip_aliases
     from .bench import BenchConfig
     from .pretrain import PretrainConfig
 
@@ -25,7 +24,6 @@ def register(subparsers) -> None:
         f"a packaged recipe ({', '.join(recipes.names())}) or a YAML file of config fields; flags apply on top "
         f"(default: {recipes.DEFAULT}; when resuming: the run's own config.yaml)"))
     add_override_alias(p, "--max-steps", "train.max_steps")
-    add_open_clip_aliases(p)
     p.set_defaults(func=pretrain_command)
 
     b = subparsers.add_parser("bench", help="training-step throughput (samples/s, FLOP/s, MFU)",

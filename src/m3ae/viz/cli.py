@@ -204,7 +204,7 @@ def run_tsne(args: argparse.Namespace) -> int:
     import torch
 
     from ..data import build_eval_loader
-    from ..data.sources import label_names
+    from ..data.factory import label_names
     from ..model import M3AE
     from .tsne import plot_tsne
 
