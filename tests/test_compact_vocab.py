@@ -144,3 +144,7 @@ def test_pretraining_on_captions_trains_a_compact_model_that_resumes_and_draws_w
     assert main(["reconstruct", "--checkpoint", str(run), "--images", str(tmp_path / "x.png"),
                  "--captions", "a red kangaroo.", "--out", str(tmp_path / "r.png"), "--text-mask-ratio", "0.5"]) == 0
     assert (tmp_path / "r.png").is_file()
+    # caption features read the captions in the model's ids ("purple" and "wombat" as [UNK])
+    assert main(["embed", "--checkpoint", str(run), "--data.source", str(data), "--modality", "text",
+                 "--out", str(tmp_path / "text.safetensors")]) == 0
+    assert "8 features" in capsys.readouterr().out
