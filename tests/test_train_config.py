@@ -119,6 +119,7 @@ def test_paper_recipes_follow_the_paper():
         assert cfg.train.total_steps == math.ceil(100 * steps_per_epoch)
         assert cfg.optim.warmup_steps == pytest.approx(5 * steps_per_epoch, rel=2e-4)
     assert m3ae.model.text_loss_weight == 0.5 and m3ae.model.text_mask_ratio == 0.75
+    assert m3ae.data.vocab == "full" and m3ae.model.vocab_size == 30522  # BERT's, as the official checkpoints
     assert mae.model.model_type == "mae"
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 from collections.abc import Iterable
 from dataclasses import dataclass, field
+from typing import Literal
 
 from m3ae.config import ConfigError
 
@@ -77,6 +78,12 @@ class DataConfig:
     min_image_size: int = 16
     text_length: int = 64  # caption tokens; training and evaluation commands use the model's
     tokenizer: str = "bert-base-uncased"  # tokenizer name or tokenizer.json path
+    # Pretraining from scratch: "compact" sizes the model's word embedding and text head to the tokens
+    # the captions use (scanned from a sample of `vocab_sample` captions, kept in the model's
+    # config.json; other tokens read as [UNK]); "full": the tokenizer's whole vocabulary (30522 rows
+    # for BERT, as the paper's checkpoints)
+    vocab: Literal["compact", "full"] = "compact"
+    vocab_sample: int = 20_000  # captions read, spread over the source's shards, to make a compact vocabulary
     # A preset name, or "custom" with `mean`/`std` set.
     normalization: str = "cc12m"
     mean: tuple[float, float, float] | None = None  # per-channel mean (normalization custom)
@@ -117,6 +124,8 @@ class DataConfig:
             raise ValueError(f"DataConfig.format={self.format!r}: expected one of {FORMATS}")
         if self.caption_drop not in ("deterministic", "random"):
             raise ValueError(f"DataConfig.caption_drop={self.caption_drop!r}: expected 'deterministic' or 'random'")
+        if self.vocab not in ("compact", "full"):
+            raise ValueError(f"DataConfig.vocab={self.vocab!r}: expected 'compact' or 'full'")
         if not 0.0 <= self.paired_fraction <= 1.0:
             raise ValueError(f"DataConfig.paired_fraction={self.paired_fraction}: expected a value in [0, 1]")
         sizes = (1 if self.image_size is None else self.image_size, self.text_length, self.unpaired_text_length)
@@ -141,7 +150,7 @@ class DataConfig:
         low, high = self.crop_scale
         if not 0.0 < low <= high <= 1.0:
             raise ValueError(f"DataConfig.crop_scale={list(self.crop_scale)}: expected 0 < min <= max <= 1")
-        for name, least in (("num_workers", 0), ("seed", 0), ("unpaired_text_batch_size", 0),
+        for name, least in (("num_workers", 0), ("seed", 0), ("unpaired_text_batch_size", 0), ("vocab_sample", 1),
                             ("shuffle_buffer", 0), ("index_unit_size", 1), ("min_image_size", 1),
                             ("max_image_pixels", 1)):
             if getattr(self, name) < least:

@@ -155,8 +155,10 @@ def embed_command(args: argparse.Namespace) -> int:
         if cfg.split == "val":  # the scoring side: it must not repeat the training side
             _checked_split(data)
         batches = build_eval_loader(data, cfg.batch_size, split=cfg.split)
-    else:  # captions come from the pair source, one pass with the evaluation transform
-        batches = PretrainLoader(BatchStream(data, cfg.batch_size, 0, 1, epochs=1, train_transform=False))
+    else:  # captions come from the pair source, one pass with the evaluation transform, in the model's ids
+        data = dataclasses.replace(data, tokenizer=model.config.tokenizer or data.tokenizer)
+        batches = PretrainLoader(BatchStream(data, cfg.batch_size, 0, 1, epochs=1, train_transform=False,
+                                             vocabulary=model.config.vocabulary))
     out = extract_features(model, batches, FeatureSpec(cfg.modality, cfg.pool, cfg.layer), _device(cfg),
                            cfg.precision, progress=True)
     path = save_features(out, cfg.out)

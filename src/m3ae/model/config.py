@@ -38,7 +38,15 @@ class M3AEConfig:
     patch_size: int = 16  # side of one ViT patch, in pixels
     in_chans: int = 3  # image channels
     text_length: int = 64  # caption tokens (no [CLS]/[SEP]: the model adds its own CLS), padded or cut to this
-    vocab_size: int = 30522  # tokenizer vocabulary size (bert-base-uncased: 30522)
+    # rows of the word embedding and the text head: the tokenizer's vocabulary size (bert-base-uncased:
+    # 30522), or the length of `vocabulary`, which pretraining sets (data.vocab=compact)
+    vocab_size: int = 30522
+    # the tokenizer whose WordPiece segmentation made the text ids (pretraining records data.tokenizer);
+    # null: not recorded (official checkpoints: bert-base-uncased)
+    tokenizer: str | None = None
+    # a compact vocabulary, written by pretraining (data.vocab=compact): the tokenizer's tokens this
+    # model reads, id i being vocabulary[i]; any other token reads as [UNK]. null: the tokenizer's ids
+    vocabulary: list[str] | None = None
     emb_dim: int = 768  # encoder width
     depth: int = 12  # encoder blocks
     num_heads: int = 12  # encoder attention heads
@@ -128,6 +136,11 @@ class M3AEConfig:
             fail("drop_path", "must be in [0, 1)")
         if self.image_keep < 1:
             fail("image_mask_ratio", f"keeps no patch of {self.num_patches}")
+        if self.vocabulary is not None:
+            if len(self.vocabulary) != self.vocab_size:
+                fail("vocab_size", f"must be the length of the vocabulary ({len(self.vocabulary)} tokens)")
+            if len(set(self.vocabulary)) != len(self.vocabulary) or not all(isinstance(t, str) for t in self.vocabulary):
+                raise ConfigError("M3AEConfig.vocabulary: must list distinct token strings")
 
     @classmethod
     def from_preset(cls, name: str, **overrides: Any) -> "M3AEConfig":

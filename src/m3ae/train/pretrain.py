@@ -22,7 +22,7 @@ import torch
 from ..data import DataConfig
 from ..engine.checkpoint import GeneratorState
 from ..engine.distributed import (
-    ParallelName, apply_activation_checkpointing, apply_compile, resolve_parallel, wrap_model,
+    ParallelName, apply_activation_checkpointing, apply_compile, broadcast_object, resolve_parallel, wrap_model,
 )
 from ..engine.flops import measure_peak_flops, training_flops
 from ..engine.loop import RunSettings, Trainer, run_task
@@ -34,6 +34,7 @@ from ..engine.schedule import LRScheduler, WarmupCosine
 from ..engine.step import StatsWindow
 from ..model import ConfigError, M3AE, M3AEConfig
 from ..utils import RunStopped
+from .vocabulary import resumed_checkpoint, settle_vocabulary
 
 
 @dataclass
@@ -178,6 +179,9 @@ class Pretrainer(Trainer):
         if t.deterministic:
             torch.use_deterministic_algorithms(True)
 
+        if loader is None:  # a loader the caller gives brings its own token ids
+            checkpoint = resumed_checkpoint(self.run_dir.path, self.resuming)
+            cfg.model = broadcast_object(settle_vocabulary(cfg.model, cfg.data, checkpoint) if self.info.is_main else None)
         torch.manual_seed(t.seed)  # same initial weights on every process
         model = M3AE(cfg.model).to(self.info.device)
         exclude = no_decay_names(model, cfg.optim.no_decay)
@@ -223,7 +227,6 @@ class Pretrainer(Trainer):
         from ..data import build_pretrain_loader
         from ..data.loader import caption_coverage
 
-        self._check_vocabulary()
         if self.cfg.model.has_text and self.cfg.data.paired_fraction > 0 and self.info.is_main:
             captioned, read = caption_coverage(self.cfg.data)
             if read and not captioned:
@@ -231,19 +234,8 @@ class Pretrainer(Trainer):
                     "%d of %d samples have a caption: training is image-only (data source %r; a caption is x.txt "
                     "beside x.jpg, a .txt shard member or a caption column)", captioned, read, self.cfg.data.source)
         return build_pretrain_loader(self.cfg.data, batch_size=self.micro_batch, rank=self.info.rank,
-                                     world_size=self.info.world_size, pin_memory=self.info.device.type == "cuda")
-
-    def _check_vocabulary(self) -> None:
-        # Token ids beyond the embedding table would fail in the first forward, deep in torch.
-        from ..data.tokenizer import Tokenizer
-
-        model, data = self.cfg.model, self.cfg.data
-        if not model.has_text:
-            return
-        vocab = Tokenizer.from_name(data.tokenizer).vocab_size
-        if model.vocab_size < vocab:
-            raise ConfigError(f"model.vocab_size={model.vocab_size}: smaller than the {vocab} tokens of "
-                              f"data.tokenizer={data.tokenizer!r}")
+                                     world_size=self.info.world_size, pin_memory=self.info.device.type == "cuda",
+                                     vocabulary=self.cfg.model.vocabulary)
 
     def model_config(self) -> dict[str, Any]:
         return {**self.model.config.to_dict(), "preprocessing": self.cfg.data.preprocessing()}
