@@ -115,5 +115,5 @@ def test_an_interrupted_pretraining_stops_the_demo_instead_of_being_scored(recip
     monkeypatch.setattr(pretrain, "run_pretraining", interrupted)
     cfg = demo.DemoConfig(steps=3, batch_size=8, seeds=1, recipe=str(recipe), jobs=1, progress=False)
     with pytest.raises(SystemExit, match="interrupted"):
-        demo.run_row(cfg, demo.STUDIES["main"][0], 0, tmp_path / "m3ae" / "seed0")
+        demo.run_row(cfg, demo.STUDIES["main"][0], 0, tmp_path / "m3ae" / "seed0", {})
     assert not (tmp_path / "m3ae" / "seed0" / "result.json").exists()

@@ -5,6 +5,8 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
+from ..config import ConfigError
+
 # Per-channel statistics (RGB, in [0, 1] units) used by the official M3AE release.
 NORMALIZATION_PRESETS: dict[str, tuple[tuple[float, float, float], tuple[float, float, float]]] = {
     "cc12m": ((0.5762, 0.5503, 0.5213), (0.3207, 0.3169, 0.3307)),
@@ -15,8 +17,8 @@ NORMALIZATION_PRESETS: dict[str, tuple[tuple[float, float, float], tuple[float, 
 DEFAULT_IMAGE_SIZE = 256
 
 
-class SizeMismatchError(ValueError):
-    pass
+class SizeMismatchError(ConfigError):
+    """A data.image_size that disagrees with the model's: the same user error in every command."""
 
 FORMATS = ("auto", "wds", "hdf5", "manifest", "folder", "flat", "parquet")
 

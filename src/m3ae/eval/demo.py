@@ -91,7 +91,9 @@ def supervised_encoder(cfg: DemoConfig, pretrain, start: Path, run_dir: Path):
     pretraining's steps and batch, through the fine-tuning trainer with its regularisers off:
     what a perfectly grounded caption could teach at most."""
     from ..data import build_eval_loader
-    from ..engine.metrics import LogConfig
+    from ..engine.loop import run_task
+    from ..engine.metrics import METRICS_FILE, LogConfig, read_metrics
+    from ..model import M3AE
     from .probe import FinetuneConfig, TransferTrainer
 
     train_size = sum(len(b["label"]) for b in build_eval_loader(pretrain.data, 512, split="train"))
@@ -101,28 +103,42 @@ def supervised_encoder(cfg: DemoConfig, pretrain, start: Path, run_dir: Path):
         lr=pretrain.optim.lr, warmup_epochs=0.0, layer_decay=1.0, drop_path=0.0, mixup=0.0, cutmix=0.0,
         label_smoothing=0.0, precision=pretrain.train.precision, seed=pretrain.train.seed, keep=1,
         out_dir=str(run_dir), log=LogConfig(figures_every=0, progress=cfg.progress))
-    trainer = TransferTrainer(tune, resume="auto")
-    result = trainer.fit()
-    return trainer.model.backbone, {"finetune_top1": result.top1, "supervised_steps": trainer.step}
+    result = run_task(TransferTrainer, tune, "auto")  # the run directory's lock and teardown, as every task
+    steps = read_metrics(run_dir / METRICS_FILE)[-1]["step"]
+    return M3AE.from_pretrained(run_dir), {"finetune_top1": result.top1, "supervised_steps": steps}
 
 
-def score(model, data, cfg: DemoConfig, device) -> dict[str, float]:
-    """Logistic regression and kNN on frozen image-only features (CLS and mean pool) of the labelled
-    train split, accuracy on the val split."""
+EVAL_IMAGES = "eval_images_{split}.safetensors"  # the labelled splits, decoded once per demo
+
+
+def decode_eval_images(data, run_dir: Path) -> dict[str, Path]:
+    """The labelled train and val splits decoded once into run_dir (read back when there): every
+    row and pool is scored on these tensors instead of decoding the JPEGs again."""
     from ..data import build_eval_loader
-    from .features import FeatureSpec, extract_features
-    from .knn import knn_predict, topk_accuracy
-    from .logistic import fit_logistic
+    from .api import DecodedImages
 
+    paths = {}
+    for split in ("train", "val"):
+        paths[split] = run_dir / EVAL_IMAGES.format(split=split)
+        if not paths[split].is_file():
+            DecodedImages.decode(build_eval_loader(data, 256, split=split)).save(paths[split])
+    return paths
+
+
+def score(model, images: dict[str, Path], cfg: DemoConfig, device, timing: dict[str, float]) -> dict[str, float]:
+    """Logistic regression and kNN on frozen image-only features (CLS and mean pool, one forward
+    pass) of the labelled train split, accuracy on the val split. Adds its seconds to `timing`."""
+    from . import api
+
+    started = time.perf_counter()
+    train, val = (api.features(model, api.DecodedImages.load(images[split]), ("cls", "mean"), device=device)
+                  for split in ("train", "val"))
+    timing["features_s"] = time.perf_counter() - started
     result = {}
     for pool in ("cls", "mean"):
-        train, val = (extract_features(model, build_eval_loader(data, 256, split=split), FeatureSpec("image", pool),
-                                       device) for split in ("train", "val"))
-        classes = int(train["labels"].max()) + 1
-        probe = fit_logistic(train["features"], train["labels"], classes, l2=cfg.l2)
-        result[f"logreg_{pool}"] = probe.accuracy(val["features"], val["labels"])
-        scores = knn_predict(train["features"], train["labels"], val["features"], classes, k=cfg.knn_k)
-        result[f"knn_{pool}"] = topk_accuracy(scores, val["labels"], ks=(1,))["top1"]
+        result[f"logreg_{pool}"] = api.logistic(train[pool], val[pool], cfg.l2)["top1"]
+        result[f"knn_{pool}"] = api.knn(train[pool], val[pool], cfg.knn_k, ks=(1,))["top1"]
+    timing["probes_s"] = time.perf_counter() - started - timing["features_s"]
     return result
 
 
@@ -170,7 +186,7 @@ def grounding(model, pretrain) -> dict[str, dict[str, float]]:
     return grounding_accuracy(model, pairs, resolve_device(pretrain.train.device), pretrain.train.precision, word_sets)
 
 
-def run_row(cfg: DemoConfig, row: Row, seed: int, run_dir: Path) -> dict:
+def run_row(cfg: DemoConfig, row: Row, seed: int, run_dir: Path, images: dict[str, Path]) -> dict:
     """The row's encoder for one seed, scored; written as RESULT_FILE in its directory."""
     import torch
 
@@ -192,11 +208,13 @@ def run_row(cfg: DemoConfig, row: Row, seed: int, run_dir: Path) -> dict:
         if row.kind == "supervised":
             start = model.save_pretrained(run_dir / "init")
             model, extra = supervised_encoder(cfg, pretrain, start, run_dir / "supervised")
-    train_s = time.perf_counter() - started
-    result = {"seed": seed, **score(model, pretrain.data, cfg, resolve_device(pretrain.train.device)), **extra}
+    timing = {"train_s": time.perf_counter() - started}
+    result = {"seed": seed, **score(model, images, cfg, resolve_device(pretrain.train.device), timing), **extra}
     if pretrain.model.model_type == "m3ae" and row.kind == "pretrain" and row.overrides.get("data.paired_fraction", 1):
+        grounding_started = time.perf_counter()
         result["grounding"] = grounding(model, pretrain)
-    result.update(train_s=train_s, total_s=time.perf_counter() - started)
+        timing["grounding_s"] = time.perf_counter() - grounding_started
+    result.update(timing, total_s=time.perf_counter() - started)
     with atomic_path(run_dir / RESULT_FILE) as tmp:
         tmp.write_text(json.dumps(result, indent=1) + "\n")
     return result
@@ -283,24 +301,28 @@ def _worker_init(threads: int) -> None:
     torch.set_num_threads(threads)
 
 
-def _timed_run(cfg: DemoConfig, row: Row, seed: int, run_dir: Path) -> tuple[dict, float]:
+def _timed_run(cfg: DemoConfig, row: Row, seed: int, run_dir: Path, images: dict[str, Path]) -> tuple[dict, float]:
     started = time.perf_counter()
-    return run_row(cfg, row, seed, run_dir), time.perf_counter() - started
+    return run_row(cfg, row, seed, run_dir, images), time.perf_counter() - started
 
 
 def run_demo(cfg: DemoConfig) -> dict:
     from ..data.sources import open_source
     from ..engine.run_dir import default_run_dir
     from ..utils import atomic_path
+    from .api import data_for_model
 
     run_dir = Path(cfg.out_dir or default_run_dir("demo"))
     rows = STUDIES[cfg.study]
     units = [(row, seed) for seed in range(cfg.seeds) for row in rows]
     print(f"m3ae demo ({cfg.study}): {len(rows)} rows × {cfg.seeds} seeds, {cfg.steps} steps of batch "
           f"{cfg.batch_size} per trained row, {cfg.jobs} at a time; results in {run_dir}", flush=True)
-    data = pretrain_config(cfg, rows[0], 0, run_dir).data
+    recipe = pretrain_config(cfg, rows[0], 0, run_dir)
+    data = data_for_model(recipe.data, recipe.model, "model.image_size")
     if data.source == "embedded":  # generated once here, not by every parallel run
         open_source("embedded", role="labelled", split="train", embedded_root=data.embedded_root)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    images = decode_eval_images(data, run_dir)
     results_by_unit: dict[tuple[str, int], dict] = {}
     todo = []
     for row, seed in units:
@@ -320,7 +342,7 @@ def run_demo(cfg: DemoConfig) -> dict:
 
     if cfg.jobs == 1:
         for row, seed in todo:
-            finished(row, seed, *_timed_run(cfg, row, seed, run_dir / row.name / f"seed{seed}"))
+            finished(row, seed, *_timed_run(cfg, row, seed, run_dir / row.name / f"seed{seed}", images))
     else:
         import multiprocessing
         import os
@@ -331,7 +353,7 @@ def run_demo(cfg: DemoConfig) -> dict:
         quiet = dataclasses.replace(cfg, progress=False)
         threads = max(1, (os.cpu_count() or 1) // cfg.jobs)
         with ProcessPoolExecutor(cfg.jobs, multiprocessing.get_context("spawn"), _worker_init, (threads,)) as pool:
-            futures = {pool.submit(_timed_run, quiet, row, seed, run_dir / row.name / f"seed{seed}"): (row, seed)
+            futures = {pool.submit(_timed_run, quiet, row, seed, run_dir / row.name / f"seed{seed}", images): (row, seed)
                        for row, seed in todo}
             for future in as_completed(futures):
                 finished(*futures[future], *future.result())
