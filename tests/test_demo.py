@@ -186,3 +186,24 @@ def test_the_supervised_row_runs_through_run_task(recipe, tmp_path, monkeypatch)
     images = demo.decode_eval_images(api.data_for_model(recipe_cfg.data, recipe_cfg.model), run)
     result = demo.run_row(cfg, demo.REFERENCES[1], 0, run / "supervised" / "seed0", images)
     assert calls == ["TransferTrainer"] and result["supervised_steps"] == 6  # one epoch of 48 in batches of 8
+
+
+def test_scale_study_json_on_a_tiny_configuration(recipe, tmp_path):
+    """Paper Fig. 4 at laptop scale: M3AE and MAE at three widths (the recipe's 32 halved and
+    doubled) at --steps, and at 2x and 4x the steps at the recipe's width; with the references."""
+    run = tmp_path / "scale"
+    assert main(["demo", "--study", "scale", "--steps", "1", "--batch-size", "8", "--seeds", "1", "--knn-k", "5",
+                 "--jobs", "1", "--recipe", str(recipe), "--out-dir", str(run), "--progress", "false"]) == 0
+    results = json.loads((run / "demo_results.json").read_text())
+    rows = results["rows"]
+    points = [f"{m}_width{w}x" for w in (0.5, 1.0, 2.0) for m in ("m3ae", "mae")]
+    points += [f"{m}_steps{k}x" for k in (2, 4) for m in ("m3ae", "mae")]
+    assert list(rows) == [*points, "random_init", "supervised"]
+    configs = {name: yaml.safe_load((run / name / "seed0" / "config.yaml").read_text()) for name in points}
+    assert [configs[name]["model"]["emb_dim"] for name in points] == [16, 16, 32, 32, 64, 64, 32, 32, 32, 32]
+    assert [configs[name]["model"]["model_type"] for name in points] == ["m3ae", "mae"] * 5
+    assert [configs[name]["train"]["total_steps"] for name in points] == [1] * 6 + [2, 2, 4, 4]
+    for name in points:  # each trained its own steps
+        assert read_metrics(run / name / "seed0" / "metrics.jsonl")[-1]["step"] == configs[name]["train"]["total_steps"]
+    assert all(set(METRICS) <= set(r["mean"]) and len(r["seeds"]) == 1 for r in rows.values())
+    assert set(results["headroom"]) == {"logreg_cls", "logreg_mean"} and (run / "demo_results.png").stat().st_size > 0
