@@ -19,8 +19,8 @@ NORMALIZATION_PRESETS: dict[str, tuple[tuple[float, float, float], tuple[float, 
 DEFAULT_IMAGE_SIZE = 256
 
 
-class SizeMismatchError(ValueError):
-    pass
+class SizeMismatchError(ConfigError):
+    """A data.image_size that disagrees with the model's: the same user error in every command."""
 
 FORMATS = ("auto", "wds", "hdf5", "manifest", "folder", "flat", "parquet")
 

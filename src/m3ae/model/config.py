@@ -14,6 +14,7 @@ from ..config import ConfigError, from_dict
 
 ModelType = Literal["m3ae", "mae"]
 MaskingMode = Literal["per_sample", "shared"]
+TextMaskOver = Literal["padded", "real"]
 AttentionImpl = Literal["auto", "sdpa", "math"]
 PREPROCESSING_KEY = "preprocessing"  # config.json's record of how inputs were prepared (not a field)
 
@@ -57,6 +58,10 @@ class M3AEConfig:
     layer_norm_eps: float = 1e-6  # LayerNorm epsilon
     image_mask_ratio: float = 0.75  # fraction of image patches removed
     text_mask_ratio: float = 0.75  # fraction of caption tokens removed
+    # "padded": the ratio of all text_length positions, padding included, as the official code (a
+    # short caption keeps fewer real words than the ratio says); "real": each caption keeps
+    # int(n_real · (1 - text_mask_ratio)) of its real tokens
+    text_mask_over: TextMaskOver = "padded"
     image_loss_weight: float = 1.0  # weight of the pixel loss
     text_loss_weight: float = 0.5  # the paper's value; the official flag default (0.1) is not
     output_head_depth: int = 0  # decoder output head: 0 a Linear, k > 0 the official k-layer MLP
@@ -105,6 +110,8 @@ class M3AEConfig:
             fail("model_type", "must be 'm3ae' or 'mae'")
         if self.masking not in ("per_sample", "shared"):
             fail("masking", "must be 'per_sample' or 'shared'")
+        if self.text_mask_over not in ("padded", "real"):
+            fail("text_mask_over", "must be 'padded' or 'real'")
         if self.attn_impl not in ("auto", "sdpa", "math"):
             fail("attn_impl", "must be 'auto', 'sdpa' or 'math'")
         for name in ("image_size", "patch_size", "in_chans", "text_length", "vocab_size", "emb_dim",

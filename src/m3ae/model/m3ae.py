@@ -20,7 +20,7 @@ from .config import M3AEConfig
 from .files import CONFIG_NAME, WEIGHTS_NAME
 from .layers import OutputHead, Transformer, sincos_1d, sincos_2d, sincos_buffer
 from .losses import cross_entropy_by_sample, masked_cross_entropy, normalize_patches, patch_mse_loss
-from .masking import Masking, draw_noise, gather_tokens, random_masking, unshuffle
+from .masking import Masking, draw_noise, gather_tokens, random_masking, real_token_masking, unshuffle
 
 # Text positions are fixed sin-cos; a table this long serves captions and unpaired text corpora alike.
 MAX_TEXT_POSITIONS = 512
@@ -239,7 +239,7 @@ class M3AE(nn.Module):
         """
         c = self.config
         _, pad = self._check_inputs(image, text, text_padding_mask)
-        image_masking, text_masking = self.random_masks(image, text, image_noise, text_noise)
+        image_masking, text_masking = self.random_masks(image, text, image_noise, text_noise, pad)
         latent, encoder_attentions = self.forward_encoder(image, text, pad, image_masking, text_masking, output_attentions)
         decoded_image, decoded_text, decoder_attentions = self.forward_decoder(
             latent, image_masking, text_masking, pad, output_attentions
@@ -278,9 +278,11 @@ class M3AE(nn.Module):
         text: torch.Tensor | None,
         image_noise: torch.Tensor | None = None,
         text_noise: torch.Tensor | None = None,
+        pad: torch.Tensor | None = None,
     ) -> tuple[Masking | None, Masking | None]:
         """Per modality present: keep int(L·(1 - ratio)) positions, the lowest of independent noise
-        (drawn here, image first, unless given)."""
+        (drawn here, image first, unless given); with text_mask_over "real", int(n_real·(1 - ratio))
+        real tokens of each caption (`pad`: True = padding)."""
         c = self.config
         image_masking = text_masking = None
         if image is not None:
@@ -292,7 +294,11 @@ class M3AE(nn.Module):
             B, L = text.shape
             if text_noise is None:
                 text_noise = draw_noise(B, L, c.masking, text.device)
-            text_masking = random_masking(text_noise, B, L, c.text_keep(L))  # ids_keep (B, keep_t)
+            if c.text_mask_over == "real":
+                padding = torch.zeros_like(text, dtype=torch.bool) if pad is None else pad
+                text_masking = real_token_masking(text_noise, padding, c.text_mask_ratio)
+            else:
+                text_masking = random_masking(text_noise, B, L, c.text_keep(L))  # ids_keep (B, keep_t)
         return image_masking, text_masking
 
     def forward_encoder(

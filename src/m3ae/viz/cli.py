@@ -200,12 +200,12 @@ def run_attention(args: argparse.Namespace) -> int:
 
 
 def run_tsne(args: argparse.Namespace) -> int:
-    import dataclasses
-
-    import torch
+    import itertools
+    import math
 
     from ..data import build_eval_loader
     from ..data.factory import label_names
+    from ..eval import api
     from ..model import M3AE
     from .tsne import plot_tsne
 
@@ -216,17 +216,12 @@ def run_tsne(args: argparse.Namespace) -> int:
     for spec in cfg.checkpoint:
         name, sep, directory = spec.rpartition("=")
         name = name if sep else Path(directory).name
-        model = M3AE.from_pretrained(directory).eval()
-        data = dataclasses.replace(cfg.data, image_size=model.config.image_size)
-        features, labels, seen = [], [], 0
-        with torch.no_grad():
-            for batch in build_eval_loader(data, batch_size=cfg.batch_size, split=cfg.split):
-                features.append(model.encode(batch["image"]).cls)
-                labels.append(batch["label"])
-                seen += len(batch["label"])
-                if seen >= cfg.max_samples:
-                    break
-        panels[name] = (torch.cat(features)[: cfg.max_samples].numpy(), torch.cat(labels)[: cfg.max_samples].numpy())
+        model = M3AE.from_pretrained(directory)
+        data = api.data_for_model(cfg.data, model.config, model_field=f"the image_size of {directory}")
+        batches = itertools.islice(build_eval_loader(data, batch_size=cfg.batch_size, split=cfg.split),
+                                   math.ceil(cfg.max_samples / cfg.batch_size))
+        out = api.features(model, batches, ("cls",))["cls"]
+        panels[name] = (out["features"][: cfg.max_samples].numpy(), out["labels"][: cfg.max_samples].numpy())
     class_names = label_names(cfg.data.source, split=cfg.split)
     print(f"wrote {plot_tsne(panels, cfg.out, class_names, seed=cfg.seed)}")
     print(json.dumps({name: int(len(labels)) for name, (_, labels) in panels.items()}))
