@@ -76,6 +76,7 @@ def resumed_config(run_dir, overrides: dict, recipe: str | None):
     """The saved run's config with only the flags given now applied. `max_steps` was where the last
     invocation stopped, so it is dropped unless given again; past the schedule's end it becomes the end."""
     from ..config import ConfigError
+    from ..data.config import refuse_stored_commands
     from .pretrain import PretrainConfig
 
     if recipe is not None:
@@ -89,7 +90,9 @@ def resumed_config(run_dir, overrides: dict, recipe: str | None):
         overrides["train.total_steps"] = max_steps
         print(f"m3ae pretrain: --max-steps {max_steps} is past the schedule's end ({total}): the lr schedule now "
               f"ends at step {max_steps}", file=sys.stderr)
-    return run_dir.load_config(PretrainConfig, overrides, FROZEN_ON_RESUME)
+    cfg = run_dir.load_config(PretrainConfig, overrides, FROZEN_ON_RESUME)
+    refuse_stored_commands(cfg.data, str(run_dir.config), typed=overrides)
+    return cfg
 
 
 def pretrain_command(args: argparse.Namespace) -> int:
