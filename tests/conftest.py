@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+import os
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -62,3 +64,26 @@ def assert_close(actual: torch.Tensor, expected: torch.Tensor, what: str, tol: f
     assert actual.shape == expected.shape, f"{what}: shape {tuple(actual.shape)} != {tuple(expected.shape)}"
     error = (actual - expected).abs().max().item() if actual.numel() else 0.0
     assert torch.allclose(actual, expected, atol=tol, rtol=tol), f"{what}: max abs error {error:.3g}"
+
+
+def pytest_configure(config):
+    """The suite neither reads nor writes the user's m3ae cache: a precision probe kept there (from
+    another torch, say) would decide for the tests. Set in the environment, so that the processes
+    tests start (DDP ranks, CLI runs) share the session's cache."""
+    config.m3ae_cache = tempfile.TemporaryDirectory(prefix="m3ae-test-cache-")
+    os.environ["M3AE_CACHE_DIR"] = config.m3ae_cache.name
+
+
+def pytest_unconfigure(config):
+    os.environ.pop("M3AE_CACHE_DIR", None)
+    config.m3ae_cache.cleanup()
+
+
+def pytest_report_header(config):
+    """What the run exercised: the kernels torch dispatches and what `precision: auto` takes on them
+    (a test that compares numbers must pass whichever it is)."""
+    from m3ae.engine.runtime import resolve_precision
+
+    auto = resolve_precision("auto", torch.device("cpu"))
+    return [f"m3ae: CPU kernels {torch.backends.cpu.get_cpu_capability()}; precision auto -> {auto.name} "
+            f"({auto.reason})"]

@@ -6,6 +6,9 @@ CPU threads.
 devices with bf16 units; CPUs with AMX or AVX-512 BF16, confirmed by a measured matmul probe,
 because native is not enough (an AVX-512 BF16 CPU without AMX can run bf16 matmuls at half its fp32
 rate). Elsewhere autocast emulates bf16 and a step is several times slower, so auto takes fp32.
+The probe runs once per CPU model, flags, torch version and kernel level, and its result is kept in
+the user's cache directory: a probe repeated per run, on a busy machine, could flip the precision of
+the same command between two runs.
 `threads: auto` takes every physical core when they are free, and one thread when the load average
 says other processes compete for them: an OpenMP team waits for its slowest thread, so a team larger
 than the free cores loses far more than it gains.
@@ -15,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import json
 import os
 import time
 import warnings
@@ -112,11 +116,91 @@ def matmul_rate(device: torch.device, name: PrecisionName, size: int, repeats: i
     return 2 * size**3 / best
 
 
+def cache_dir() -> Path:
+    """Where m3ae keeps what it measured about this machine: $M3AE_CACHE_DIR, else
+    $XDG_CACHE_HOME/m3ae, else ~/.cache/m3ae."""
+    if os.environ.get("M3AE_CACHE_DIR"):
+        return Path(os.environ["M3AE_CACHE_DIR"])
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "m3ae"
+
+
+PROBE_FILE = "precision_probe.json"
+PROBED = f"(once for this CPU and torch: {PROBE_FILE} in the user's cache)"
+
+
+def machine_key() -> str:
+    """What decides a precision probe's result: the CPU (model and flags), torch's version and the
+    kernels it dispatches (ATEN_CPU_CAPABILITY and ONEDNN_MAX_CPU_ISA lower them). The same key
+    gives the same answer, so it is measured once per key."""
+    import hashlib
+    import platform
+
+    model = ""
+    with contextlib.suppress(OSError):
+        model = next((line.partition(":")[2].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                      if line.startswith("model name")), "")
+    parts = [model or platform.processor(), " ".join(sorted(_cpu_flags())), torch.__version__,
+             torch.backends.cpu.get_cpu_capability(), os.environ.get("ONEDNN_MAX_CPU_ISA", "")]
+    return hashlib.sha256("\n".join(parts).encode()).hexdigest()[:16]
+
+
+@contextlib.contextmanager
+def _probe_lock(directory: Path):
+    """One process at a time reads, measures and writes the probe file: the ranks of a run started
+    together on a fresh machine wait for the first one's measurement instead of each taking its own
+    (and possibly deciding differently)."""
+    directory.mkdir(parents=True, exist_ok=True)
+    with open(directory / f"{PROBE_FILE}.lock", "a") as lock:
+        try:
+            import fcntl
+        except ImportError:  # Windows: no advisory locks; at worst two first runs both measure
+            yield
+            return
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
+
+
+def _probe(name: PrecisionName) -> float:
+    """Matmul rate of `name` over fp32, with margins against a busy moment: fp32 and `name` timed
+    in alternation (a burst of load hits both), the median of three ratios."""
+    cpu = torch.device("cpu")
+    ratios = sorted(matmul_rate(cpu, name, 512, 3) / matmul_rate(cpu, "fp32", 512, 3) for _ in range(3))
+    return ratios[1]
+
+
 @functools.cache
-def measured_speedup(device_type: str, name: PrecisionName) -> float:
-    """Matmul rate of `name` over fp32 on this device, measured once per process (about 0.1 s)."""
-    device = torch.device(device_type)
-    return matmul_rate(device, name, 512, 5) / matmul_rate(device, "fp32", 512, 5)
+def measured_speedup(name: PrecisionName) -> float:
+    """Matmul rate of `name` over fp32 on this CPU: measured once per machine (`machine_key`) and
+    kept in the user's cache directory, so that the same CPU and torch decide the same way in every
+    run; measured once per process where that directory cannot be written."""
+    path = cache_dir() / PROBE_FILE
+    key = machine_key()
+    try:
+        with _probe_lock(path.parent):
+            probes = _read_probes(path)
+            entry = probes[key] if isinstance(probes.get(key), dict) else {}
+            if not isinstance(entry.get(name), (int, float)):
+                probes[key] = {**entry, name: round(_probe(name), 3),
+                               "measured": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+                from ..utils import atomic_path
+
+                with atomic_path(path) as tmp:
+                    tmp.write_text(json.dumps(probes, indent=1, sort_keys=True) + "\n", encoding="utf-8")
+            return float(probes[key][name])
+    except OSError:  # a read-only or missing home: this process measures for itself
+        return _probe(name)
+
+
+def _read_probes(path: Path) -> dict:
+    """The probe file, or nothing when it is missing or not JSON (it is measured again)."""
+    try:
+        probes = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+    return probes if isinstance(probes, dict) else {}
 
 
 @functools.cache
@@ -135,10 +219,10 @@ def _auto(device_type: str) -> tuple[PrecisionName, str]:
     if native is None:
         return "fp32", (f"auto: the CPU ({torch.backends.cpu.get_cpu_capability()}) has no AMX or AVX-512 BF16, "
                         f"so bf16 would be emulated")
-    speedup = measured_speedup("cpu", "bf16")
+    speedup = measured_speedup("bf16")
     if speedup >= MIN_SPEEDUP:
-        return "bf16", f"auto: the CPU has {native}; bf16 matmul measured {speedup:.2f}× fp32"
-    return "fp32", (f"auto: the CPU has {native} but bf16 matmul measured only {speedup:.2f}× fp32 "
+        return "bf16", f"auto: the CPU has {native}; bf16 matmul measured {speedup:.2f}× fp32 {PROBED}"
+    return "fp32", (f"auto: the CPU has {native} but bf16 matmul measured only {speedup:.2f}× fp32 {PROBED} "
                     f"(bf16 needs >= {MIN_SPEEDUP}×)")
 
 
@@ -151,7 +235,7 @@ def resolve_precision(setting: PrecisionSetting, device: torch.device) -> Precis
     if setting not in DTYPES:
         raise ValueError(f"precision={setting!r}: choose auto, fp32, bf16 or fp16")
     if setting != "fp32" and device.type == "cpu":
-        speedup = measured_speedup("cpu", setting)
+        speedup = measured_speedup(setting)
         if speedup < 1:
             where = "this CPU"
             if setting == "bf16":
@@ -239,7 +323,8 @@ def write_run_info(run_dir: str | Path, precision: Precision, threads: Threads) 
     print(f"{precision.describe()}; {threads.describe()}", flush=True)
     info = {"precision": precision.name, "precision_reason": precision.reason, "threads": threads.count,
             "threads_reason": threads.reason, "device": str(precision.device),
-            "cpu_capability": torch.backends.cpu.get_cpu_capability(), "torch": torch.__version__}
+            "cpu_capability": torch.backends.cpu.get_cpu_capability(), "torch": torch.__version__,
+            "machine_key": machine_key()}
     path = Path(run_dir) / RUN_INFO
     with atomic_path(path) as tmp:
         tmp.write_text(json.dumps(info, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
