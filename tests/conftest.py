@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from m3ae import M3AE
+from m3ae import M3AE, M3AEConfig
 from m3ae.interop.official import infer_config, to_torch_state_dict
 
 OFFICIAL = Path(__file__).parent / "fixtures" / "official_m3ae"
@@ -56,6 +56,20 @@ def m3ae_tiny_head1() -> Fixture:
 @pytest.fixture(scope="session")
 def mae_tiny() -> Fixture:
     return Fixture("mae_tiny.npz")
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    """(root, data): a tiny M3AE saved in root/model and a labelled synthetic set in shards (48
+    train, 16 val samples, 32 px) at `data`: what the transfer commands read."""
+    from m3ae.data.synth import SynthSpec, generate
+
+    root = tmp_path_factory.mktemp("transfer")
+    data = generate(root / "data", SynthSpec(seed=0, train=48, val=16, image_size=32, shard_size=24), processes=1)
+    torch.manual_seed(0)
+    M3AE(M3AEConfig(emb_dim=32, depth=2, num_heads=2, dec_emb_dim=16, dec_depth=1, dec_num_heads=2, image_size=32,
+                    patch_size=8, text_length=16)).save_pretrained(root / "model")
+    return root, data
 
 
 def assert_close(actual: torch.Tensor, expected: torch.Tensor, what: str, tol: float = 1e-5) -> None:

@@ -22,7 +22,6 @@ from m3ae.train.pretrain import PretrainConfig, run_pretraining
 from m3ae.train.synthetic import ListLoader
 
 from test_train_loop import global_batches, tiny_config
-from test_transfer import setup  # noqa: F401  (the fixture: a tiny model and labelled shards)
 
 CPU = torch.device("cpu")
 
