@@ -228,31 +228,48 @@ def test_bench_and_pretraining_mfu_stay_at_most_one(tmp_path, name):
 
 
 # ------------------------------------------------------------------------------------------ threads
-@pytest.mark.parametrize("cores, load, processes, expected", [
-    (2, 0.3, 1, 2), (2, 0.49, 1, 2), (2, 0.6, 1, 1), (2, 5.0, 1, 1),  # 2 cores: both only when free
-    (8, 2.2, 1, 6), (8, 0.0, 2, 4), (8, 7.0, 2, 1), (1, 0.0, 1, 1),
-])
-def test_auto_threads_rule(cores, load, processes, expected):
-    count, reason = precision.auto_threads(cores, load, processes)
-    assert count == expected and f"{load:.2f}" in reason
+@pytest.mark.parametrize("cores, processes, expected", [(2, 1, 2), (8, 1, 8), (8, 2, 4), (8, 3, 2), (2, 4, 1), (1, 1, 1)])
+def test_auto_threads_is_the_process_s_share_of_the_cores(cores, processes, expected):
+    count, reason = precision.auto_threads(cores, processes)
+    assert count == expected and f"{cores} physical cores" in reason
+    assert (f"shared by {processes} processes" in reason) == (processes > 1)
 
 
-def test_apply_threads_sets_torch_and_auto_follows_load_or_omp(monkeypatch):
+def test_apply_threads_sets_torch_and_auto_ignores_the_load_average(monkeypatch):
+    """The load average trails the machine by a minute: right after a busy minute it read 1.5 on two
+    free cores, and the old rule took 1 thread (half the speed)."""
     assert precision.apply_threads(1).count == 1 and torch.get_num_threads() == 1
     assert precision.apply_threads(2).reason == "requested" and torch.get_num_threads() == 2
     monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
     monkeypatch.setattr(precision, "physical_cores", lambda: 2)
-    monkeypatch.setattr(os, "getloadavg", lambda: (4.0, 4.0, 4.0))
+    monkeypatch.setattr(os, "getloadavg", lambda: (1.5, 1.0, 0.5))
     chosen = precision.apply_threads("auto")
-    assert (chosen.count, torch.get_num_threads()) == (1, 1) and "load average 4.00" in chosen.reason
-    monkeypatch.setattr(os, "getloadavg", lambda: (0.0, 0.0, 0.0))
-    assert precision.apply_threads("auto").count == 1  # decided once per process
+    assert (chosen.count, torch.get_num_threads()) == (2, 2) and chosen.reason == "auto: 2 physical cores"
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
+    assert precision.apply_threads("auto").count == 2  # decided once per process
+    precision._auto_threads.cache_clear()
+    assert precision.apply_threads("auto") == precision.Threads(1, "auto: 2 physical cores shared by 2 processes")
     precision._auto_threads.cache_clear()
     monkeypatch.setenv("OMP_NUM_THREADS", "2")
     assert precision.apply_threads("auto") == precision.Threads(2, "auto: OMP_NUM_THREADS")
     for bad in (0, "two", True):
         with pytest.raises(ValueError, match="threads="):
             precision.apply_threads(bad)
+
+
+@pytest.mark.parametrize("preset, expected", [({}, "PASSIVE"), ({"OMP_WAIT_POLICY": "ACTIVE"}, "ACTIVE"),
+                                              ({"GOMP_SPINCOUNT": "10000"}, None)])
+def test_the_command_line_makes_idle_openmp_threads_sleep_before_torch_starts_them(preset, expected):
+    """libgomp reads OMP_WAIT_POLICY once, as torch loads it: `m3ae` sets it before any import of
+    torch (checked with libgomp's own report of its settings), and a user's choice is kept."""
+    script = ("import os, sys\nimport m3ae.cli\nassert 'torch' not in sys.modules\n"
+              "print(os.environ.get('OMP_WAIT_POLICY'))\nimport torch\ntorch.ones(2).sum()\n")
+    env = {k: v for k, v in os.environ.items() if k not in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT")}
+    done = subprocess.run([sys.executable, "-c", script], env={**env, **preset, "OMP_DISPLAY_ENV": "TRUE"},
+                          capture_output=True, text=True, check=True)
+    assert done.stdout.strip() == str(expected)
+    if expected:
+        assert f"OMP_WAIT_POLICY = '{expected}'" in done.stderr
 
 
 def test_threads_flags_and_config_fields(capsys):
@@ -274,6 +291,7 @@ def test_pretraining_applies_threads_prints_and_records_the_resolved_choices(tmp
     assert (info["precision"], info["threads"], info["threads_reason"]) == ("fp32", 1, "requested")
     assert "no AMX or AVX-512 BF16" in info["precision_reason"]
     assert info["machine_key"] == precision.machine_key()  # the key of the probe that decided
+    assert info["omp_wait_policy"] == os.environ.get("OMP_WAIT_POLICY", "(libgomp default)")
     assert "precision fp32 (auto: " in capsys.readouterr().out
     saved = config_io.load(PretrainConfig, tmp_path / "config.yaml")
     assert (saved.train.precision, saved.train.threads) == ("auto", 1)  # the setting, not the decision

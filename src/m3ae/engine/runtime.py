@@ -9,9 +9,11 @@ rate). Elsewhere autocast emulates bf16 and a step is several times slower, so a
 The probe runs once per CPU model, flags, torch version and kernel level, and its result is kept in
 the user's cache directory: a probe repeated per run, on a busy machine, could flip the precision of
 the same command between two runs.
-`threads: auto` takes every physical core when they are free, and one thread when the load average
-says other processes compete for them: an OpenMP team waits for its slowest thread, so a team larger
-than the free cores loses far more than it gains.
+`threads: auto` takes this process's share of the physical cores, whatever else runs: with idle
+OpenMP threads sleeping rather than spinning (set by m3ae.cli before torch loads), a team as large as
+the cores was the faster choice quiet, busy and shared (docs/BENCHMARKS.md, "Threads"), while the
+1-minute load average the rule once read trails the machine by a minute and halved the speed of a
+run started right after a busy minute.
 """
 
 from __future__ import annotations
@@ -258,14 +260,12 @@ def physical_cores() -> int:
     return max(len(siblings), 1)
 
 
-def auto_threads(cores: int, load: float, processes: int = 1) -> tuple[int, str]:
-    """The rule: this process's share of the cores (`processes` of this run share the node) less
-    what the 1-minute load average says others use, at least 1."""
-    share = max(cores // max(processes, 1), 1)
-    free = cores - load
-    threads = min(share, max(int(free + 0.5), 1))
+def auto_threads(cores: int, processes: int = 1) -> tuple[int, str]:
+    """The rule: this process's share of the physical cores (`processes` of this run share the node),
+    at least 1."""
+    threads = max(cores // max(processes, 1), 1)
     shared = f" shared by {processes} processes" if processes > 1 else ""
-    return threads, f"auto: {cores} physical cores{shared}, 1-minute load average {load:.2f}"
+    return threads, f"auto: {cores} physical cores{shared}"
 
 
 @dataclass(frozen=True)
@@ -279,13 +279,11 @@ class Threads:
 
 @functools.cache
 def _auto_threads() -> Threads:
-    """Decided once per process: the later runs of one process (the demo's) keep the first decision
-    rather than counting their own load. OMP_NUM_THREADS, when the user set it, wins."""
+    """Decided once per process. OMP_NUM_THREADS, when the user set it, wins."""
     omp = os.environ.get("OMP_NUM_THREADS", "")
     if omp.isdigit() and int(omp) > 0:
         return Threads(int(omp), "auto: OMP_NUM_THREADS")
-    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else 0.0
-    return Threads(*auto_threads(physical_cores(), load, int(os.environ.get("LOCAL_WORLD_SIZE", "1"))))
+    return Threads(*auto_threads(physical_cores(), int(os.environ.get("LOCAL_WORLD_SIZE", "1"))))
 
 
 def apply_threads(setting: ThreadsSetting) -> Threads:
@@ -322,7 +320,8 @@ def write_run_info(run_dir: str | Path, precision: Precision, threads: Threads) 
 
     print(f"{precision.describe()}; {threads.describe()}", flush=True)
     info = {"precision": precision.name, "precision_reason": precision.reason, "threads": threads.count,
-            "threads_reason": threads.reason, "device": str(precision.device),
+            "threads_reason": threads.reason, "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY", "(libgomp default)"),
+            "device": str(precision.device),
             "cpu_capability": torch.backends.cpu.get_cpu_capability(), "torch": torch.__version__,
             "machine_key": machine_key()}
     path = Path(run_dir) / RUN_INFO
