@@ -45,24 +45,22 @@ def detect_layout(spec: str) -> tuple[str, str]:
 
 
 def _detect_directory(spec: str) -> tuple[str, str]:
+    beside = sorted({Path(p).name for pattern in _SHARD_METADATA for p in glob.glob(os.path.join(glob.escape(spec), pattern))})
+    metadata = f"; the {len(beside)} .parquet/_stats.json file(s) beside them are img2dataset's metadata, not read"
     tars = glob.glob(os.path.join(glob.escape(spec), "*.tar"))
     if tars:
-        beside = sorted({Path(p).name for pattern in _SHARD_METADATA
-                         for p in glob.glob(os.path.join(glob.escape(spec), pattern))})
-        note = (f"; the {len(beside)} .parquet/_stats.json file(s) beside them are img2dataset's metadata, "
-                f"not read") if beside else ""
-        return "wds", f"a directory of {len(tars)} .tar shard(s){note}"
-    if _parquet_files(spec):
-        return "parquet", "a directory of parquet files (img2dataset's parquet output: image bytes or paths + caption)"
+        return "wds", f"a directory of {len(tars)} .tar shard(s)" + (metadata if beside else "")
     entries = list(Path(spec).iterdir())
     top_images = sum(1 for p in entries if _is_image(p))
-    folders = [p for p in entries if p.is_dir()]
     if top_images:
         return "flat", (f"a directory with {top_images} image file(s) at its top level: a caption folder "
                         f"(x.jpg + x.txt, read recursively), unlabelled")
+    folders = [p for p in entries if p.is_dir()]
     if folders and all(p.name.isdigit() for p in folders):
         return "flat", ("a directory of numbered subfolders (img2dataset's `files` output): a caption folder "
-                        "(x.jpg + x.txt), unlabelled")
+                        "(x.jpg + x.txt), unlabelled" + (metadata if beside else ""))
+    if _parquet_files(spec):
+        return "parquet", "a directory of parquet files (img2dataset's parquet output: image bytes or paths + caption)"
     return "folder", (f"a directory of {len(folders)} subfolder(s) and no image at its top level: class "
                       f"folders, labelled by sorted subfolder name (x.txt beside an image is its caption)")
 
