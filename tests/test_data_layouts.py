@@ -128,6 +128,13 @@ def test_parquet_without_pyarrow_names_the_extra(tmp_path, monkeypatch):
         require("no_such_package_m3ae", "wandb", "log.wandb=true")
 
 
+def test_every_format_a_config_accepts_has_an_opener():
+    from m3ae.data import factory
+    from m3ae.data.config import FORMATS
+
+    assert FORMATS[0] == "auto" and tuple(factory._OPENERS) == FORMATS[1:]
+
+
 def test_inspect_says_which_layout_and_why(tmp_path):
     write_shards(tmp_path / "shards", 3, 3)
     report = inspect_source(str(tmp_path / "shards"))
