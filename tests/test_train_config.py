@@ -87,7 +87,8 @@ def test_a_scale_recipe_needs_data_source_and_derives_its_steps_from_epochs(reci
     # it once trained on the embedded toy set with 0 workers without a word
     assert main(["pretrain", "--config", recipe, "--out-dir", str(tmp_path / "run")]) == 2
     (line,) = capsys.readouterr().err.strip().splitlines()
-    assert "data.source: this recipe trains at scale and needs your data: give --data.source" in line
+    assert "data.source: not given, and this config (a scale recipe) never falls back to the toy set: name your " \
+           "data with --data.source" in line
     assert not (tmp_path / "run").exists()
     argv = ["pretrain", "--config", recipe, "--data.source", "cc12m/{00000..01242}.tar", "--print-config"]
     assert main([*argv, "--train.samples-per-epoch", "1000000"]) == 0
