@@ -291,3 +291,59 @@ def test_transfer_runs_take_the_run_directory_lock(setup, tmp_path, capsys):
     err = capsys.readouterr().err.strip().splitlines()[-1]
     assert f"{run} is in use by another run (pid {holder.pid}" in err and "Traceback" not in err
     assert not (run / "metrics.jsonl").exists()
+
+
+@pytest.mark.parametrize("command", ["linear-probe", "finetune"])
+def test_probe_and_finetune_train_through_the_engine_step(setup, tmp_path, monkeypatch, command):
+    from m3ae.engine.step import TrainStep
+
+    calls = []
+    real = TrainStep.__call__
+    monkeypatch.setattr(TrainStep, "__call__", lambda self, *a, **kw: calls.append(1) or real(self, *a, **kw))
+    root, data = setup
+    cls = FinetuneConfig if command == "finetune" else __import__("m3ae.eval.probe", fromlist=["x"]).LinearProbeConfig
+    cfg = cls(checkpoint=str(root / "model"), data=_data(data), epochs=1, batch_size=16, precision="fp32",
+              out_dir=str(tmp_path / command))
+    run_transfer(cfg)
+    assert len(calls) == math.ceil(48 / 16)  # one engine step per batch of the epoch
+
+
+def test_fp16_finetuning_scales_the_loss_and_skips_an_overflowing_step(setup, tmp_path):
+    root, data = setup
+    cfg = FinetuneConfig(checkpoint=str(root / "model"), data=_data(data), epochs=1, batch_size=16, precision="fp16",
+                         warmup_epochs=0, mixup=0.0, cutmix=0.0, out_dir=str(tmp_path / "ft"))
+    trainer = TransferTrainer(cfg)
+    try:
+        step = trainer.train_step
+        assert step.scaler is not None
+        scale = step.scaler.get_scale()
+        before = {k: v.clone() for k, v in trainer.model.state_dict().items()}
+        images, labels = next(iter(trainer._train_batches(0)))
+        huge = images * 6e4  # fp16 overflows in the first matmul: inf activations, inf gradients
+        stats = step(iter(((huge, labels),)), trainer.losses)
+        assert stats["skipped"].item() == 1.0 and step.nonfinite_total.item() == 1.0
+        assert step.scaler.get_scale() < scale  # the scale was lowered
+        after = trainer.model.state_dict()
+        assert all(torch.equal(before[k], after[k]) for k in before)  # the update was skipped
+        stats = step(iter(((images, labels),)), trainer.losses)
+        assert stats["skipped"].item() == 0.0
+        assert any(not torch.equal(before[k], v) for k, v in trainer.model.state_dict().items())
+    finally:
+        trainer.close()
+
+
+def test_a_run_too_short_to_train_says_so_in_one_line_and_the_headline_is_the_last_epoch(setup, tmp_path, capsys):
+    root, data = setup
+    args = ["finetune", "--checkpoint", str(root / "model"), "--data.source", f"{data}/train-*.tar",
+            "--data.eval_train_source", f"{data}/train-*.tar", "--data.eval_val_source", f"{data}/val-*.tar",
+            "--data.num_workers", "0", "--epochs", "2", "--batch-size", "1024", "--log.progress", "false",
+            "--precision", "fp32", "--out-dir", str(tmp_path / "ft")]
+    assert main(args) == 0
+    out, err = capsys.readouterr()
+    warning = [line for line in err.splitlines() if line.startswith("warning:")]
+    assert warning == ["warning: 48 training samples at batch_size 1024 make 1 step(s) per epoch, 2 in all (2 of "
+                       "warm-up): too few to train; lower --batch-size or raise --epochs"]
+    results = json.loads((tmp_path / "ft" / "results.json").read_text())
+    headline = next(line for line in out.splitlines() if line.startswith("epoch "))
+    assert headline == f"epoch 2: top-1 {results['last']['top1']:.2f}%  top-5 {results['last']['top5']:.2f}%"
+    assert "chosen on that split, optimistic" in out

@@ -9,7 +9,7 @@ from PIL import Image
 
 from m3ae import M3AE, M3AEConfig
 from m3ae.cli import main
-from m3ae.data.sources import label_names
+from m3ae.data.factory import label_names
 
 
 @pytest.fixture(scope="module")

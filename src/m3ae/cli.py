@@ -9,6 +9,7 @@ import os
 import sys
 
 from . import __version__
+from .utils import RunStopped
 
 # Each module exposes `register(subparsers)`; handlers import heavy dependencies lazily so that
 # `m3ae --help` stays fast.
@@ -59,6 +60,9 @@ def main(argv: list[str] | None = None) -> int:
         kind = "config error" if isinstance(e, ConfigError) else "error"
         print(f"{args.command_path}: {kind}: {one_line(e)} (M3AE_DEBUG=1 shows the traceback)", file=sys.stderr)
         return 2
+    except RunStopped as e:
+        print(f"{args.command_path}: stopped: {one_line(e)}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print(f"{args.command_path}: interrupted", file=sys.stderr)
         return 130

@@ -56,8 +56,10 @@ def embed(model: M3AE, data: DataConfig, split: str = "val", *, modality: Modali
 
     if modality == "image":
         batches = build_eval_loader(data, batch_size, split=split)
-    else:
-        batches = PretrainLoader(BatchStream(data, batch_size, 0, 1, epochs=1, train_transform=False))
+    else:  # in the model's ids: its recorded tokenizer and compact vocabulary
+        data = dataclasses.replace(data, tokenizer=model.config.tokenizer or data.tokenizer)
+        batches = PretrainLoader(BatchStream(data, batch_size, 0, 1, epochs=1, train_transform=False,
+                                             vocabulary=model.config.vocabulary))
     return features(model, batches, (pool,), modality=modality, layer=layer, device=device, precision=precision,
                     progress=progress)[pool]
 

@@ -78,12 +78,11 @@ def register(subparsers) -> None:
         p.set_defaults(func=func)
 
     for name, cls, help_text in (
-        ("linear-probe", LinearProbeConfig, "linear probe of a frozen encoder (BatchNorm + Linear, LARS)"),
+        ("linear-probe", LinearProbeConfig, "linear probe of a frozen encoder (BatchNorm + Linear; SGD or LARS by batch size)"),
         ("finetune", FinetuneConfig, "full fine-tuning (layer decay, drop-path, mixup/CutMix, AdamW)"),
     ):
         p = subparsers.add_parser(name, help=help_text, description=f"{help_text}. Any config field is a "
                                   f"flag, e.g. --checkpoint RUN --data.source DIR --epochs 10.")
-        p.add_argument("--resume", help="'auto': the latest good checkpoint in --out-dir, if any; or a checkpoint")
         add_config_arguments(p, cls)
         _add_eval_split_aliases(p)
         p.set_defaults(func=transfer_command, config_cls=cls, command_name=name)
@@ -151,16 +150,14 @@ def embed_command(args: argparse.Namespace) -> int:
 
 
 def transfer_command(args: argparse.Namespace) -> int:
-    from ..config import ConfigError, command_config
+    from ..config import command_config
     from .probe import run_transfer
 
     cfg = command_config(args, args.config_cls)
     if cfg is None:
         return 0
     cfg.validate_ready()
-    if args.resume == "auto" and cfg.out_dir is None:
-        raise ConfigError("--resume auto: needs --out-dir, the run to continue")
-    result = run_transfer(cfg, resume=args.resume)
+    result = run_transfer(cfg)
     if result is not None:
         print(result.describe())
     return 0

@@ -122,8 +122,8 @@ def supervised_encoder(cfg: DemoConfig, pretrain, start: Path, run_dir: Path, tr
         epochs=max(1, round(cfg.steps * cfg.batch_size / train_size)), batch_size=cfg.batch_size,
         lr=pretrain.optim.lr, warmup_epochs=0.0, layer_decay=1.0, drop_path=0.0, mixup=0.0, cutmix=0.0,
         label_smoothing=0.0, precision=pretrain.train.precision, seed=pretrain.train.seed, keep=1,
-        out_dir=str(run_dir), log=LogConfig(figures_every=0, progress=cfg.progress))
-    result = run_task(TransferTrainer, tune, "auto")  # the run directory's lock and teardown, as every task
+        out_dir=str(run_dir), resume="auto", log=LogConfig(figures_every=0, progress=cfg.progress))
+    result = run_task(TransferTrainer, tune)  # the run directory's lock and teardown, as every task
     steps = read_metrics(run_dir / METRICS_FILE)[-1]["step"]
     return M3AE.from_pretrained(run_dir), {"finetune_top1": result.top1, "supervised_steps": steps}
 
@@ -181,7 +181,7 @@ def caption_pairs(data):
 def class_name_ids(data) -> list[int] | None:
     """Token ids of the held-out labels' class names (the words the labels are), where the source
     records them (the embedded dataset, an image folder); else None."""
-    from ..data.sources import label_names
+    from ..data.factory import label_names
     from ..data.tokenizer import Tokenizer
 
     names = label_names(data.eval_val_source or data.source, data.format, "val", data.embedded_root)
@@ -379,7 +379,7 @@ def _timed_run(cfg: DemoConfig, row: Row, seed: int, run_dir: Path, images: dict
 
 
 def run_demo(cfg: DemoConfig) -> dict:
-    from ..data.sources import open_source
+    from ..data.factory import open_source
     from ..engine.run_dir import default_run_dir
     from ..utils import atomic_path
     from .api import data_for_model

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
@@ -57,6 +58,10 @@ class M3AE(nn.Module):
         super().__init__()
         config.validate()
         self.config = c = config
+        # How inputs were prepared in training (tokenizer name, pixel mean/std, crop scale, flip), as
+        # the data pipeline records it; kept in config.json under "preprocessing" and read back by
+        # `m3ae.create_model_and_transforms`. The network never reads it. None: not recorded.
+        self.preprocessing: dict[str, Any] | None = None
         D, Dd = c.emb_dim, c.dec_emb_dim
 
         self.cls_token = nn.Parameter(torch.zeros(1, 1, D))
@@ -421,7 +426,7 @@ class M3AE(nn.Module):
         with atomic_path(directory / WEIGHTS_NAME) as tmp:
             save_file(state, str(tmp), metadata={"format": "pt", "m3ae_config": json.dumps(self.config.to_dict())})
         with atomic_path(directory / CONFIG_NAME) as tmp:
-            self.config.save(tmp)
+            self.config.save(tmp, self.preprocessing)
         if card_info is not None:
             from .hub import model_card
 
@@ -454,9 +459,10 @@ class M3AE(nn.Module):
             if not path.is_file():
                 raise FileNotFoundError(f"{path} not found: expected a directory written by save_pretrained")
         try:
-            backbone = json.loads(config_path.read_text()).get("backbone")
+            stored = json.loads(config_path.read_text())
+            backbone, preprocessing = stored.get("backbone"), stored.get("preprocessing")
         except (ValueError, AttributeError):
-            backbone = None  # M3AEConfig.load below says what is wrong with the file
+            backbone = preprocessing = None  # M3AEConfig.load below says what is wrong with the file
         state = load_file(str(weights_path))
         if backbone is not None:
             # A linear-probe or fine-tuning checkpoint: its weights are a classifier's, whose backbone
@@ -472,4 +478,5 @@ class M3AE(nn.Module):
         missing, unexpected = model.load_state_dict(state, strict=False)
         if missing or unexpected:
             raise ValueError(f"{weights_path} does not match {config_path}: missing {missing}, unexpected {unexpected}")
+        model.preprocessing = preprocessing if isinstance(preprocessing, dict) else None
         return model
