@@ -14,27 +14,14 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from m3ae import M3AE, M3AEConfig
+from m3ae import M3AE
 from m3ae.cli import main
 from m3ae.data import DataConfig, build_eval_loader
-from m3ae.data.synth import SynthSpec, generate, render_scene
+from m3ae.data.synth import render_scene
 from m3ae.eval.features import FeatureSpec, extract_features, load_features, pool_encoding, save_features
 from m3ae.eval.probe import FinetuneConfig, TransferTrainer, run_transfer
 from m3ae.model.classifier import M3AEClassifier
 from m3ae.engine.metrics import read_metrics
-
-TINY = dict(emb_dim=32, depth=2, num_heads=2, dec_emb_dim=16, dec_depth=1, dec_num_heads=2, image_size=32,
-            patch_size=8, text_length=16)
-
-
-@pytest.fixture(scope="module")
-def setup(tmp_path_factory):
-    root = tmp_path_factory.mktemp("transfer")
-    data = generate(root / "data", SynthSpec(seed=0, train=48, val=16, image_size=32, shard_size=24), processes=1)
-    torch.manual_seed(0)
-    M3AE(M3AEConfig(**TINY)).save_pretrained(root / "model")
-    return root, data
-
 
 def _data(data, **kw) -> DataConfig:
     return DataConfig(**{"source": f"{data}/train-*.tar", "eval_train_source": f"{data}/train-*.tar",
@@ -55,9 +42,9 @@ def test_features_have_the_right_shapes_and_are_deterministic(setup):
     torch.testing.assert_close(first["features"][: image.shape[0]], expected)
 
 
-def test_mean_pool_skips_padding_and_layers_read_the_blocks():
+def test_mean_pool_skips_padding_and_layers_read_the_blocks(setup):
+    model = M3AE.from_pretrained(setup[0] / "model").eval()
     torch.manual_seed(0)
-    model = M3AE(M3AEConfig(**TINY)).eval()
     image, text = torch.randn(2, 3, 32, 32), torch.randint(1000, 2000, (2, 16))
     padding = torch.zeros(2, 16, dtype=torch.bool)
     padding[0, 5:] = True

@@ -9,8 +9,6 @@ from typing import Literal
 
 from m3ae.config import ConfigError
 
-from ..config import ConfigError
-
 # Per-channel statistics (RGB, in [0, 1] units) used by the official M3AE release.
 NORMALIZATION_PRESETS: dict[str, tuple[tuple[float, float, float], tuple[float, float, float]]] = {
     "cc12m": ((0.5762, 0.5503, 0.5213), (0.3207, 0.3169, 0.3307)),

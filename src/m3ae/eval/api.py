@@ -56,7 +56,7 @@ def embed(model: M3AE, data: DataConfig, split: str = "val", *, modality: Modali
 
     if modality == "image":
         batches = build_eval_loader(data, batch_size, split=split)
-    else:  # in the model's ids: its recorded tokenizer and compact vocabulary
+    else:  # captions in the model's ids: its recorded tokenizer and compact vocabulary
         data = dataclasses.replace(data, tokenizer=model.config.tokenizer or data.tokenizer)
         batches = PretrainLoader(BatchStream(data, batch_size, 0, 1, epochs=1, train_transform=False,
                                              vocabulary=model.config.vocabulary))

@@ -23,7 +23,12 @@ def register(subparsers) -> None:
     add_config_arguments(p, PretrainConfig, config_help=(
         f"a packaged recipe ({', '.join(recipes.names())}) or a YAML file of config fields; flags apply on top "
         f"(default: {recipes.DEFAULT}; when resuming: the run's own config.yaml)"))
-    add_override_alias(p, "--max-steps", "train.max_steps")
+    # The spelling the evaluation commands and bench use for the same settings, so that one flag
+    # means one thing in every command (the sectioned names stay the ones --print-config writes).
+    for flag, dotted in (("--max-steps", "train.max_steps"), ("--batch-size", "train.batch_size"),
+                         ("--precision", "train.precision"), ("--threads", "train.threads"),
+                         ("--device", "train.device"), ("--seed", "train.seed"), ("--preset", "model.preset")):
+        add_override_alias(p, flag, dotted)
     p.set_defaults(func=pretrain_command)
 
     b = subparsers.add_parser("bench", help="training-step throughput (samples/s, FLOP/s, MFU)",
@@ -76,6 +81,7 @@ def resumed_config(run_dir, overrides: dict, recipe: str | None):
     """The saved run's config with only the flags given now applied. `max_steps` was where the last
     invocation stopped, so it is dropped unless given again; past the schedule's end it becomes the end."""
     from ..config import ConfigError
+    from ..data.config import refuse_stored_commands
     from .pretrain import PretrainConfig
 
     if recipe is not None:
@@ -89,7 +95,9 @@ def resumed_config(run_dir, overrides: dict, recipe: str | None):
         overrides["train.total_steps"] = max_steps
         print(f"m3ae pretrain: --max-steps {max_steps} is past the schedule's end ({total}): the lr schedule now "
               f"ends at step {max_steps}", file=sys.stderr)
-    return run_dir.load_config(PretrainConfig, overrides, FROZEN_ON_RESUME)
+    cfg = run_dir.load_config(PretrainConfig, overrides, FROZEN_ON_RESUME)
+    refuse_stored_commands(cfg.data, str(run_dir.config), typed=overrides)
+    return cfg
 
 
 def pretrain_command(args: argparse.Namespace) -> int:
