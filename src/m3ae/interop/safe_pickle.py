@@ -14,6 +14,7 @@ import functools
 import io
 import math
 import pickle
+import pickletools
 from typing import Any
 
 import numpy as np
@@ -102,9 +103,15 @@ def _frombuffer(buffer: Any, dtype: np.dtype, shape: tuple, order: str, *, limit
     return np.frombuffer(bytes(buffer), dtype=dtype).reshape(shape, order=order).copy()
 
 
+def _ndarray_class(*args: Any, **kwargs: Any) -> None:
+    """What the global `numpy.ndarray` resolves to: an argument of `_reconstruct`, never a call. Called
+    directly it would build a view of other memory (zero strides: 1.5 KB of pickle claimed 2 GB)."""
+    raise pickle.UnpicklingError("numpy.ndarray(...) called directly (an array view) is refused")
+
+
 def _reconstruct(cls: Any, shape: Any, typecode: Any, *, limit: int) -> np.ndarray:
     # numpy's protocol <= 4 path: an empty ndarray whose BUILD (ndarray.__setstate__) fills the data
-    if cls is not np.ndarray:
+    if cls is not _ndarray_class:
         raise pickle.UnpicklingError(f"refusing to rebuild an array of class {cls!r}")
     _check_array_size(shape, np.dtype(typecode), limit)
     return np.ndarray.__new__(np.ndarray, shape, typecode)
@@ -141,7 +148,7 @@ def _reconstructor(cls: Any, base: Any, state: Any) -> Any:
 
 
 _SAFE_GLOBALS: dict[tuple[str, str], Any] = {
-    ("numpy", "ndarray"): np.ndarray,
+    ("numpy", "ndarray"): _ndarray_class,
     ("numpy", "dtype"): np.dtype,
     ("copyreg", "_reconstructor"): _reconstructor,
     ("collections", "OrderedDict"): collections.OrderedDict,
@@ -179,9 +186,22 @@ class SafeUnpickler(pickle.Unpickler):
         raise pickle.UnpicklingError("persistent ids (e.g. torch.save archives) are not supported here")
 
 
+_MEMO_PUTS = {"PUT", "BINPUT", "LONG_BINPUT"}
+
+
+def _check_memo_indices(data: bytes | bytearray) -> None:
+    """Refuses memo indices beyond the file's size, before unpickling: the C unpickler grows its memo
+    table to the largest index it is given (a 9-byte pickle with index 2^27 took 2 GB). An honest
+    pickle numbers its memo entries 0, 1, 2, ..., at most one per opcode."""
+    for opcode, argument, _ in pickletools.genops(data):
+        if opcode.name in _MEMO_PUTS and not 0 <= int(argument) <= len(data):
+            raise pickle.UnpicklingError(f"memo index {argument} is larger than the {len(data)}-byte file")
+
+
 def safe_load(data: bytes | bytearray) -> Any:
     """Unpickles `data` with every non-data global replaced by an inert placeholder and every
-    array or byte string bounded by the size of `data`."""
+    array, byte string and memo index bounded by the size of `data`."""
+    _check_memo_indices(data)
     return SafeUnpickler(io.BytesIO(data), max_bytes=len(data)).load()
 
 
