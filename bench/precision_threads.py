@@ -24,7 +24,7 @@ AVX2 = {"ATEN_CPU_CAPABILITY": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2"}
 
 
 def bench(case: str, dtype: str, threads: int, steps: int, avx2: bool) -> dict:
-    cmd = [sys.executable, "-m", "m3ae.cli", "bench", *CASES[case], "--dtype", dtype, "--threads", str(threads),
+    cmd = [sys.executable, "-m", "m3ae.cli", "bench", *CASES[case], "--precision", dtype, "--threads", str(threads),
            "--steps", str(steps), "--warmup", "1", "--json"]
     env = {**os.environ, "OMP_NUM_THREADS": str(threads), **(AVX2 if avx2 else {})}
     before = os.getloadavg()[0]

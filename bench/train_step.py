@@ -20,7 +20,7 @@ OFFICIAL_JAX_SMALL_224_FP32_S = 3.06
 
 def bench(preset: str, image_size: int, dtype: str, batch_size: int, steps: int) -> dict:
     cmd = [sys.executable, "-m", "m3ae.cli", "bench", "--preset", preset, "--image-size", str(image_size),
-           "--batch-size", str(batch_size), "--dtype", dtype, "--steps", str(steps), "--json"]
+           "--batch-size", str(batch_size), "--precision", dtype, "--steps", str(steps), "--json"]
     return json.loads(subprocess.run(cmd, check=True, capture_output=True, text=True).stdout)
 
 

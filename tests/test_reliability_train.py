@@ -19,6 +19,7 @@ import torch
 from safetensors.torch import load_file
 
 import m3ae.engine.run_dir
+import m3ae.model.files
 import m3ae.utils
 from m3ae import M3AE
 from m3ae.cli import main
@@ -127,7 +128,7 @@ def test_a_second_run_on_the_same_out_dir_fails_at_once_naming_the_holder(data, 
     with spawned(pretrain_args(data, run, 0)) as proc:
         try:
             wait_for_steps(run, proc, 2)
-            assert main(pretrain_args(data, run, 0)) == 1
+            assert main(pretrain_args(data, run, 0)) == 2  # a user error, like every other command's
             err = capsys.readouterr().err
             assert f"{run} is in use by another run (pid {proc.pid} on host {socket.gethostname()})" in err
             assert len(err.strip().splitlines()) == 1
@@ -277,3 +278,71 @@ def test_sigterm_to_a_torchrun_group_checkpoints_every_rank(data, tmp_path):
     (checkpoint,) = (run / "checkpoints").iterdir()
     assert sorted(p.name for p in checkpoint.iterdir() if p.name.startswith("rank_")) == ["rank_0.pt", "rank_1.pt"]
     CheckpointManager(run, keep=3, info=DistInfo(0, 1, 0, torch.device("cpu"))).verify(checkpoint)
+
+
+def test_a_fresh_run_refuses_a_directory_holding_another_run_and_overwrite_moves_it_aside(tmp_path, capsys):
+    cfg = tiny_run(tmp_path / "run", steps=3, every=1)
+    run_pretraining(cfg, loader=batches(cfg))
+    first_metrics = (tmp_path / "run" / "metrics.jsonl").read_text()
+    first_weights = weights(tmp_path / "run" / "checkpoints" / "step_00000003")
+    for again in (tiny_run(tmp_path / "run", steps=2), tiny_run(tmp_path / "run", steps=5)):
+        with pytest.raises(m3ae.engine.run_dir.RunDirExists, match="holds another run.*--resume auto"):
+            run_pretraining(again, loader=batches(again))
+    # nothing of the first run changed
+    assert (tmp_path / "run" / "metrics.jsonl").read_text() == first_metrics
+    assert [p.name for p in m3ae.model.files.step_dirs(tmp_path / "run")] == [f"step_0000000{i}" for i in (3, 2, 1)]
+    # the CLI: one line, exit 2
+    args = ["pretrain", "--out-dir", str(tmp_path / "run"), "--train.total-steps", "2", *SMALL_MODEL]
+    assert main(args) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "holds another run (checkpoints up to step_00000003)" in err
+    # --overwrite moves the old run aside, whole, and starts afresh
+    again = tiny_run(tmp_path / "run", steps=2)
+    again.overwrite = True
+    assert run_pretraining(again, loader=batches(again)).step == 2
+    aside = [p for p in tmp_path.iterdir() if p.name.startswith("run.old-")]
+    assert len(aside) == 1 and (aside[0] / "metrics.jsonl").read_text() == first_metrics
+    assert all(torch.equal(v, first_weights[k]) for k, v in weights(aside[0] / "checkpoints" / "step_00000003").items())
+    assert [m["step"] for m in read_metrics(tmp_path / "run" / "metrics.jsonl")] == [1, 2]
+
+
+def test_the_lock_is_taken_before_the_model_and_loader_are_built(tmp_path, monkeypatch):
+    import m3ae.train.pretrain
+
+    cfg = tiny_run(tmp_path / "run", steps=2)
+    built = []
+    monkeypatch.setattr(m3ae.train.pretrain, "M3AE", lambda *a, **k: built.append(1) or M3AE(*a, **k))
+    with m3ae.engine.run_dir.run_dir_lock(tmp_path / "run"):
+        # a second process holds it: the lock is per process, so take it from a child
+        code = ("import sys; from m3ae.train.pretrain import *; from m3ae.engine.metrics import LogConfig\n"
+                "from m3ae.model import M3AEConfig\n"
+                "import m3ae.train.pretrain as p\n"
+                "p.M3AE = lambda *a, **k: sys.exit('model built before the lock')\n"
+                f"cfg = PretrainConfig(model=M3AEConfig(emb_dim=32, depth=1, num_heads=2, dec_emb_dim=32, dec_depth=1,"
+                f" dec_num_heads=2, image_size=32, patch_size=8, text_length=8, vocab_size=100),"
+                f" log=LogConfig(progress=False, figures_every=0), out_dir={str(tmp_path / 'run')!r})\n"
+                "try:\n    Pretrainer(cfg, loader=[])\nexcept OSError as e:\n    print(type(e).__name__)\n")
+        done = subprocess.run([sys.executable, "-c", code], env={**os.environ, "PYTHONPATH": SRC},
+                              capture_output=True, text=True, timeout=120)
+    assert done.stdout.strip() == "RunDirBusy", done.stderr
+    assert not built
+
+
+def test_a_sigterm_during_teardown_after_the_last_checkpoint_still_exits_cleanly(tmp_path):
+    import m3ae.train.pretrain
+
+    cfg = tiny_run(tmp_path / "run", steps=2)
+    real_teardown = m3ae.train.pretrain.Pretrainer.teardown
+
+    def teardown(self):
+        os.kill(os.getpid(), signal.SIGTERM)  # e.g. the scheduler's signal arriving as the run ends
+        real_teardown(self)
+
+    previous = signal.getsignal(signal.SIGTERM)
+    try:
+        m3ae.train.pretrain.Pretrainer.teardown = teardown
+        result = run_pretraining(cfg, loader=batches(cfg))
+    finally:
+        m3ae.train.pretrain.Pretrainer.teardown = real_teardown
+    assert result.step == 2 and not result.interrupted
+    assert signal.getsignal(signal.SIGTERM) == previous  # the handler is restored once the run is over

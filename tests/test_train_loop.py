@@ -20,7 +20,7 @@ from m3ae.train.pretrain import (
     CheckpointConfig, NonFiniteLossError, Pretrainer, PretrainConfig, TrainConfig, run_pretraining,
 )
 from m3ae.train.synthetic import ListLoader, synthetic_batch
-from m3ae.viz.inputs import checkpoint_normalization
+from m3ae.viz.cli import checkpoint_normalization
 
 TINY = dict(emb_dim=32, depth=2, num_heads=2, dec_emb_dim=32, dec_depth=1, dec_num_heads=2,
             image_size=32, patch_size=8, text_length=16, vocab_size=100)
@@ -31,7 +31,8 @@ def tiny_config(tmp_path, steps: int = 6, batch: int = 8, micro: int | None = No
     return PretrainConfig(
         model=M3AEConfig(**{**TINY, **(model or {})}),
         optim=OptimConfig(lr=2e-3, warmup_steps=1),
-        train=TrainConfig(batch_size=batch, micro_batch_size=micro, total_steps=steps, **train),
+        # fp32 unless a test asks: the numbers these tests compare must not depend on what `auto` picks
+        train=TrainConfig(batch_size=batch, micro_batch_size=micro, total_steps=steps, **{"precision": "fp32", **train}),
         log=LogConfig(every=1, figures_every=0, progress=False, tensorboard=False),
         checkpoint=CheckpointConfig(every=1000, keep=2),
         out_dir=str(tmp_path),
@@ -145,9 +146,9 @@ def test_corrupted_latest_checkpoint_falls_back_to_the_previous_one_with_a_warni
     (tmp_path / "empty" / "checkpoints").mkdir(parents=True)
     with pytest.raises(FileNotFoundError, match="no checkpoint under .* verifies"):
         resolve(tmp_path / "empty")
-    cfg.train.total_steps = 5
+    cfg.train.total_steps, cfg.resume = 5, "auto"
     with pytest.warns(UserWarning, match="corrupted"):
-        trainer = Pretrainer(cfg, loader=ListLoader(global_batches(cfg.model, 2, 8)), resume="auto")
+        trainer = Pretrainer(cfg, loader=ListLoader(global_batches(cfg.model, 2, 8)))
     assert trainer.step == 3
 
 
@@ -165,7 +166,8 @@ def test_sigterm_writes_a_checkpoint_and_returns_cleanly(tmp_path):
     assert result.interrupted and result.step == 3
     assert result.checkpoint.name == "step_00000003"
     assert "continue with --resume auto" in result.describe()
-    resumed = Pretrainer(cfg, loader=ListLoader(global_batches(cfg.model, 5, 8)), resume="auto")
+    cfg.resume = "auto"
+    resumed = Pretrainer(cfg, loader=ListLoader(global_batches(cfg.model, 5, 8)))
     assert resumed.step == 3 and resumed.loader.position == 3
 
 
@@ -179,6 +181,9 @@ def test_nonfinite_losses_are_skipped_counted_and_stop_the_run_when_they_persist
         trainer.fit()
     history = read_metrics(tmp_path / "metrics.jsonl")
     assert [m["nonfinite_steps"] for m in history] == [0, 1, 1, 2, 3, 4]
+    # a skipped step is logged as skipped, its losses absent: never as a perfect 0.0
+    assert [m["skipped_steps"] for m in history] == [0, 1, 0, 1, 1, 1]
+    assert [("loss" in m, "grad_norm" in m) for m in history] == [(s == 0, s == 0) for s in [0, 1, 0, 1, 1, 1]]
     assert all(torch.isfinite(v).all() for v in trainer.model.state_dict().values())
     assert any(not torch.equal(before[k], v) for k, v in trainer.model.state_dict().items())
 
@@ -205,24 +210,40 @@ def test_loader_batches_must_match_the_micro_batch(tmp_path):
         run_pretraining(cfg, loader=ListLoader(global_batches(cfg.model, 1, 8)))
 
 
-@pytest.mark.parametrize("precision", ["bf16", "fp16"])
+def _output_dtypes(module: torch.nn.Module) -> list[torch.dtype]:
+    seen: list[torch.dtype] = []
+    module.register_forward_hook(lambda mod, args, out: seen.append(out.dtype))
+    return seen
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16", "fp16"])
 def test_low_precision_autocast_trains_and_keeps_fp32_weights(tmp_path, precision):
     cfg = tiny_config(tmp_path, steps=10, precision=precision)
     cfg.optim.warmup_steps = 0
     trainer = Pretrainer(cfg, loader=ListLoader(global_batches(cfg.model, 1, 8)))
-    assert (trainer.scaler is not None) == (precision == "fp16")
+    assert (trainer.train_step.scaler is not None) == (precision == "fp16")
+    inside = _output_dtypes(trainer.model.encoder.blocks[0].mlp)  # what a block computes in
     trainer.fit()
+    want = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
+    assert inside and set(inside) == {want}
     history = losses(tmp_path)
     assert history[-1] < 0.9 * history[0]
     assert all(p.dtype == torch.float32 for p in trainer.model.parameters())
 
 
 def test_activation_checkpointing_recomputes_without_changing_the_result(tmp_path):
-    runs = []
+    runs, forwards = [], []
     for checkpointing in (False, True):
         cfg = tiny_config(tmp_path / str(checkpointing), steps=3, activation_checkpointing=checkpointing)
         trainer = Pretrainer(cfg, loader=ListLoader(global_batches(cfg.model, 3, 8)))
+        calls: list[int] = []
+        # a pre-hook: recomputation stops as soon as the tensors backward needs exist again, before the
+        # MLP's output (so a forward hook would not see it)
+        trainer.model.encoder.blocks[0].mlp.register_forward_pre_hook(lambda mod, args: calls.append(1))
         trainer.fit()
+        forwards.append(len(calls))
         runs.append((losses(tmp_path / str(checkpointing)), trainer.model.state_dict()))
+    # with checkpointing each block's forward runs again in the backward pass: twice per step
+    assert forwards[0] > 0 and forwards[1] == 2 * forwards[0]
     assert runs[1][0] == pytest.approx(runs[0][0], rel=1e-6)
     assert set(runs[1][1]) == set(runs[0][1])  # parameter names unchanged by the wrapper

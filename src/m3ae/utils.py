@@ -54,6 +54,11 @@ def current_umask() -> int:
     return mask
 
 
+class RunStopped(RuntimeError):
+    """A run stopped on its own for a reason its message states in one line (it diverged): exit
+    status 1, not a traceback."""
+
+
 class DiskFullError(OSError):
     """The device holding an output is full; the message names the file being written."""
 

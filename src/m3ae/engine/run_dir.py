@@ -1,5 +1,8 @@
-"""The run directory: its name (`runs/<name>-<date-time>` unless given), what a run writes there
-before its first step (config.yaml, run_info.json), the lock that keeps a second process out, the
+"""The run directory: `RunDir` owns the name of every file a run writes (config.yaml, run_info.json,
+metrics.jsonl, checkpoints/step_*, results.json, figures/, the lock) and the rules for reusing one (a
+fresh run refuses a directory that holds another run; `--resume` reloads the run's config and refuses
+changed keys; `overwrite` moves the old run aside). Every other module finds a run's files through it.
+Also here: the default name (`runs/<name>-<date-time>`), the lock that keeps a second process out, the
 free-space check, and the stop signal that ends a run with a checkpoint."""
 
 from __future__ import annotations
@@ -15,11 +18,135 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from ..config import ConfigError
+from ..model import files as model_files
 from ..utils import DiskFullError
 
 
 def default_run_dir(name: str) -> Path:
     return Path("runs") / f"{name}-{time.strftime('%Y%m%d-%H%M%S')}"
+
+
+class RunDir:
+    """A run's directory and the names of everything in it."""
+
+    CONFIG = "config.yaml"  # the command's resolved config, as --print-config writes it
+    RUN_INFO = "run_info.json"  # what the run resolved (device, precision, threads, processes)
+    METRICS = "metrics.jsonl"  # one JSON record per log step
+    RESULTS = "results.json"  # an evaluation's final scores
+    FIGURES = "figures"
+    LOCK = ".lock"
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+
+    def __fspath__(self) -> str:
+        return str(self.path)
+
+    def __truediv__(self, name: str) -> Path:
+        return self.path / name
+
+    def __repr__(self) -> str:
+        return f"RunDir({str(self.path)!r})"
+
+    @property
+    def config(self) -> Path:
+        return self.path / self.CONFIG
+
+    @property
+    def run_info(self) -> Path:
+        return self.path / self.RUN_INFO
+
+    @property
+    def metrics(self) -> Path:
+        return self.path / self.METRICS
+
+    @property
+    def results(self) -> Path:
+        return self.path / self.RESULTS
+
+    @property
+    def figures(self) -> Path:
+        return self.path / self.FIGURES
+
+    @property
+    def checkpoints(self) -> Path:
+        return self.path / model_files.CHECKPOINT_DIRNAME
+
+    def features(self, split: str) -> Path:
+        """Features a linear probe extracted once (`cached`), kept for resumes and kNN."""
+        return self.path / f"features_{split}.safetensors"
+
+    def step_dirs(self) -> list[Path]:
+        """Finished checkpoints, newest first."""
+        return model_files.step_dirs(self.path)
+
+    @classmethod
+    def containing(cls, path: str | Path) -> "RunDir | None":
+        """The run a model directory belongs to: the directory itself when it is a run, or the run of
+        a checkpoint step directory (`<run>/checkpoints/step_N`); None for a plain model directory."""
+        path = Path(path)
+        if (path / cls.CONFIG).is_file():
+            return cls(path)
+        if path.parent.name == model_files.CHECKPOINT_DIRNAME and (path.parent.parent / cls.CONFIG).is_file():
+            return cls(path.parent.parent)
+        return None
+
+    def read_config(self) -> dict[str, Any]:
+        """config.yaml as a plain mapping ({} when absent)."""
+        import yaml
+
+        if not self.config.is_file():
+            return {}
+        return yaml.safe_load(self.config.read_text()) or {}
+
+    def holds_run(self) -> bool:
+        """Whether a run already wrote here (checkpoints, or metrics from a run killed before its first
+        checkpoint): what a fresh run must not mix itself into."""
+        return bool(self.step_dirs()) or (self.metrics.is_file() and self.metrics.stat().st_size > 0)
+
+    def prepare_fresh(self, overwrite: bool) -> Path | None:
+        """For a run that does not resume: refuses a directory holding another run (one line: continue
+        it, pick another directory, or move it aside), or with `overwrite` moves that run aside,
+        never deleting it. Returns where the old run went."""
+        if not self.holds_run():
+            return None
+        if not overwrite:
+            raise RunDirExists(f"{self.path} holds another run ({self._what_is_there()}); continue it with --resume "
+                               f"auto, start over in another --out-dir, or pass --overwrite true to move it aside")
+        aside = self.path.with_name(f"{self.path.name}.old-{time.strftime('%Y%m%d-%H%M%S')}")
+        n = 1
+        while aside.exists():
+            aside = aside.with_name(f"{self.path.name}.old-{time.strftime('%Y%m%d-%H%M%S')}-{n}")
+            n += 1
+        self.path.mkdir(parents=True, exist_ok=True)
+        aside.mkdir()
+        for entry in self.path.iterdir():
+            if entry.name != self.LOCK:  # the lock stays: this process holds it
+                entry.rename(aside / entry.name)
+        return aside
+
+    def _what_is_there(self) -> str:
+        steps = self.step_dirs()
+        if steps:
+            return f"checkpoints up to {steps[0].name}"
+        return f"{self.METRICS} with records"
+
+    def load_config(self, cls: type, overrides: dict[str, Any], frozen: tuple[str, ...]) -> Any:
+        """The run's saved config with the flags given now applied; refuses a change to any key that
+        starts with one of `frozen` (the parameters' shapes, the data order: what a resumed run cannot
+        change) in one line naming the flag."""
+        from .. import config as config_io
+
+        before = config_io.load(cls, self.config)
+        after = config_io.load(cls, self.config, overrides)
+        old, new = config_io.flatten(config_io.to_dict(before)), config_io.flatten(config_io.to_dict(after))
+        for key in sorted(old.keys() | new.keys()):
+            if key.startswith(frozen) and old.get(key) != new.get(key):
+                raise ConfigError(f"{config_io.flag_name(key)}: {old.get(key)!r} -> {new.get(key)!r} would change "
+                                  f"the shapes or the data order of the run being resumed ({self.config}); start a "
+                                  f"new --out-dir instead")
+        return after
 
 
 def ensure_free_space(directory: str | Path, needed: int) -> None:
@@ -32,7 +159,11 @@ def ensure_free_space(directory: str | Path, needed: int) -> None:
 
 class RunDirBusy(OSError):
     """Another live process holds the run directory's lock (an OSError: every command reports it in
-    one line)."""
+    one line, exit status 2)."""
+
+
+class RunDirExists(ConfigError):
+    """A fresh run was pointed at a directory that holds another run."""
 
 
 @contextlib.contextmanager

@@ -45,9 +45,9 @@ def fit_logistic(features: torch.Tensor, labels: torch.Tensor, num_classes: int 
                                   tolerance_change=1e-12, history_size=20, line_search_fn="strong_wolfe")
 
     def closure() -> torch.Tensor:
-        optimizer.zero_grad()
+        # A solver's gradient, not a training step (those are the engine's): L-BFGS reads `.grad`.
         loss = F.cross_entropy(x @ weight + bias, labels) + 0.5 * l2 * weight.pow(2).sum()
-        loss.backward()
+        weight.grad, bias.grad = torch.autograd.grad(loss, [weight, bias])
         return loss
 
     optimizer.step(closure)

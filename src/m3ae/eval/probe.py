@@ -33,6 +33,7 @@ from ..engine.metrics import LogConfig, MetricsLogger, ProgressBar
 from ..engine.optim import LARS, layer_decay_groups
 from ..engine.runtime import PrecisionSetting, ThreadsSetting
 from ..engine.schedule import LRScheduler, WarmupCosine
+from ..engine.step import StatsWindow
 from ..model import M3AE, ConfigError
 from ..model.classifier import M3AEClassifier
 from ..utils import atomic_path
@@ -40,6 +41,9 @@ from .features import FeatureSpec, Pool, require_labels
 
 OptimizerName = Literal["lars", "sgd", "adamw"]
 RecipeName = Literal["auto", "mae", "sgd"]
+# Fewer optimizer steps than this (or a warm-up that never ends) is a run that cannot have trained:
+# said in one line rather than reported as a result.
+MIN_USEFUL_STEPS = 50
 
 # MAE's linear probe (LARS, base lr 0.1, trust coefficient 0.001) was tuned for a 16,384 batch: its
 # update moves the head by about lr x 1e-3 of its norm per step, so with the linearly scaled lr of a
@@ -79,6 +83,8 @@ class LinearProbeConfig:
     keep: int = 2  # most recent checkpoints kept (one per epoch)
     log: LogConfig = field(default_factory=lambda: LogConfig(every=20, figures_every=0))
     out_dir: str | None = None  # null: runs/<command>-<date-time>
+    resume: str | None = None  # 'auto': continue the run in out_dir from its newest good checkpoint, if any; or a checkpoint
+    overwrite: bool = False  # a fresh run into an out_dir holding another run moves that run aside (never deletes)
 
     @property
     def finetune(self) -> bool:
@@ -190,21 +196,25 @@ class ProbeResult:
     best_epoch: int
 
     def describe(self) -> str:
-        return (f"epoch {self.epoch}: top-1 {self.top1:.2f}%  top-5 {self.top5:.2f}%  "
-                f"(best top-1 {self.best_top1:.2f}% at epoch {self.best_epoch})\n  run {self.run_dir}")
+        # The last epoch is the result; the best epoch was picked on the split it is scored on, so it
+        # is an optimistic number and is labelled as such.
+        return (f"epoch {self.epoch}: top-1 {self.top1:.2f}%  top-5 {self.top5:.2f}%\n"
+                f"  best epoch on the evaluation split (chosen on that split, optimistic): top-1 "
+                f"{self.best_top1:.2f}% at epoch {self.best_epoch}\n  run {self.run_dir}")
 
 
 class TransferTrainer(Trainer):
     """One run of `linear-probe` or `finetune`, a task on the engine: one `advance` is one epoch,
     evaluated and checkpointed."""
 
-    def __init__(self, cfg: LinearProbeConfig, resume: str | None = None) -> None:
+    def __init__(self, cfg: LinearProbeConfig) -> None:
         from ..data.splits import check_eval_split
 
         cfg.validate_ready()
         super().__init__(cfg, RunSettings(
             name="finetune" if cfg.finetune else "linear-probe", out_dir=cfg.out_dir, device=cfg.device,
-            precision=cfg.precision, threads=cfg.threads, keep=cfg.keep, log=cfg.log))
+            precision=cfg.precision, threads=cfg.threads, keep=cfg.keep, log=cfg.log, overwrite=cfg.overwrite),
+            resume=cfg.resume)
         if cfg.batch_size % self.info.world_size:
             raise ConfigError(f"batch_size={cfg.batch_size}: must be a multiple of the {self.info.world_size} processes")
         self.local_batch = cfg.batch_size // self.info.world_size
@@ -234,9 +244,14 @@ class TransferTrainer(Trainer):
         self.peak_lr = cfg.peak_lr()
         optimizer = build_optimizer(model, cfg, self.peak_lr)
         total = cfg.epochs * self.steps_per_epoch
+        warmup = min(round(cfg.warmup_epochs * self.steps_per_epoch), total)
+        if self.info.is_main and (total < MIN_USEFUL_STEPS or warmup >= total):
+            print(f"warning: {self.train_size} training samples at batch_size {cfg.batch_size} make "
+                  f"{self.steps_per_epoch} step(s) per epoch, {total} in all ({warmup} of warm-up): too few to train; "
+                  f"lower --batch-size or raise --epochs", file=sys.stderr)
         scheduler = LRScheduler(optimizer, WarmupCosine(
-            self.peak_lr, total, min(round(cfg.warmup_epochs * self.steps_per_epoch), total)))
-        self.attach(model, wrapped, optimizer, scheduler)
+            self.peak_lr, total, warmup))
+        self.attach(model, wrapped, optimizer, scheduler, clip_grad_norm=getattr(cfg, "clip_grad_norm", None))
         self.mixup = None
         if cfg.finetune and (cfg.mixup > 0 or cfg.cutmix > 0):
             from .mixup import Mixup
@@ -246,7 +261,7 @@ class TransferTrainer(Trainer):
         self.epoch, self.best = 0, {"top1": -1.0, "epoch": 0}
         self.last: dict[str, float] = {}  # the last evaluation, kept in checkpoints for finished runs
         self.metrics: dict[str, float] = {}  # the last epoch's
-        self.resume(resume)
+        self.resume()
 
     # ------------------------------------------------------------------ data
     def _cached_features(self, backbone) -> dict[str, dict]:
@@ -256,7 +271,7 @@ class TransferTrainer(Trainer):
 
         out = {}
         for split in ("train", "val"):
-            path = self.run_dir / f"features_{split}.safetensors"
+            path = self.run_dir.features(split)
             if path.is_file():
                 out[split] = load_features(path)
                 continue
@@ -296,30 +311,26 @@ class TransferTrainer(Trainer):
             return self.model.head(self.model.head_norm(inputs))
         return self.wrapped(inputs)
 
+    def losses(self, batch: tuple[torch.Tensor, torch.Tensor], micro: int) -> dict[str, torch.Tensor]:
+        inputs, labels = (t.to(self.info.device) for t in batch)
+        if self.mixup is not None:
+            inputs, targets = self.mixup(inputs, labels)
+        else:
+            targets = labels
+        smoothing = getattr(self.cfg, "label_smoothing", 0.0) if self.mixup is None else 0.0
+        return {"loss": F.cross_entropy(self._logits(inputs).float(), targets, label_smoothing=smoothing)}
+
     def train_epoch(self, bar) -> dict[str, float]:
         self.wrapped.train()
-        total, count = torch.zeros((), device=self.info.device), 0
-        for inputs, labels in self._train_batches(self.epoch):
-            inputs, labels = inputs.to(self.info.device), labels.to(self.info.device)
-            if self.mixup is not None:
-                inputs, targets = self.mixup(inputs, labels)
-            else:
-                targets = labels
-            with self.precision.autocast():
-                logits = self._logits(inputs)
-            smoothing = getattr(self.cfg, "label_smoothing", 0.0) if self.mixup is None else 0.0
-            loss = F.cross_entropy(logits.float(), targets, label_smoothing=smoothing)
-            loss.backward()
-            self.optimizer.step()
-            self.optimizer.zero_grad(set_to_none=True)
-            self.scheduler.step()
+        window = StatsWindow()
+        for batch in self._train_batches(self.epoch):
+            window.append(self.train_step(iter((batch,)), self.losses))
             self.step += 1
-            total += loss.detach()
-            count += 1
             bar.update(1)
-        if count == 0:
+        if not len(window):
             raise ValueError("the training split yielded no batch of two or more samples")
-        return {"train_loss": float(total.item()) / count, "lr": self.scheduler.last_lr()}
+        stats, _ = window.summary()
+        return {"train_loss": stats["loss"], "skipped_steps": stats["skipped_steps"], "lr": self.scheduler.last_lr()}
 
     @torch.no_grad()
     def evaluate(self) -> dict[str, float]:
@@ -385,7 +396,7 @@ class TransferTrainer(Trainer):
 
     def result(self, interrupted: bool, metrics: dict[str, float], checkpoint: Path | None) -> ProbeResult:
         cfg = self.cfg
-        result = ProbeResult(self.run_dir, self.epoch, self.last.get("top1", float("nan")),
+        result = ProbeResult(self.run_dir.path, self.epoch, self.last.get("top1", float("nan")),
                              self.last.get("top5", float("nan")), self.best["top1"], self.best["epoch"])
         if self.info.is_main:
             summary = {"last": {"epoch": result.epoch, "top1": result.top1, "top5": result.top5},
@@ -393,11 +404,11 @@ class TransferTrainer(Trainer):
                        "split": self.split.to_dict(),
                        "optimizer": {"name": cfg.optimizer, "peak_lr": self.peak_lr,
                                      **({} if cfg.finetune else {"recipe": cfg.recipe})}}
-            with atomic_path(self.run_dir / "results.json") as tmp:
+            with atomic_path(self.run_dir.results) as tmp:
                 tmp.write_text(json.dumps(summary, indent=2) + "\n")
         return result
 
 
-def run_transfer(cfg: LinearProbeConfig, resume: str | None = None) -> ProbeResult | None:
+def run_transfer(cfg: LinearProbeConfig) -> ProbeResult | None:
     """Trains and evaluates; returns the result on the main process, None on the others."""
-    return run_task(TransferTrainer, cfg, resume)
+    return run_task(TransferTrainer, cfg)

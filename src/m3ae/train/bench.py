@@ -1,21 +1,23 @@
-"""Training-step throughput: forward, backward and optimiser step on synthetic batches, with model
-FLOP/s and MFU against the matmul peak of the precision in effect (flops.measure_peak_flops),
-measured in the same process."""
+"""Training-step throughput: the step pretraining runs (the engine's `TrainStep` over
+`Pretrainer.losses`, built by `Pretrainer` itself) on a synthetic batch, with model FLOP/s and MFU
+against the matmul peak of the precision in effect (flops.measure_peak_flops), measured in the same
+process. What it times is what `m3ae pretrain` runs, minus the data pipeline."""
 
 from __future__ import annotations
 
+import tempfile
 import time
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 
-from ..model import M3AE, M3AEConfig
-from ..engine.distributed import apply_activation_checkpointing, apply_compile
 from ..engine.flops import measure_peak_flops, training_flops
-from ..engine.optim import OptimConfig, build_optimizer, no_decay_names
-from ..engine.runtime import PrecisionSetting, ThreadsSetting, apply_threads, resolve_device, resolve_precision, sync
+from ..engine.metrics import LogConfig
+from ..engine.runtime import PrecisionSetting, ThreadsSetting, sync
+from ..model import M3AEConfig
 from ..model.config import AttentionImpl, ModelType
+from .pretrain import PretrainConfig, Pretrainer, TrainConfig
 from .synthetic import synthetic_batch
 
 
@@ -29,7 +31,7 @@ class BenchConfig:
     image_mask_ratio: float = 0.75  # fraction of patches removed
     text_mask_ratio: float = 0.75  # fraction of tokens removed
     model_type: ModelType = "m3ae"  # "mae": the image-only baseline
-    dtype: PrecisionSetting = "auto"  # fp16/bf16 by autocast; auto: train.precision's rule
+    precision: PrecisionSetting = "auto"  # fp16/bf16 by autocast; auto: train.precision's rule
     attn_impl: AttentionImpl = "auto"  # the model picks: explicit attention on CPU, SDPA on accelerators
     steps: int = 5  # timed steps
     warmup: int = 2  # untimed steps first
@@ -39,39 +41,36 @@ class BenchConfig:
     threads: ThreadsSetting = "auto"  # CPU threads; auto: the free physical cores
 
 
-def run_bench(b: BenchConfig) -> dict[str, Any]:
-    threads = apply_threads(b.threads)
-    device = resolve_device(b.device)
-    cfg = M3AEConfig.from_preset(
+def _pretrain_config(b: BenchConfig, out_dir: str) -> PretrainConfig:
+    model = M3AEConfig.from_preset(
         b.preset, image_size=b.image_size, text_length=b.text_length, vocab_size=b.vocab_size,
         image_mask_ratio=b.image_mask_ratio, text_mask_ratio=b.text_mask_ratio, model_type=b.model_type,
         attn_impl=b.attn_impl,
     )
-    torch.manual_seed(0)
-    model = M3AE(cfg).to(device)
-    optim_cfg = OptimConfig()
-    exclude = no_decay_names(model, optim_cfg.no_decay)
-    if b.activation_checkpointing:
-        apply_activation_checkpointing(model)
-    if b.compile:
-        apply_compile(model)
-    optimizer = build_optimizer(model, optim_cfg, optim_cfg.peak_lr(b.batch_size), exclude)
-    precision = resolve_precision(b.dtype, device)
-    scaler = precision.grad_scaler()
-    batch = {k: v.to(device) for k, v in synthetic_batch(cfg, b.batch_size, text_length=b.text_length).items()}
-    text = batch.get("text")
-    pad = batch.get("text_padding_mask")
+    train = TrainConfig(batch_size=b.batch_size, total_steps=b.warmup + b.steps, precision=b.precision,
+                        threads=b.threads, compile=b.compile, activation_checkpointing=b.activation_checkpointing,
+                        device=b.device, seed=0)
+    return PretrainConfig(model=model, train=train, log=LogConfig(progress=False, figures_every=0), out_dir=out_dir)
+
+
+def run_bench(b: BenchConfig) -> dict[str, Any]:
+    with tempfile.TemporaryDirectory(prefix="m3ae-bench-") as out_dir:
+        cfg = _pretrain_config(b, out_dir)
+        batch = synthetic_batch(cfg.model, b.batch_size, text_length=b.text_length)
+        trainer = Pretrainer(cfg, loader=[batch])
+        try:
+            return _time_steps(b, trainer, batch)
+        finally:
+            trainer.close()
+
+
+def _time_steps(b: BenchConfig, trainer: Pretrainer, batch: dict[str, torch.Tensor]) -> dict[str, Any]:
+    cfg, device, precision = trainer.cfg.model, trainer.info.device, trainer.precision
+    batches = iter(lambda: batch, None)  # the same batch forever: no data pipeline in the timing
+    trainer.wrapped.train()
 
     def step() -> None:
-        with precision.autocast():
-            loss = model(image=batch["image"], text=text, text_padding_mask=pad, compute_logits=False).loss
-        (scaler.scale(loss) if scaler else loss).backward()
-        if scaler:
-            scaler.step(optimizer)
-            scaler.update()
-        else:
-            optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+        trainer.train_step(batches, trainer.losses)
 
     for _ in range(b.warmup):
         step()
@@ -91,10 +90,13 @@ def run_bench(b: BenchConfig) -> dict[str, Any]:
     return {
         "preset": b.preset, "model_type": b.model_type, "batch_size": b.batch_size, "image_size": b.image_size,
         "text_length": b.text_length, "vocab_size": b.vocab_size, "image_mask_ratio": b.image_mask_ratio,
-        "text_mask_ratio": b.text_mask_ratio, "dtype": precision.name, "precision_reason": precision.reason,
+        "text_mask_ratio": b.text_mask_ratio, "precision": precision.name, "precision_reason": precision.reason,
         "attn_impl": b.attn_impl, "compile": b.compile,
         "activation_checkpointing": b.activation_checkpointing, "device": str(device),
-        "threads": torch.get_num_threads(), "threads_reason": threads.reason, "steps": b.steps,
+        "threads": torch.get_num_threads(), "threads_reason": trainer.threads.reason, "steps": b.steps,
+        "timed": "the pretraining step: engine.step.TrainStep over train.pretrain.Pretrainer.losses "
+                 "(accumulation, autocast, grad scaler, clipping, non-finite skip, optimizer and lr schedule), "
+                 "synthetic batch, no data pipeline",
         "step_s": step_s, "step_s_min": min(times), "samples_per_s": b.batch_size / step_s,
         "flops_per_step": flops, "flops_per_s": flops / step_s, "peak_flops_per_s": peak,
         "peak_flops_per_s_min": min(peaks),

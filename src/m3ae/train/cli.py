@@ -10,8 +10,7 @@ from pathlib import Path
 from .. import recipes
 
 def register(subparsers) -> None:
-    from ..config import add_config_arguments, add_override_arguments
-    from ..data.cli import add_open_clip_aliases
+    from ..config import add_config_arguments, add_override_alias
     from .bench import BenchConfig
     from .pretrain import PretrainConfig
 
@@ -21,24 +20,18 @@ def register(subparsers) -> None:
         "`m3ae pretrain --config cc12m_m3ae --model.preset base --optim.base-lr 1.5e-4`. "
         "With no arguments: the tiny model on the embedded dataset, on CPU, in a few minutes.",
     )
-    p.add_argument("--config", help="a packaged recipe's name (see --list-recipes) or a YAML path (default: tiny; "
-                   "when resuming: the run's own config.yaml)")
-    p.add_argument("--list-recipes", action="store_true", help="list the packaged recipes and exit")
-    p.add_argument("--max-steps", type=int, help="stop after this step; resume later (train.max_steps). When "
-                   "resuming: the new stopping point, past the schedule's end it stretches the schedule")
-    p.add_argument("--resume", help="'auto': continue the run in --out-dir from its newest good checkpoint, or start "
-                   "it; 'latest': the same, but the checkpoint must exist; or a checkpoint directory. The run's "
-                   "config.yaml is reloaded and only the flags given now apply")
-    p.add_argument("--print-config", action="store_true",
-                   help="print the resolved config as YAML (readable by --config) and exit")
-    add_override_arguments(p, PretrainConfig)
-    add_open_clip_aliases(p)
+    add_config_arguments(p, PretrainConfig, config_help=(
+        f"a packaged recipe ({', '.join(recipes.names())}) or a YAML file of config fields; flags apply on top "
+        f"(default: {recipes.DEFAULT}; when resuming: the run's own config.yaml)"))
+    add_override_alias(p, "--max-steps", "train.max_steps")
     p.set_defaults(func=pretrain_command)
 
     b = subparsers.add_parser("bench", help="training-step throughput (samples/s, FLOP/s, MFU)",
-                              description="Times training steps of a randomly initialised model on random data.")
+                              description="Times the training step that pretraining runs (the engine's step, "
+                              "the pretraining losses) on a randomly initialised model and a synthetic batch.")
     b.add_argument("--json", action="store_true", help="print one JSON object")
     add_config_arguments(b, BenchConfig)
+    add_override_alias(b, "--dtype", "precision")  # the spelling before 0.2
     b.set_defaults(func=bench_command)
 
 
@@ -51,88 +44,66 @@ def build_config(args: argparse.Namespace):
     from .pretrain import PretrainConfig
 
     overrides = config_io.collect_overrides(args)
-    if args.max_steps is not None:
-        overrides["train.max_steps"] = args.max_steps
-    saved = saved_run_config(args, overrides.get("out_dir"))
-    if saved is not None:
-        return resumed_config(saved, overrides, args.config)
+    resume = overrides.get("resume")
+    run_dir = resumed_run(resume, overrides.get("out_dir"))
+    if run_dir is not None and run_dir.config.is_file():
+        return resumed_config(run_dir, overrides, args.config)
     return config_io.load(PretrainConfig, recipes.resolve(args.config or recipes.DEFAULT), overrides)
 
 
-def saved_run_config(args: argparse.Namespace, out_dir: str | None) -> Path | None:
-    """The config.yaml of the run that --resume continues, if it was written."""
+def resumed_run(resume: str | None, out_dir: str | None):
+    """The run that --resume continues (None for a fresh run)."""
     from ..config import ConfigError
+    from ..engine.run_dir import RunDir
 
-    if not args.resume:
+    if not resume:
         return None
-    if args.resume in ("auto", "latest"):
+    if resume in ("auto", "latest"):
         if out_dir is None:
-            raise ConfigError(f"--resume {args.resume}: needs --out-dir, the run to continue")
-        run_dir = Path(out_dir)
-        if args.resume == "latest" and not any((run_dir / "checkpoints").glob("step_*")):
-            raise ConfigError(f"--resume latest: no checkpoint in {run_dir / 'checkpoints'}")
-    else:
-        checkpoint = Path(args.resume)
-        if not checkpoint.is_dir():
-            raise ConfigError(f"--resume {args.resume}: no such checkpoint directory")
-        run_dir = checkpoint.parent.parent  # <run>/checkpoints/step_N
-    path = run_dir / "config.yaml"
-    return path if path.is_file() else None
+            raise ConfigError(f"--resume {resume}: needs --out-dir, the run to continue")
+        run_dir = RunDir(out_dir)
+        if resume == "latest" and not run_dir.step_dirs():
+            raise ConfigError(f"--resume latest: no checkpoint in {run_dir.checkpoints}")
+        return run_dir
+    checkpoint = Path(resume)
+    run_dir = RunDir.containing(checkpoint)
+    if not checkpoint.is_dir() or run_dir is None:
+        raise ConfigError(f"--resume {resume}: not a checkpoint directory of a run (<run>/checkpoints/step_N)")
+    return run_dir
 
 
-def resumed_config(saved: Path, overrides: dict, recipe: str | None):
+def resumed_config(run_dir, overrides: dict, recipe: str | None):
     """The saved run's config with only the flags given now applied. `max_steps` was where the last
     invocation stopped, so it is dropped unless given again; past the schedule's end it becomes the end."""
-    from .. import config as config_io
     from ..config import ConfigError
+    from ..data.config import refuse_stored_commands
     from .pretrain import PretrainConfig
 
     if recipe is not None:
-        raise ConfigError(f"--config {recipe}: a resumed run keeps its own config ({saved}); give single flags instead")
-    before = config_io.load(PretrainConfig, saved)
+        raise ConfigError(f"--config {recipe}: a resumed run keeps its own config ({run_dir.config}); give single "
+                          f"flags instead")
+    saved = run_dir.read_config()
     overrides = {"train.max_steps": None, **overrides}
     max_steps = overrides["train.max_steps"]
-    if max_steps is not None and max_steps > overrides.get("train.total_steps", before.train.total_steps):
+    total = overrides.get("train.total_steps", (saved.get("train") or {}).get("total_steps"))
+    if max_steps is not None and total is not None and max_steps > total:
         overrides["train.total_steps"] = max_steps
-        print(f"m3ae pretrain: --max-steps {max_steps} is past the schedule's end "
-              f"({before.train.total_steps}): the lr schedule now ends at step {max_steps}", file=sys.stderr)
-    after = config_io.load(PretrainConfig, saved, overrides)
-    old, new = config_io.flatten(config_io.to_dict(before)), config_io.flatten(config_io.to_dict(after))
-    for key in sorted(old.keys() | new.keys()):
-        if key.startswith(FROZEN_ON_RESUME) and old.get(key) != new.get(key):
-            raise ConfigError(f"--{key}: {old.get(key)!r} -> {new.get(key)!r} would change the shapes or the data "
-                              f"order of the run being resumed ({saved}); start a new --out-dir instead")
-    return after
+        print(f"m3ae pretrain: --max-steps {max_steps} is past the schedule's end ({total}): the lr schedule now "
+              f"ends at step {max_steps}", file=sys.stderr)
+    cfg = run_dir.load_config(PretrainConfig, overrides, FROZEN_ON_RESUME)
+    refuse_stored_commands(cfg.data, str(run_dir.config), typed=overrides)
+    return cfg
 
 
 def pretrain_command(args: argparse.Namespace) -> int:
     from .. import config as config_io
-    from ..config import ConfigError
+    from .pretrain import run_pretraining
 
-    if args.list_recipes:
-        for name in recipes.names():
-            print(f"{name}\t{recipes.DIRECTORY / (name + '.yaml')}")
-        return 0
-    try:
-        cfg = build_config(args)
-    except ConfigError as e:
-        print(f"m3ae pretrain: config error: {e}", file=sys.stderr)
-        return 2
+    cfg = build_config(args)
     if args.print_config:
         print(config_io.to_yaml(cfg), end="")
         return 0
-    from ..engine.run_dir import RunDirBusy
-    from ..utils import DiskFullError
-    from .pretrain import NonFiniteLossError, run_pretraining
-
-    try:
-        result = run_pretraining(cfg, resume="auto" if args.resume == "latest" else args.resume)
-    except ConfigError as e:
-        print(f"m3ae pretrain: config error: {e}", file=sys.stderr)
-        return 2
-    except (NonFiniteLossError, DiskFullError, RunDirBusy) as e:
-        print(f"m3ae pretrain: stopped: {e}", file=sys.stderr)
-        return 1
+    result = run_pretraining(cfg)
     if result is not None:
         print(result.describe())
     return 0
@@ -150,10 +121,10 @@ def bench_command(args: argparse.Namespace) -> int:
         print(json.dumps(result))
     else:
         print(
-            f"{result['preset']} {result['image_size']}px batch {result['batch_size']} {result['dtype']}: "
+            f"{result['preset']} {result['image_size']}px batch {result['batch_size']} {result['precision']}: "
             f"{result['step_s']:.3f} s/step, {result['samples_per_s']:.2f} samples/s, "
             f"{result['flops_per_s'] / 1e12:.3f} TFLOP/s of {result['peak_flops_per_s'] / 1e12:.3f} peak "
             f"(MFU {100 * result['mfu']:.1f}%)\n"
-            f"  {result['dtype']}: {result['precision_reason']}; threads {result['threads']}: {result['threads_reason']}"
+            f"  {result['precision']}: {result['precision_reason']}; threads {result['threads']}: {result['threads_reason']}"
         )
     return 0

@@ -11,7 +11,7 @@ from __future__ import annotations
 import importlib.util
 import itertools
 import logging
-import time
+import math
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,24 +22,31 @@ import torch
 from ..data import DataConfig
 from ..engine.checkpoint import GeneratorState
 from ..engine.distributed import (
-    ParallelName, apply_activation_checkpointing, apply_compile, gradient_sync, mean_across_ranks, resolve_parallel,
-    wrap_model,
+    ParallelName, apply_activation_checkpointing, apply_compile, broadcast_object, resolve_parallel, wrap_model,
 )
 from ..engine.flops import measure_peak_flops, training_flops
 from ..engine.loop import RunSettings, Trainer, run_task
-from ..engine.metrics import LogConfig, MetricsLogger, ProgressBar, Throughput
+from ..engine.metrics import LogConfig, MetricsLogger, ProgressBar
+from ..engine.run_dir import RunDir
 from ..engine.optim import OptimConfig, build_optimizer, no_decay_names
 from ..engine.runtime import PrecisionSetting, ThreadsSetting
 from ..engine.schedule import LRScheduler, WarmupCosine
+from ..engine.step import StatsWindow
 from ..model import ConfigError, M3AE, M3AEConfig
+from ..utils import RunStopped
+from .vocabulary import resumed_checkpoint, settle_vocabulary
 
 
 @dataclass
 class TrainConfig:
     batch_size: int = 64  # global: samples per optimizer step, whatever the number of processes
     micro_batch_size: int | None = None  # per process and forward; null: batch_size / processes
-    total_steps: int = 1000  # length of the lr schedule
+    total_steps: int = 1000  # length of the lr schedule (derived instead when epochs is set)
     max_steps: int | None = None  # stop after this step (resume later); null: total_steps
+    # Passes over the data; with samples_per_epoch it sets total_steps to
+    # ceil(epochs × samples_per_epoch / batch_size) (printed at start). null: total_steps as given.
+    epochs: float | None = None
+    samples_per_epoch: int | None = None  # samples in one pass over data.source (your copy's count)
     unpaired_text_weight: float = 0.0  # w_u: weight of the text-only loss on unpaired text
     seed: int = 0  # seed of initialisation and masking
     precision: PrecisionSetting = "auto"  # auto: bf16 where the device computes it natively and faster
@@ -66,6 +73,19 @@ class TrainConfig:
             raise ConfigError(f"train.device={self.device!r}: must be 'auto', 'cpu', 'cuda' or 'cuda:N'")
         if not self.unpaired_text_weight >= 0:  # NaN included
             raise ConfigError(f"train.unpaired_text_weight={self.unpaired_text_weight!r}: must be >= 0")
+        if self.epochs is not None:
+            if not (self.epochs > 0 and self.samples_per_epoch is not None and self.samples_per_epoch >= 1):
+                raise ConfigError(f"train.epochs={self.epochs:g}: needs epochs > 0 and train.samples_per_epoch >= 1 "
+                                  f"(the number of samples in your data), got {self.samples_per_epoch!r}")
+            # a --max-steps past the derived end stretches the schedule, as for a given total_steps
+            self.total_steps = max(math.ceil(self.epochs * self.samples_per_epoch / self.batch_size),
+                                   self.max_steps or 0)
+
+    def describe_schedule(self) -> str | None:
+        if self.epochs is None:
+            return None
+        return (f"schedule: {self.epochs:g} epochs x {self.samples_per_epoch} samples / batch {self.batch_size} "
+                f"= {self.total_steps} steps")
 
     @property
     def last_step(self) -> int:
@@ -97,6 +117,11 @@ class PretrainConfig:
     log: LogConfig = field(default_factory=LogConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     out_dir: str | None = None  # run directory; null: runs/<preset>-<date-time>
+    # 'auto': continue the run in out_dir from its newest good checkpoint, or start it; 'latest': the
+    # same, but a checkpoint must exist; or a checkpoint directory. The run's config.yaml is reloaded
+    # and only the flags given now apply. null: a fresh run, refused where out_dir holds another run
+    resume: str | None = None
+    overwrite: bool = False  # a fresh run into an out_dir holding another run moves that run aside (never deletes)
 
     def __post_init__(self) -> None:
         # The model is the source of truth for shapes: `--model.preset base` alone must give 256 px
@@ -105,7 +130,7 @@ class PretrainConfig:
         self.data.text_length = self.model.text_length
 
 
-class NonFiniteLossError(RuntimeError):
+class NonFiniteLossError(RunStopped):
     pass
 
 
@@ -123,33 +148,12 @@ class RunResult:
         lines = [f"run {state} at step {self.step}: {self.run_dir}"]
         if "loss" in self.last_metrics:
             lines.append(f"  last loss       {self.last_metrics['loss']:.4f}")
-        lines.append(f"  metrics         {self.run_dir / 'metrics.jsonl'}")
+        lines.append(f"  metrics         {self.run_dir / RunDir.METRICS}")
         if self.checkpoint is not None:
             lines.append(f"  checkpoint      {self.checkpoint}  (M3AE.from_pretrained loads it)")
         if self.figures:
             lines.append(f"  figures         {self.figures[0].parent}  (loss curves, reconstructions, captions)")
         return "\n".join(lines)
-
-
-@dataclass
-class StepStats:
-    """One step's statistics as a single tensor on the device, so that micro-batches sum into it and
-    processes average it in one all-reduce, read on the host only at log steps. `NAMES` orders it."""
-
-    NAMES = ("loss", "image_loss", "text_loss", "text_accuracy", "unpaired_text_loss", "grad_norm", "skipped")
-    LOSSES = NAMES[:5]  # what a forward gives; the step adds the gradient norm and whether it was skipped
-    values: torch.Tensor  # (len(NAMES),) or (steps, len(NAMES)) for a window of steps
-    present: tuple[str, ...]  # the losses this run computes (the others stay zero)
-
-    @classmethod
-    def of_losses(cls, losses: dict[str, torch.Tensor | None]) -> "StepStats":
-        zero = next(v for v in losses.values() if v is not None).new_zeros(())
-        values = torch.stack([(losses.get(k) if losses.get(k) is not None else zero).detach().float()
-                              for k in cls.LOSSES])
-        return cls(values, tuple(k for k in cls.LOSSES if losses.get(k) is not None))
-
-    def __getitem__(self, name: str) -> torch.Tensor:
-        return self.values[..., self.NAMES.index(name)]
 
 
 def _to_device(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
@@ -159,11 +163,11 @@ def _to_device(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
 class Pretrainer(Trainer):
     """Pretraining as a task on the engine: one `advance` is one optimizer step."""
 
-    def __init__(self, cfg: PretrainConfig, loader: Iterable[dict[str, torch.Tensor]] | None = None,
-                 resume: str | None = None) -> None:
+    def __init__(self, cfg: PretrainConfig, loader: Iterable[dict[str, torch.Tensor]] | None = None) -> None:
         super().__init__(cfg, RunSettings(
             name=cfg.model.preset or cfg.model.model_type, out_dir=cfg.out_dir, device=cfg.train.device,
-            precision=cfg.train.precision, threads=cfg.train.threads, keep=cfg.checkpoint.keep, log=cfg.log))
+            precision=cfg.train.precision, threads=cfg.train.threads, keep=cfg.checkpoint.keep, log=cfg.log,
+            overwrite=cfg.overwrite), resume="auto" if cfg.resume == "latest" else cfg.resume)
         t, world = cfg.train, self.info.world_size
         self.micro_batch = t.micro_batch_size or t.batch_size // world
         if t.batch_size % (self.micro_batch * world):
@@ -175,6 +179,9 @@ class Pretrainer(Trainer):
         if t.deterministic:
             torch.use_deterministic_algorithms(True)
 
+        if loader is None:  # a loader the caller gives brings its own token ids
+            checkpoint = resumed_checkpoint(self.run_dir.path, self.resuming)
+            cfg.model = broadcast_object(settle_vocabulary(cfg.model, cfg.data, checkpoint) if self.info.is_main else None)
         torch.manual_seed(t.seed)  # same initial weights on every process
         model = M3AE(cfg.model).to(self.info.device)
         exclude = no_decay_names(model, cfg.optim.no_decay)
@@ -190,38 +197,36 @@ class Pretrainer(Trainer):
             optimizer,
             WarmupCosine(self.peak_lr, t.total_steps, cfg.optim.warmup_steps, cfg.optim.lr_init, cfg.optim.lr_end),
         )
-        self.attach(model, wrapped, optimizer, scheduler)
-        self.scaler = self.precision.grad_scaler()
-        if self.scaler is not None:
-            self.checkpoints.register("scaler", self.scaler)
+        self.attach(model, wrapped, optimizer, scheduler, self.accum, cfg.optim.clip_grad_norm)
         self.noise = torch.Generator().manual_seed(t.seed + 1)
         self.checkpoints.register("noise", GeneratorState(self.noise), per_rank=True)
         self.loader = loader if loader is not None else self._build_loader()
         if hasattr(self.loader, "state_dict"):
             self.checkpoints.register("data", self.loader, per_rank=True)
-        if cfg.log.figures_every and importlib.util.find_spec("matplotlib") is None:
-            # figures are on by default: a core install trains without them rather than failing
+        # Figures are on by default: a core install trains without them rather than failing. The config
+        # keeps the setting, so a resume on a machine with matplotlib draws them again.
+        self.figures_every = cfg.log.figures_every
+        if self.figures_every and importlib.util.find_spec("matplotlib") is None:
             logging.getLogger("m3ae.train").warning(
                 "log.figures_every=%d: figures need matplotlib, which is not installed (pip install 'm3ae[viz]'); "
                 "training without figures", cfg.log.figures_every)
-            cfg.log.figures_every = 0
-        self.nonfinite_total = torch.zeros((), device=self.info.device)
-        self.nonfinite_run = torch.zeros((), device=self.info.device)
+            self.figures_every = 0
+        if self.info.is_main and t.describe_schedule():
+            print(t.describe_schedule(), flush=True)
         self.sample_batch: dict[str, torch.Tensor] = {}  # a few samples of the first batch: figures, FLOPs
         self.flops = None  # per sample; known after the first step, which says which losses ran
-        self.window: list[torch.Tensor] = []  # StepStats.values of the steps since the last log
-        self.present: tuple[str, ...] = ()
+        self.window = StatsWindow()  # the steps since the last log
         self.figures: list[Path] = []
         self.peak_flops: float | None = None  # measured when training starts
         self.batches: Iterator[dict[str, torch.Tensor]] | None = None
-        self.resumed_from = self.resume(resume)
+        self.noise_of_step: dict[str, torch.Tensor] = {}
+        self.resumed_from = self.resume()
 
     # ------------------------------------------------------------------ set-up
     def _build_loader(self):
         from ..data import build_pretrain_loader
         from ..data.loader import caption_coverage
 
-        self._check_vocabulary()
         if self.cfg.model.has_text and self.cfg.data.paired_fraction > 0 and self.info.is_main:
             captioned, read = caption_coverage(self.cfg.data)
             if read and not captioned:
@@ -229,29 +234,11 @@ class Pretrainer(Trainer):
                     "%d of %d samples have a caption: training is image-only (data source %r; a caption is x.txt "
                     "beside x.jpg, a .txt shard member or a caption column)", captioned, read, self.cfg.data.source)
         return build_pretrain_loader(self.cfg.data, batch_size=self.micro_batch, rank=self.info.rank,
-                                     world_size=self.info.world_size, pin_memory=self.info.device.type == "cuda")
-
-    def _check_vocabulary(self) -> None:
-        # Token ids beyond the embedding table would fail in the first forward, deep in torch.
-        from ..data.tokenizer import Tokenizer
-
-        model, data = self.cfg.model, self.cfg.data
-        if not model.has_text:
-            return
-        vocab = Tokenizer.from_name(data.tokenizer).vocab_size
-        if model.vocab_size < vocab:
-            raise ConfigError(f"model.vocab_size={model.vocab_size}: smaller than the {vocab} tokens of "
-                              f"data.tokenizer={data.tokenizer!r}")
-
-    def state_dict(self) -> dict[str, Any]:
-        return {"step": self.step, "nonfinite_total": float(self.nonfinite_total.item())}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.step = int(state["step"])
-        self.nonfinite_total.fill_(float(state["nonfinite_total"]))
+                                     world_size=self.info.world_size, pin_memory=self.info.device.type == "cuda",
+                                     vocabulary=self.cfg.model.vocabulary)
 
     def model_config(self) -> dict[str, Any]:
-        return self.model.config.to_dict()
+        return {**self.model.config.to_dict(), "preprocessing": self.cfg.data.preprocessing()}
 
     # ------------------------------------------------------------------ one step
     def _draw_noise(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -279,10 +266,19 @@ class Pretrainer(Trainer):
         start = (micro * self.info.world_size + self.info.rank) * size
         return noise[start : start + size].to(self.info.device, non_blocking=True)
 
-    def _forward(self, batch: dict[str, torch.Tensor], noise: dict[str, torch.Tensor],
-                 micro: int) -> dict[str, torch.Tensor | None]:
-        """The micro-batch's losses by name (`StepStats.LOSSES`; None where the run has no such term),
-        "loss" being the weighted total that is back-propagated."""
+    def losses(self, batch: dict[str, torch.Tensor], micro: int) -> dict[str, torch.Tensor | None]:
+        """The micro-batch's losses by name (None where the run has no such term), "loss" being the
+        weighted total that the engine's step back-propagates."""
+        size = next(v.shape[0] for v in batch.values() if isinstance(v, torch.Tensor))
+        if size != self.micro_batch:
+            raise ValueError(
+                f"the loader yielded a batch of {size} samples; each process expects micro-batches of "
+                f"{self.micro_batch} (train.micro_batch_size, or train.batch_size / processes)"
+            )
+        batch = _to_device(batch, self.info.device)
+        if micro == 0:
+            self.noise_of_step = self._draw_noise(batch)
+        noise = self.noise_of_step
         has_image, has_text = "image" in noise, "text" in noise
         out = self.wrapped(
             image=batch["image"] if has_image else None,
@@ -302,65 +298,6 @@ class Pretrainer(Trainer):
             losses["loss"] = out.loss + self.cfg.train.unpaired_text_weight * unpaired.text_loss
             losses["unpaired_text_loss"] = unpaired.text_loss
         return losses
-
-    def _optimizer_step(self, found_inf: torch.Tensor) -> None:
-        if self.scaler is not None:
-            self.scaler.step(self.optimizer)
-            self.scaler.update()
-        elif getattr(self.optimizer, "_step_supports_amp_scaling", False):
-            # The fused kernel reads `found_inf` on the device and skips the update (step counts
-            # included) without a host sync — the hook torch's GradScaler uses.
-            self.optimizer.found_inf = found_inf
-            try:
-                self.optimizer.step()
-            finally:
-                del self.optimizer.found_inf
-        elif not bool(found_inf.item()):
-            self.optimizer.step()
-
-    def train_step(self, batches: Iterator[dict[str, torch.Tensor]], meter: Throughput) -> StepStats:
-        """One optimizer step over `accum` micro-batches. Returns the step's statistics on the device,
-        without synchronising."""
-        noise = None
-        sums: StepStats | None = None
-        for micro in range(self.accum):
-            wait = time.perf_counter()
-            batch = next(batches)
-            meter.data_wait += time.perf_counter() - wait
-            size = next(v.shape[0] for v in batch.values() if isinstance(v, torch.Tensor))
-            if size != self.micro_batch:
-                raise ValueError(
-                    f"the loader yielded a batch of {size} samples; each process expects micro-batches of "
-                    f"{self.micro_batch} (train.micro_batch_size, or train.batch_size / processes)"
-                )
-            batch = _to_device(batch, self.info.device)
-            if noise is None:
-                noise = self._draw_noise(batch)
-            with gradient_sync(self.wrapped, micro == self.accum - 1), self.precision.autocast():
-                losses = self._forward(batch, noise, micro)
-            loss = losses["loss"] / self.accum
-            (self.scaler.scale(loss) if self.scaler is not None else loss).backward()
-            stats = StepStats.of_losses(losses)
-            sums = stats if sums is None else StepStats(sums.values + stats.values, stats.present)
-        mean = sums.values / self.accum
-        if self.scaler is not None:
-            self.scaler.unscale_(self.optimizer)
-        params = [p for g in self.optimizer.param_groups for p in g["params"] if p.grad is not None]
-        grad_norm = torch.nn.utils.get_total_norm([p.grad for p in params], foreach=True)
-        if hasattr(grad_norm, "full_tensor"):  # a DTensor under FSDP2
-            grad_norm = grad_norm.full_tensor()
-        clip = self.cfg.optim.clip_grad_norm
-        if clip is not None:
-            torch.nn.utils.clip_grads_with_norm_(params, clip, grad_norm, foreach=True)
-        found_inf = (~torch.isfinite(grad_norm) | ~torch.isfinite(mean[StepStats.NAMES.index("loss")])).float()
-        self._optimizer_step(found_inf)
-        self.optimizer.zero_grad(set_to_none=True)
-        self.scheduler.step()
-        self.nonfinite_total += found_inf
-        self.nonfinite_run = (self.nonfinite_run + found_inf) * found_inf
-        meter.samples += self.cfg.train.batch_size
-        meter.steps += 1
-        return StepStats(torch.cat([mean, grad_norm.detach().float().reshape(1), found_inf.reshape(1)]), sums.present)
 
     # ------------------------------------------------------------------ the loop
     def _batches(self) -> Iterator[dict[str, torch.Tensor]]:
@@ -393,11 +330,11 @@ class Pretrainer(Trainer):
         if self.batches is None:
             self._start()
             self.wrapped.train()
-        stats = self.train_step(self.batches, self.meter)
-        self.present = stats.present
+        stats = self.train_step(self.batches, self.losses)
         if self.flops is None:
-            self.flops = self._flops(self.present)
-        self.window.append(stats.values)
+            self.flops = self._flops(stats.present)
+        self.window.append(stats)
+        self.meter.samples += self.cfg.train.batch_size
         self.step += 1
 
     def _due(self, every: int) -> bool:
@@ -410,7 +347,7 @@ class Pretrainer(Trainer):
         return self._due(self.cfg.checkpoint.every)
 
     def after_log(self, logger: MetricsLogger) -> bool:
-        every = self.cfg.log.figures_every
+        every = self.figures_every
         if not ("image" in self.sample_batch and every and self._due(every)):
             return False
         self.figures += self._figures(logger)
@@ -424,7 +361,7 @@ class Pretrainer(Trainer):
             self.batches = None
 
     def result(self, interrupted: bool, metrics: dict[str, float], checkpoint: Path | None) -> RunResult:
-        return RunResult(self.run_dir, self.step, interrupted, metrics, checkpoint, self.figures)
+        return RunResult(self.run_dir.path, self.step, interrupted, metrics, checkpoint, self.figures)
 
     def _flops(self, present: tuple[str, ...]):
         text = self.sample_batch.get("text")
@@ -436,23 +373,16 @@ class Pretrainer(Trainer):
             unpaired.shape[1] if unpaired is not None and "unpaired_text_loss" in present else None,
         )
 
-    def log(self, logger: MetricsLogger, bar: ProgressBar) -> dict[str, float]:
-        """Averages the window's statistics over steps and processes."""
-        window = StepStats(torch.stack(self.window), self.present)  # (steps, len(NAMES))
-        finite = 1.0 - window["skipped"]
-        count = finite.sum().clamp_min(1.0)
-        averaged = (torch.nan_to_num(window.values, nan=0.0, posinf=0.0, neginf=0.0) * finite[:, None]).sum(0) / count
-        counters = torch.stack([self.nonfinite_total, self.nonfinite_run]).float()
-        summary = mean_across_ranks(torch.cat([averaged, counters])).tolist()  # one all-reduce
-        values = dict(zip(StepStats.NAMES, summary))
-        metrics = {k: values[k] for k in StepStats.NAMES if k in self.present or k == "grad_norm"}
-        nonfinite_total, nonfinite_run = summary[len(StepStats.NAMES):]
+    def log(self, logger: MetricsLogger, bar: ProgressBar) -> dict[str, Any]:
+        """Averages the window's statistics over its finite steps and over processes."""
+        step = self.train_step
+        steps = len(self.window)
+        metrics, (nonfinite_total, nonfinite_run) = self.window.summary([step.nonfinite_total, step.nonfinite_run])
         metrics.update(lr=self.scheduler.schedule(self.step - 1), nonfinite_steps=int(round(nonfinite_total)))
         metrics.update(self.meter.summary(self.flops.per_sample if self.flops else 0, self.peak_flops))
         metrics["eta_s"] = metrics["step_s"] * (self.cfg.train.last_step - self.step)
         logger.log(self.step, metrics)
-        bar.update(len(self.window), metrics)
-        self.window = []
+        bar.update(steps, metrics)
         if nonfinite_run >= self.cfg.train.max_nonfinite_steps:
             raise NonFiniteLossError(
                 f"the loss or gradient was NaN/Inf for {int(nonfinite_run)} consecutive steps (up to step "
@@ -470,7 +400,7 @@ class Pretrainer(Trainer):
         noise = {"image_noise": torch.rand(n, c.num_patches, generator=generator)}
         if "text" in batch and c.has_text:
             noise["text_noise"] = torch.rand(n, batch["text"].shape[1], generator=generator)
-        out_dir = self.run_dir / "figures"
+        out_dir = self.run_dir.figures
         with self.precision.autocast():
             written = reconstruction_figures(self.wrapped, self.model, _to_device(batch, self.info.device),
                                              _to_device(noise, self.info.device), out_dir, self.step,
@@ -483,6 +413,8 @@ class Pretrainer(Trainer):
 
 def run_pretraining(cfg: PretrainConfig, loader: Iterable[dict[str, torch.Tensor]] | None = None,
                     resume: str | None = None) -> RunResult | None:
-    """Builds everything, trains, and tears the process group down. Returns the result on the main
-    process, None on the others."""
-    return run_task(Pretrainer, cfg, loader=loader, resume=resume)
+    """Builds everything, trains, and tears the process group down (`resume`, when given, replaces
+    `cfg.resume`). Returns the result on the main process, None on the others."""
+    if resume is not None:
+        cfg.resume = resume
+    return run_task(Pretrainer, cfg, loader=loader)

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from ..engine.metrics import read_metrics
+from ..engine.run_dir import RunDir
 from ..utils import atomic_path
 from .plotting import loss_curves_figure, pyplot
 
@@ -93,12 +94,12 @@ def build_report(run_dir: str | Path, out_path: str | Path | None = None) -> Pat
     if not run_dir.is_dir():
         raise FileNotFoundError(f"{run_dir}: not a run directory")
     sections: list[str] = []
-    config = next((p for p in (run_dir / "config.yaml", run_dir / "config.json") if p.is_file()), None)
+    run = RunDir(run_dir)
+    config = next((p for p in (run.config, run_dir / "config.json") if p.is_file()), None)
     if config:
         sections.append(f"<h2>Configuration</h2><details><summary>{html.escape(config.name)}</summary>"
                         f"<pre>{html.escape(config.read_text())}</pre></details>")
-    metrics = run_dir / "metrics.jsonl"
-    records = read_metrics(metrics)
+    records = read_metrics(run.metrics)
     if records:
         png = _loss_curves_png(records)
         if png:
@@ -106,7 +107,7 @@ def build_report(run_dir: str | Path, out_path: str | Path | None = None) -> Pat
         table = _throughput_table(records)
         if table:
             sections.append("<h2>Throughput</h2>" + table)
-    figures = run_dir / "figures"
+    figures = run.figures
     reconstructions = sorted(figures.glob("recon_*.png"), key=_step_of)
     if reconstructions:
         sections.append("<h2>Reconstructions over training</h2>" + "".join(
