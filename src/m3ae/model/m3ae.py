@@ -137,9 +137,9 @@ class M3AE(nn.Module):
         self.image_embedding = nn.Linear(c.patch_dim, D)
         self.image_mask_embedding = nn.Parameter(torch.zeros(1, 1, Dd))
         if c.has_text:
-            # initialised by reset_parameters (its own normal draw would run twice, and on the meta
-            # device import a slow decomposition)
-            self.text_embedding = nn.Embedding(c.vocab_size, D, _weight=torch.empty(c.vocab_size, D))
+            # uninitialised, its own normal draw is skipped too (kept otherwise: seeded models stay as they were)
+            self.text_embedding = nn.Embedding(c.vocab_size, D,
+                                               _weight=None if initialize else torch.empty(c.vocab_size, D))
             self.text_mask_embedding = nn.Parameter(torch.zeros(1, 1, Dd))
         if c.use_type_embedding:
             self.encoder_image_type_embedding = nn.Parameter(torch.zeros(1, 1, D))
