@@ -34,7 +34,11 @@ def resolve_device(setting: str = "auto") -> torch.device:
     """`auto`: CUDA when available, else the CPU; anything else as torch spells it ("cuda:1")."""
     if setting == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(setting)
+    device = torch.device(setting)
+    if device.type == "cuda" and not torch.cuda.is_available():  # torch would assert deep inside the first copy
+        raise ValueError(f"device {setting!r}: CUDA is not available here (torch {torch.__version__}, "
+                         f"{'built without CUDA' if torch.version.cuda is None else 'no GPU visible'}); use cpu or auto")
+    return device
 
 
 PrecisionName = Literal["fp32", "bf16", "fp16"]
