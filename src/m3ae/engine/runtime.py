@@ -170,10 +170,16 @@ def _probe_lock(directory: Path):
 
 
 def _probe(name: PrecisionName) -> float:
-    """Matmul rate of `name` over fp32, with margins against a busy moment: fp32 and `name` timed
-    in alternation (a burst of load hits both), the median of three ratios."""
-    cpu = torch.device("cpu")
-    ratios = sorted(matmul_rate(cpu, name, 512, 3) / matmul_rate(cpu, "fp32", 512, 3) for _ in range(3))
+    """Matmul rate of `name` over fp32, with margins against a busy moment: one thread (the ratio
+    is a property of a core's kernels, and a team of threads on a shared machine waits for its
+    slowest), fp32 and `name` timed in alternation (a burst of load hits both), the median of
+    three ratios."""
+    cpu, threads = torch.device("cpu"), torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        ratios = sorted(matmul_rate(cpu, name, 512, 3) / matmul_rate(cpu, "fp32", 512, 3) for _ in range(3))
+    finally:
+        torch.set_num_threads(threads)
     return ratios[1]
 
 
