@@ -11,7 +11,7 @@ import pytest
 import torch
 from PIL import Image
 
-from m3ae import M3AE, ConfigError, M3AEConfig
+from m3ae import M3AE, ConfigError, M3AEConfig, get_tokenizer
 from m3ae.cli import main
 from m3ae.data import DataConfig
 from m3ae.data.loader import caption_sample
@@ -70,11 +70,15 @@ def test_save_and_from_pretrained_carry_the_vocabulary_and_the_tokenizer(tmp_pat
                                     tokenizer="bert-base-uncased")
     torch.manual_seed(0)
     model = M3AE(config).eval()
+    model.preprocessing = DataConfig().preprocessing()  # as pretraining records it
     model.save_pretrained(tmp_path / "model", card_info={})
     loaded = M3AE.from_pretrained(tmp_path / "model").eval()
     assert loaded.config.vocabulary == CORPUS_VOCABULARY and loaded.config.tokenizer == "bert-base-uncased"
     assert loaded.text_embedding.weight.shape == (len(CORPUS_VOCABULARY), config.emb_dim)
     text, padding = Tokenizer.for_model(loaded.config)(["a red kangaroo."])
+    assert text[0, :4].tolist() == [6, 7, 9, 5]
+    # the open_clip-style entry point gives the same ids
+    assert get_tokenizer(tmp_path / "model")(["a red kangaroo."])[0].tolist() == text.tolist()
     image = torch.randn(1, 3, config.image_size, config.image_size)
     torch.testing.assert_close(loaded.encode(image, text, padding).cls, model.encode(image, text, padding).cls)
     card = (tmp_path / "model" / "README.md").read_text()

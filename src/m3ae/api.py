@@ -93,8 +93,8 @@ def create_model_and_transforms(name_or_path: str | Path, *, seed: int | None = 
 
 
 def get_tokenizer(name_or_path: str | Path, **load: Any) -> Tokenizer:
-    """The tokenizer the model was trained with, at its caption length: `tokenizer(texts)` gives
-    (ids, padding mask), the `text` and `text_padding_mask` of `M3AE.encode`. Reads config.json
+    """The tokenizer the model was trained with, at its caption length and in its ids (its compact
+    vocabulary, if it has one): `tokenizer(texts)` gives (ids, padding mask), the `text` and `text_padding_mask` of `M3AE.encode`. Reads config.json
     only; `load` goes to the name's resolution (revision, cache_dir, ...)."""
     _, config, pre = _config_and_preprocessing(name_or_path, False, **load)
-    return Tokenizer.from_name(pre["tokenizer"], config.text_length)
+    return Tokenizer.from_name(pre["tokenizer"], config.text_length, config.vocabulary)
