@@ -391,6 +391,7 @@ class Pretrainer(Trainer):
                                              _to_device(noise, self.info.device), out_dir, self.step,
                                              self.info.is_main, self.cfg.data.normalization_stats())
         if self.info.is_main:
+            logger.image("reconstructions", written[0], self.step)
             curves = plot_loss_curves(logger.path, out_dir / "loss_curves.png")
             written += [curves] if curves else []
         return written
