@@ -142,6 +142,43 @@ def test_throughput_per_process_and_mfu_against_one_device():
     assert summary["mfu"] == pytest.approx(50.0 * 10 / 2 / 1000.0, rel=0.02)
 
 
+def test_the_training_figures_show_the_same_samples_after_a_resume(data, tmp_path, monkeypatch, capsys):
+    pytest.importorskip("matplotlib")
+    import m3ae.train.figures as figures
+
+    shown: dict[int, torch.Tensor] = {}
+    draw = figures.reconstruction_figures
+
+    def recording(model, bare, batch, noise, out_dir, step, *args, **kwargs):
+        shown[step] = batch["image"].cpu().clone()
+        return draw(model, bare, batch, noise, out_dir, step, *args, **kwargs)
+
+    monkeypatch.setattr(figures, "reconstruction_figures", recording)
+    run = tmp_path / "run"
+    common = ["pretrain", "--out-dir", str(run), "--data.source", f"{data}/train-*.tar", "--data.num_workers", "0",
+              "--train.batch_size", "8", "--train.total_steps", "4", "--log.every", "1", "--log.figures_every", "1",
+              "--log.progress", "false", "--log.tensorboard", "false", "--train.precision", "fp32", *SMALL]
+    assert main([*common, "--max-steps", "2"]) == 0
+    assert main([*common, "--resume", "auto"]) == 0
+    capsys.readouterr()
+    assert sorted(shown) == [1, 2, 3, 4]
+    # the resumed run's first batch holds other samples (the data position moved on) ...
+    from m3ae.data import build_pretrain_loader
+    from m3ae.train.pretrain import PretrainConfig
+
+    cfg = PretrainConfig()  # the data settings of the runs above
+    cfg.data.source, cfg.data.num_workers = f"{data}/train-*.tar", 0
+    batches = iter(build_pretrain_loader(cfg.data, batch_size=8))
+    first, _, third = next(batches), next(batches), next(batches)
+    assert not torch.equal(first["image"], third["image"])
+    # ... yet every figure, before and after the resume, shows the run's first samples
+    assert all(torch.equal(shown[step], first["image"]) for step in shown)
+    from safetensors import safe_open
+
+    with safe_open(run / "figures" / "samples.safetensors", "pt") as kept:
+        assert json.loads(kept.metadata()["keys"]) == first["key"]
+
+
 def test_tensorboard_gets_the_logged_scalars_the_config_and_the_reconstructions(data, tmp_path, capsys):
     pytest.importorskip("tensorboard")
     pytest.importorskip("matplotlib")
