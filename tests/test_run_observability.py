@@ -5,6 +5,7 @@ curves in the run report."""
 
 from __future__ import annotations
 
+import base64
 import io
 import json
 import os
@@ -203,3 +204,51 @@ def test_tensorboard_gets_the_logged_scalars_the_config_and_the_reconstructions(
     hparams = start.session_start_info.hparams
     assert hparams["train.batch_size"].number_value == 8 and hparams["model.emb_dim"].number_value == 32
     assert hparams["train.precision"].string_value == "fp32" and hparams["train.max_steps"].string_value == "null"
+
+
+def _panels_with_line_pixels(png: bytes, panels: int) -> list[int]:
+    """Pixels of matplotlib's first line colour (C0) in each of `panels` equal columns of a figure."""
+    pixels = np.asarray(Image.open(io.BytesIO(png)).convert("RGB")).astype(int)
+    blue = (np.abs(pixels - np.array([31, 119, 180])).sum(-1) < 60)
+    return [int(column.sum()) for column in np.array_split(blue, panels, axis=1)]
+
+
+def test_a_probe_report_plots_train_loss_top1_and_top5(data, tmp_path, capsys):
+    pytest.importorskip("matplotlib")
+    from m3ae import M3AE, M3AEConfig
+
+    torch.manual_seed(0)
+    M3AE(M3AEConfig(emb_dim=32, depth=1, num_heads=2, dec_emb_dim=16, dec_depth=1, dec_num_heads=2,
+                    image_size=32, patch_size=8, text_length=16)).save_pretrained(tmp_path / "model")
+    run = tmp_path / "probe"
+    generator = torch.Generator().manual_seed(0)
+    for split, n in (("train", 128), ("val", 64)):  # cached features: the head trains in a moment
+        labels = torch.arange(n) % 4
+        features = torch.eye(32)[labels] * 3.0 + torch.randn(n, 32, generator=generator)
+        save_features({"features": features, "labels": labels, "keys": [str(i) for i in range(n)]},
+                      run / f"features_{split}.safetensors")
+    assert main(["linear-probe", "--checkpoint", str(tmp_path / "model"), "--cached", "true", "--epochs", "4",
+                 "--batch_size", "32", "--out_dir", str(run), "--data.source", f"{data}/train-*.tar",
+                 "--val-data", f"{data}/val-*.tar"]) == 0
+    out = capsys.readouterr().out
+    # a probe's progress lines in a log file: one per epoch, with its accuracies
+    epochs = [line for line in out.splitlines() if line.startswith("step ")]
+    assert [line.split()[1] for line in epochs] == ["4/16", "8/16", "12/16", "16/16"]
+    assert all(re.search(r"train_loss \S+ .*top1 \S+  top5 \S+  epoch \d  lr ", line) for line in epochs)
+
+    assert main(["report", "--run-dir", str(run)]) == 0
+    capsys.readouterr()
+    page = (run / "report.html").read_text()
+    section = page[page.index("<h2>Loss curves</h2>"):]
+    png = base64.b64decode(re.search(r'src="data:image/png;base64,([^"]+)"', section)[1])
+    # four panels (train_loss, top1, top5, lr), each with its curve drawn
+    assert all(count > 20 for count in _panels_with_line_pixels(png, 4))
+
+    from m3ae.viz.plotting import loss_curves_figure
+
+    records = read_metrics(run / "metrics.jsonl")
+    figure = loss_curves_figure(records)
+    assert [ax.get_title() for ax in figure.axes] == ["train_loss", "top1", "top5", "lr"]
+    for ax in figure.axes:
+        [line] = ax.get_lines()
+        assert list(line.get_ydata()) == [r[ax.get_title()] for r in records]
