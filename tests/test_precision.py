@@ -152,8 +152,8 @@ def test_peak_is_the_precision_s_autocast_rate_floored_by_fp32(monkeypatch):
 @pytest.mark.parametrize("name", ["fp32", "bf16", "fp16"])
 def test_bench_and_pretraining_mfu_stay_at_most_one(tmp_path, name):
     result = run_bench(BenchConfig(preset="tiny", batch_size=2, image_size=32, text_length=16, vocab_size=100,
-                                   dtype=name, steps=1, warmup=1, threads=1))
-    assert result["dtype"] == name and 0 < result["mfu"] <= 1
+                                   precision=name, steps=1, warmup=1, threads=1))
+    assert result["precision"] == name and 0 < result["mfu"] <= 1
     cfg = tiny_config(tmp_path, steps=2, precision=name, threads=1)
     run_pretraining(cfg, loader=ListLoader(global_batches(cfg.model, 1, 8)))
     assert all(0 < m["mfu"] <= 1 for m in read_metrics(tmp_path / "metrics.jsonl"))
@@ -199,7 +199,7 @@ def test_threads_flags_and_config_fields(capsys):
 
 def test_pretraining_applies_threads_prints_and_records_the_resolved_choices(tmp_path, monkeypatch, capsys):
     mock_cpu(monkeypatch, None, 3.0)
-    cfg = tiny_config(tmp_path, steps=1, threads=1)
+    cfg = tiny_config(tmp_path, steps=1, threads=1, precision="auto")
     run_pretraining(cfg, loader=ListLoader(global_batches(cfg.model, 1, 8)))
     assert torch.get_num_threads() == 1
     info = json.loads((tmp_path / "run_info.json").read_text())

@@ -182,3 +182,29 @@ def test_an_interrupted_build_leaves_only_whole_shards(tmp_path):
     assert [p.name for p in writer.written] == ["shard-0000.tar"]
     report = inspect_source(str(tmp_path / "shard-0000.tar"))
     assert report["samples"] == 2 and report["skipped"] == {}
+
+
+EPS = (b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 64 64\n%%EndComments\n"
+       b"newpath 0 0 moveto 64 64 lineto stroke\nshowpage\n%%EOF\n")
+
+
+def test_sample_bytes_cannot_choose_a_decoder_that_runs_a_program(tmp_path, monkeypatch):
+    # PostScript stored as x.jpg: Pillow would pick its EPS plugin from the bytes, which runs
+    # Ghostscript on the sample; a stand-in `gs` on PATH records whether anything ran it
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    ran = tmp_path / "GHOSTSCRIPT_RAN"
+    (bin_dir / "gs").write_text(f"#!/bin/sh\ntouch {ran}\nexit 1\n")
+    (bin_dir / "gs").chmod(0o755)
+    monkeypatch.setenv("PATH", f"{bin_dir}{os.pathsep}{os.environ['PATH']}")
+    shard = write_tar(tmp_path / "ps.tar", [("x.jpg", EPS), ("x.txt", b"a caption"), *good("y", 1)])
+    report = inspect_source(str(shard))
+    assert report["skipped"] == {"undecodable_image": 1} and report["samples"] == 1
+    keys = [k for batch in build_pretrain_loader(config(str(shard)), batch_size=1, epochs=1) for k in batch["key"]]
+    assert keys == ["y"] and not ran.exists()
+    # the shard builder re-encodes only the formats the pipeline reads
+    from m3ae.data.writer import reencode_png
+
+    with pytest.raises(Exception, match="cannot identify image file"):
+        reencode_png(EPS)
+    assert not ran.exists()

@@ -284,3 +284,20 @@ def test_fp16_finetuning_scales_the_loss_and_skips_an_overflowing_step(setup, tm
         assert any(not torch.equal(before[k], v) for k, v in trainer.model.state_dict().items())
     finally:
         trainer.close()
+
+
+def test_a_run_too_short_to_train_says_so_in_one_line_and_the_headline_is_the_last_epoch(setup, tmp_path, capsys):
+    root, data = setup
+    args = ["finetune", "--checkpoint", str(root / "model"), "--data.source", f"{data}/train-*.tar",
+            "--data.eval_train_source", f"{data}/train-*.tar", "--data.eval_val_source", f"{data}/val-*.tar",
+            "--data.num_workers", "0", "--epochs", "2", "--batch-size", "1024", "--log.progress", "false",
+            "--precision", "fp32", "--out-dir", str(tmp_path / "ft")]
+    assert main(args) == 0
+    out, err = capsys.readouterr()
+    warning = [line for line in err.splitlines() if line.startswith("warning:")]
+    assert warning == ["warning: 48 training samples at batch_size 1024 make 1 step(s) per epoch, 2 in all (2 of "
+                       "warm-up): too few to train; lower --batch-size or raise --epochs"]
+    results = json.loads((tmp_path / "ft" / "results.json").read_text())
+    headline = next(line for line in out.splitlines() if line.startswith("epoch "))
+    assert headline == f"epoch 2: top-1 {results['last']['top1']:.2f}%  top-5 {results['last']['top5']:.2f}%"
+    assert "chosen on that split, optimistic" in out

@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable
 from dataclasses import dataclass, field
+
+from m3ae.config import ConfigError
 
 # Per-channel statistics (RGB, in [0, 1] units) used by the official M3AE release.
 NORMALIZATION_PRESETS: dict[str, tuple[tuple[float, float, float], tuple[float, float, float]]] = {
@@ -170,3 +173,29 @@ def _as_weighted(item: WeightedSource | dict | str, field_name: str) -> Weighted
     if source.weight <= 0:
         raise ValueError(f"DataConfig.{field_name}: weight of {source.source!r} must be positive")
     return source
+
+
+def runs_or_fetches(spec: str) -> bool:
+    """Whether reading a source spec may run a command (`pipe:`) or fetch a URL: anywhere in it, since
+    a pattern joins several ("a.tar::pipe:curl ...") and braces expand ("{pipe:x,y}")."""
+    return "pipe:" in spec or "://" in spec.replace("file://", "")
+
+
+def source_fields(cfg: DataConfig) -> dict[str, str]:
+    """{dotted field: spec} of every data source a config names."""
+    fields = {f"data.{name}": getattr(cfg, name) for name in ("source", "eval_train_source", "eval_val_source")}
+    for name in ("image_only_sources", "text_only_sources"):
+        fields.update({f"data.{name}[{i}].source": s.source for i, s in enumerate(getattr(cfg, name))})
+    return fields
+
+
+def refuse_stored_commands(cfg: DataConfig, origin: str, typed: Iterable[str] = ()) -> None:
+    """Refuses a config read back from a run directory (`origin`) whose sources run a command or
+    fetch a URL, unless the user typed that field again (`typed`: dotted names, "data.source" or
+    "data.image_only_sources"): a run directory from someone else must not be code."""
+    typed = set(typed)
+    for name, spec in source_fields(cfg).items():
+        if runs_or_fetches(spec) and name not in typed and name.partition("[")[0] not in typed:
+            flag = "--" + name.partition("[")[0].replace("_", "-")
+            raise ConfigError(f"{name}={spec[:80]!r} (from {origin}) runs a command or fetches a URL; a stored config "
+                              f"does not run it unless you type it again ({flag} ...)")

@@ -6,7 +6,7 @@ from collections import Counter
 
 import numpy as np
 
-from m3ae.data.sources import decode_caption, open_source
+from m3ae.data.sources import NoUsableSample, decode_caption, open_source
 from m3ae.data.tokenizer import Tokenizer
 from m3ae.data.transforms import SkipSample, decode_image, unexpected_skip
 
@@ -56,7 +56,7 @@ def inspect_source(spec: str, fmt: str = "auto", limit: int | None = None, token
         if record.label >= 0:
             labels[record.label] += 1
     if not captions:
-        raise RuntimeError(
+        raise NoUsableSample(
             f"data source {spec!r} yielded no usable sample ({records} records, skipped {dict(skipped)})")
     encoded = tok.encode(captions)
     lengths = [len(ids) for ids in encoded]

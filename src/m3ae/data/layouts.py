@@ -14,7 +14,8 @@ from typing import Iterator, Sequence
 
 from m3ae.data.config import TableColumns
 from m3ae.data.sources import (FOLDER_IMAGE_EXTENSIONS, BadField, FolderSource, IndexedSource, ManifestSource, RawRecord,
-                               Source, checked_label, detect_format, load_json)
+                               Source, checked_label, detect_format, load_json, open_table,
+                               read_regular)
 from m3ae.utils import require
 
 PARQUET_IMAGE_COLUMNS = ("jpg", "png", "webp", "image")
@@ -88,7 +89,7 @@ class TableSource(ManifestSource):
         c = self.columns
         image = c.image or "image"
         names = {image: "image", c.caption: "caption", c.label: "label", c.key: "key"}
-        with open(path, newline="", encoding="utf-8", errors="replace") as handle:
+        with open_table(path) as handle:
             if path.lower().endswith((".jsonl", ".json")):
                 rows = [_json_row(line) for line in handle if line.strip()]
             else:
@@ -127,7 +128,10 @@ class ParquetSource(Source):
             raise FileNotFoundError(f"data source {spec!r}: no .parquet file")
         self.groups: list[tuple[str, int]] = []
         for path in files:
-            meta = pq.ParquetFile(path)
+            try:
+                meta = pq.ParquetFile(path)
+            except (OSError, ValueError) as error:  # pyarrow's messages do not name the file
+                raise ValueError(f"data source {path!r}: not a readable parquet file ({error})") from None
             present = set(meta.schema_arrow.names)
             image = self.columns.image or next((c for c in PARQUET_IMAGE_COLUMNS if c in present), "")
             if image not in present:
@@ -165,7 +169,9 @@ class ParquetSource(Source):
                 record.error = "missing_image"
             elif isinstance(value, str):
                 try:
-                    record.image = (Path(path).parent / value).read_bytes()
+                    record.image = read_regular(Path(path).parent / value)
+                except BadField as bad:
+                    record.error = bad.reason
                 except OSError:
                     record.error = "missing_file"
             else:

@@ -26,7 +26,7 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from m3ae.data.config import DEFAULT_IMAGE_SIZE, DataConfig
-from m3ae.data.sources import IndexedSource, RawRecord, Source, decode_caption, open_source
+from m3ae.data.sources import IndexedSource, NoUsableSample, RawRecord, Source, decode_caption, open_source
 from m3ae.data.splits import key_hash, open_eval_split
 from m3ae.data.tokenizer import Tokenizer
 from m3ae.data.transforms import ImageTransform, SkipSample, decode_image, normalize_batch, unexpected_skip
@@ -87,7 +87,7 @@ class UnitStream:
                     yield record
                 pos.unit, pos.offset = pos.unit + 1, 0
             if pos.valid == 0 and units:
-                raise RuntimeError(
+                raise NoUsableSample(
                     f"data source {self.source.name!r} yielded no usable sample in epoch {pos.epoch} "
                     f"(rank {self.slot.rank}, worker {self.slot.worker}, {len(units)} shard(s)); see the "
                     f"skip counts logged under 'm3ae.data'"

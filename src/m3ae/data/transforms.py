@@ -11,6 +11,9 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+# The only decoders sample bytes may choose (the image extensions sources read): Pillow otherwise
+# picks its decoder from the bytes, and some (EPS) run external programs such as Ghostscript.
+IMAGE_FORMATS = ("JPEG", "PNG", "WEBP", "BMP", "GIF", "TIFF")
 _SIXTEEN_BIT_MODES = {"I;16", "I;16B", "I;16L", "I;16N", "I"}
 _ALPHA_MODES = {"RGBA", "LA", "PA", "RGBa", "La"}
 _REDUCIBLE_MODES = {"L", "LA", "RGB", "RGBA", "CMYK"}  # a palette or 16-bit image is converted first
@@ -44,7 +47,7 @@ def decode_image(data: bytes, max_pixels: int, min_side: int, draft_side: int = 
             # Pillow warns on odd EXIF/ICC data it can still decode, and on large images that our
             # own cap below judges (its global limit is left alone: other code may rely on it).
             warnings.simplefilter("ignore")
-            image = Image.open(io.BytesIO(data))
+            image = Image.open(io.BytesIO(data), formats=IMAGE_FORMATS)
             width, height = image.size
             if width * height > max_pixels:
                 raise SkipSample("too_many_pixels", f"{width}x{height}")

@@ -12,9 +12,9 @@ from pathlib import Path, PurePosixPath
 from PIL import Image
 
 from m3ae.data.sources import _split_member_name, decode_caption, open_source
-from m3ae.data.transforms import SkipSample
+from m3ae.data.transforms import IMAGE_FORMATS, SkipSample
 
-# Formats readers decode directly; anything else Pillow can open is re-encoded as PNG.
+# Formats readers decode directly; any other of IMAGE_FORMATS is re-encoded as PNG.
 _KEPT_FORMATS = {"JPEG": "jpg", "PNG": "png", "WEBP": "webp"}
 
 
@@ -30,7 +30,7 @@ def image_extension(data: bytes) -> str | None:
 
 
 def reencode_png(data: bytes) -> bytes:
-    with Image.open(io.BytesIO(data)) as image:
+    with Image.open(io.BytesIO(data), formats=IMAGE_FORMATS) as image:
         out = io.BytesIO()
         image.save(out, format="PNG")
         return out.getvalue()

@@ -61,11 +61,17 @@ def verify(path: Path) -> int:
         step = int(meta["step"])
     except (OSError, ValueError, KeyError, TypeError) as e:
         raise CheckpointError(f"{meta_path}: unreadable ({e})") from e
+    if not isinstance(files, dict) or not all(isinstance(v, str) for v in [*files, *files.values()]):
+        raise CheckpointError(f"{meta_path}: 'files' is not a mapping of file names to SHA-256 digests")
     for name in (WEIGHTS_NAME, CONFIG_NAME, STATE_NAME):
         if name not in files:
             raise CheckpointError(f"{meta_path}: does not list {name}")
     for name, digest in files.items():
         file = path / name
+        # names are data: only plain files of this directory are hashed (a name such as
+        # /proc/self/pagemap, ../x or a symlink out of it would be read wherever it points)
+        if Path(name).name != name or name in ("", ".", "..") or file.resolve().parent != path.resolve():
+            raise CheckpointError(f"{meta_path}: lists {name[:80]!r}, which is not a file of {path}")
         if not file.is_file():
             raise CheckpointError(f"{file}: missing")
         if sha256(file) != digest:
