@@ -20,7 +20,8 @@ from m3ae.cli import main
 from m3ae.data import DataConfig, build_pretrain_loader
 from m3ae.data import sources
 from m3ae.data.inspect import inspect_source
-from m3ae.data.sources import BadField, decode_caption, load_json, open_source
+from m3ae.data.factory import open_source
+from m3ae.data.sources import BadField, decode_caption, load_json
 
 
 def good(key: str, index: int) -> list[tuple[str, bytes]]:

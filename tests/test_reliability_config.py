@@ -69,7 +69,7 @@ def test_invalid_settings_fail_at_load_time_naming_the_field(capsys, flag, value
 
 
 def test_a_vocabulary_smaller_than_the_tokenizer_fails_before_training(capsys, tmp_path):
-    assert main(["pretrain", "--model.vocab_size", "10", "--out-dir", str(tmp_path / "run")]) == 2
+    assert main(["pretrain", "--model.vocab_size", "10", "--data.vocab", "full", "--out-dir", str(tmp_path / "run")]) == 2
     err = capsys.readouterr().err
     assert "model.vocab_size=10: smaller than the 30522 tokens of data.tokenizer='bert-base-uncased'" in err
     assert len(err.strip().splitlines()) == 1 and not (tmp_path / "run").exists()

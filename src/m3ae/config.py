@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import collections
+import copy
 import dataclasses
 import functools
 import inspect
@@ -236,11 +237,20 @@ def load(cls: type[T], path: str | Path | None = None, overrides: dict[str, Any]
             raise ConfigError(f"{path}: the top level must be a mapping of sections")
         tree = loaded or {}
         source = f" (in {path})"
+    from_file = copy.deepcopy(tree)
     for dotted, value in (overrides or {}).items():
         _set_dotted(tree, dotted, value)
     try:
         return from_dict(cls, tree)
     except ConfigError as e:
+        if source and overrides:
+            # blame the file only for what the file says: a value typed on the command line is the
+            # command line's error (the file alone is checked for the same message)
+            try:
+                from_dict(cls, from_file)
+                source = " (on the command line)"
+            except ConfigError as alone:
+                source = source if str(alone) == str(e) else " (on the command line)"
         raise ConfigError(f"{e}{source}") from None
 
 
@@ -328,6 +338,23 @@ def add_override_arguments(parser: argparse.ArgumentParser, cls: type, defaults:
         group.add_argument(flag_name(dotted), help=f"{text} ({shown})".replace("%", "%%"), **common)
         if "_" in dotted:  # the Python spelling, accepted but not listed
             group.add_argument(f"--{dotted}", help=argparse.SUPPRESS, **common)
+    for dotted, flags in _field_aliases(cls).items():
+        for flag in flags:
+            if flag not in parser._option_string_actions:  # a second nested copy keeps its own flags only
+                add_override_alias(parser, flag, dotted)
+
+
+def _field_aliases(cls: type, prefix: str = "") -> dict[str, tuple[str, ...]]:
+    """{"data.columns.image": ("--csv-img-key",), ...}: the other tools' spellings a field declares in
+    its `metadata={"aliases": ...}`, wherever the dataclass is nested, so every command gets them."""
+    out: dict[str, tuple[str, ...]] = {}
+    for f in dataclasses.fields(cls):
+        tp = _hints(cls)[f.name]
+        if _is_dataclass_type(tp):
+            out.update(_field_aliases(tp, f"{prefix}{f.name}."))
+        elif f.init and f.metadata.get("aliases"):
+            out[f"{prefix}{f.name}"] = tuple(f.metadata["aliases"])
+    return out
 
 
 def _yaml_scalar(value: Any) -> str:

@@ -11,12 +11,13 @@ from __future__ import annotations
 import os
 import zlib
 from dataclasses import asdict, dataclass
+from pathlib import Path
 from typing import Iterator, Sequence
 
 from m3ae.data.config import DataConfig
+from m3ae.data.factory import open_source
 from m3ae.data.layouts import ParquetSource
-from m3ae.data.sources import (FolderSource, HDF5Source, ManifestSource, RawRecord, Source, WebDatasetSource,
-                               _is_remote, open_source)
+from m3ae.data.sources import FolderSource, HDF5Source, ManifestSource, RawRecord, Source, WebDatasetSource, _is_remote
 
 _HASH_BUCKETS = 1_000_000
 
@@ -80,7 +81,9 @@ def open_eval_split(cfg: DataConfig, split: str) -> Source:
         # differs (a folder missing or extra) differently, and the score would compare wrong indices.
         train = open_eval_split(cfg, "train")
         names = class_names(train)
-        if names is not None:
+        # a root holding only val/ has no train split of its own to align with (the figures read it)
+        inside = Path(source.name).resolve().is_relative_to(Path(train.name).resolve())
+        if names is not None and not inside:
             source.use_classes(names, train.name)
     return source
 

@@ -126,16 +126,16 @@ def random_resized_crop_box(
     return (left, top, left + w, top + h)
 
 
-def center_square_box(width: int, height: int) -> Box:
-    """Resize(shorter side) followed by CenterCrop is a resize of this central square."""
-    side = min(width, height)
-    left, top = (width - side) / 2, (height - side) / 2
-    return (left, top, left + side, top + side)
+def resize_shorter_side(width: int, height: int, size: int) -> tuple[int, int]:
+    """(width, height) with the shorter side `size` and the longer one scaled and truncated, as
+    torchvision's Resize(int) and Hugging Face's `shortest_edge` resize compute it: the exported
+    image processor then reproduces our evaluation inputs exactly."""
+    return (size, int(size * height / width)) if width <= height else (int(size * width / height), size)
 
 
 @dataclass(frozen=True)
 class ImageTransform:
-    """Pretraining (RandomResizedCrop + flip) or evaluation (Resize + CenterCrop) to uint8 HWC."""
+    """Pretraining (RandomResizedCrop + flip) or evaluation (Resize shorter side + CenterCrop) to uint8 HWC."""
 
     size: int
     train: bool = True
@@ -153,13 +153,14 @@ class ImageTransform:
             if rng is None:
                 raise ValueError("ImageTransform(train=True) needs a random generator")
             box = random_resized_crop_box(width, height, rng, self.scale)
-            flip = self.flip and rng.random() < 0.5
-        else:
-            box, flip = center_square_box(width, height), False
-        out = image.resize((self.size, self.size), Image.Resampling.BICUBIC, box=box)
-        if flip:
-            out = out.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
-        return np.asarray(out, dtype=np.uint8)
+            out = image.resize((self.size, self.size), Image.Resampling.BICUBIC, box=box)
+            if self.flip and rng.random() < 0.5:
+                out = out.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+            return np.asarray(out, dtype=np.uint8)
+        new_width, new_height = resize_shorter_side(width, height, self.size)
+        pixels = np.asarray(image.resize((new_width, new_height), Image.Resampling.BICUBIC), dtype=np.uint8)
+        top, left = (new_height - self.size) // 2, (new_width - self.size) // 2  # as CenterCrop rounds
+        return pixels[top : top + self.size, left : left + self.size]
 
 
 def normalize_batch(images: np.ndarray, mean: tuple[float, ...], std: tuple[float, ...],
