@@ -106,6 +106,15 @@ def broadcast_object(obj):
     return box[0]
 
 
+def gather_objects(obj) -> list:
+    """Every rank's value of a picklable object of our own making, in rank order, on every rank."""
+    if not dist.is_initialized():
+        return [obj]
+    out = [None] * dist.get_world_size()
+    dist.all_gather_object(out, obj)
+    return out
+
+
 def transformer_blocks(model: nn.Module) -> list[nn.Module]:
     return [*model.encoder.blocks, *model.decoder.blocks]
 

@@ -23,10 +23,14 @@ from torch import nn
 
 from .. import config as config_io
 from .checkpoint import CheckpointManager, ProcessRNG
-from .distributed import barrier, broadcast_object, init_distributed, mean_across_ranks, shutdown_distributed
+from .distributed import (
+    barrier, broadcast_object, gather_objects, init_distributed, mean_across_ranks, shutdown_distributed,
+)
 from .metrics import LogConfig, MetricsLogger, ProgressBar, Throughput
 from .run_dir import RunDir, StopSignal, default_run_dir, ensure_free_space, run_dir_lock
-from .runtime import PrecisionSetting, ThreadsSetting, apply_threads, resolve_precision, write_run_info
+from .runtime import (
+    PrecisionSetting, ThreadsSetting, apply_threads, process_info, resolve_precision, write_run_info,
+)
 from .step import TrainStep
 
 
@@ -88,7 +92,7 @@ class Trainer:
         self.precision = resolve_precision(run.precision, self.info.device)
         self.checkpoints = CheckpointManager(self.run_dir.path, run.keep, self.info)
         self.checkpoints.register("rng", ProcessRNG(self.info.device), per_rank=True)
-        self.meter = Throughput()
+        self.meter = Throughput(self.info.world_size)
         self.step = 0
 
     def attach(self, model: nn.Module, wrapped: nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any,
@@ -110,6 +114,8 @@ class Trainer:
         path = self.checkpoints.latest_good() if self.resuming == "auto" else Path(self.resuming)
         if path is not None:
             self.checkpoints.load(path, self.wrapped, self.optimizer)
+            if self.info.is_main:  # one line, so that a requeued job's log says where it went on from
+                print(f"resumed from {path} at step {self.step}", flush=True)
         return path
 
     def save_checkpoint(self) -> Path:
@@ -182,12 +188,13 @@ class Trainer:
         return bool(mean_across_ranks(torch.tensor([float(received)], device=self.info.device)).item() > 0)
 
     def _start_run_dir(self) -> None:
+        processes = gather_objects(process_info(self.info.rank, self.info.device))  # every rank takes part
         if self.info.is_main:
             self.run_dir.path.mkdir(parents=True, exist_ok=True)
             self.checkpoints.remove_stale_temporaries()
             ensure_free_space(self.run_dir.path, self.checkpoints.bytes_needed(self.model))
             config_io.save_yaml(self.cfg, self.run_dir.config)
-            write_run_info(self.run_dir.path, self.precision, self.threads)
+            write_run_info(self.run_dir.path, self.precision, self.threads, processes)
         barrier()
 
     def fit(self, stop: StopSignal | None = None) -> Any:

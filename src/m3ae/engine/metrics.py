@@ -1,5 +1,7 @@
-"""Run observability: metrics as JSON lines (always), TensorBoard when installed, W&B on request, and a
-progress bar with loss, samples/s, model FLOP/s, MFU, data-wait share and ETA."""
+"""Run observability: metrics as JSON lines (always), TensorBoard when installed (the same scalars, the
+flattened config as hparams, the reconstruction figures), W&B on request, and progress for whoever
+watches: a bar on a terminal, plain lines in a log file (a Slurm job's), each with the loss terms,
+lr, samples/s in total and per process, data-wait share, MFU and ETA."""
 
 from __future__ import annotations
 
@@ -7,6 +9,7 @@ import importlib.util
 import json
 import math
 import secrets
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,7 +32,9 @@ class LogConfig:
     wandb_name: str | None = None  # W&B display name; null: the run directory's name
     wandb_group: str | None = None  # W&B group (e.g. the runs of one sweep)
     wandb_tags: list[str] = field(default_factory=list)  # W&B tags
-    progress: bool = True  # progress bar on stderr
+    # progress: a bar on stderr when it is a terminal, else one flushed line per logged step on stdout
+    # (what a Slurm log can show); false: neither
+    progress: bool = True
 
     def __post_init__(self) -> None:
         from ..config import ConfigError
@@ -69,6 +74,17 @@ def wandb_run_id(run_dir: str | Path) -> str:
     return run_id
 
 
+def hparams(config: dict[str, Any]) -> dict[str, float | str | bool]:
+    """The config flattened to `section.field` keys with the value types TensorBoard's HParams
+    accepts: numbers, strings and booleans as they are, anything else (null, lists) as JSON text."""
+    from ..config import flatten
+
+    out: dict[str, float | str | bool] = {}
+    for key, value in flatten(config).items():
+        out[key] = value if isinstance(value, (bool, int, float, str)) else json.dumps(value)
+    return out
+
+
 class MetricsLogger:
     """Only the main process writes; the others hold a disabled logger."""
 
@@ -88,6 +104,7 @@ class MetricsLogger:
             require("tensorboard", "tensorboard", "log.tensorboard=true")
         wandb = require("wandb", "wandb", "log.wandb=true") if cfg.wandb else None
         self._file = open(self.path, "a", buffering=1)
+        self._hparams = hparams(config)  # written with the first record, whose scalars it names
         if use_tb:
             from torch.utils.tensorboard import SummaryWriter
 
@@ -103,12 +120,35 @@ class MetricsLogger:
             return
         record = {"step": step, **{k: v for k, v in metrics.items() if v is not None}}
         self._file.write(json.dumps(record) + "\n")
-        for key, value in record.items():
-            if key != "step" and isinstance(value, (int, float)) and math.isfinite(value):
-                if self._tb is not None:
-                    self._tb.add_scalar(key, value, step)
+        scalars = {k: v for k, v in record.items()
+                   if k != "step" and isinstance(v, (int, float)) and math.isfinite(v)}
+        if self._tb is not None:
+            if self._hparams is not None:
+                self._write_hparams(scalars)
+            for key, value in scalars.items():
+                self._tb.add_scalar(key, value, step)
         if self._wandb is not None:
             self._wandb.log(record, step=step)
+
+    def _write_hparams(self, scalars: dict[str, float]) -> None:
+        """The config in TensorBoard's HParams tab, in this log directory (SummaryWriter.add_hparams
+        would open a new one per call), its metrics being the scalars the run logs."""
+        from torch.utils.tensorboard.summary import hparams as hparams_summaries
+
+        for summary in hparams_summaries(self._hparams, dict.fromkeys(scalars, 0.0)):
+            self._tb.file_writer.add_summary(summary)
+        self._hparams = None
+
+    def image(self, tag: str, png: Path, step: int) -> None:
+        """A figure already written as PNG (the reconstructions), shown in TensorBoard's Images tab."""
+        if not self.enabled or self._tb is None:
+            return
+        import numpy as np
+        from PIL import Image
+
+        with Image.open(png) as picture:
+            pixels = np.asarray(picture.convert("RGB"))
+        self._tb.add_image(tag, pixels, step, dataformats="HWC")
 
     def close(self) -> None:
         if not self.enabled:
@@ -121,9 +161,10 @@ class MetricsLogger:
 
 
 class Throughput:
-    """Wall time, data-wait time and samples between two log points."""
+    """Wall time, data-wait time and samples (of the global batch) between two log points."""
 
-    def __init__(self) -> None:
+    def __init__(self, processes: int = 1) -> None:
+        self.processes = processes
         self.reset()
 
     def reset(self) -> None:
@@ -138,32 +179,86 @@ class Throughput:
         flops_per_s = samples_per_s * flops_per_sample
         return {
             "samples_per_s": samples_per_s,
+            "samples_per_s_per_process": samples_per_s / self.processes,
             "step_s": elapsed / max(self.steps, 1),
             "flops_per_s": flops_per_s,
-            "mfu": flops_per_s / peak_flops if peak_flops else None,
+            # each process's share of the model FLOP/s over its own device's peak
+            "mfu": flops_per_s / self.processes / peak_flops if peak_flops else None,
             "data_wait": self.data_wait / elapsed,
         }
 
 
+# Shown by `describe` in their own words rather than as `name value`.
+_THROUGHPUT = ("lr", "samples_per_s", "samples_per_s_per_process", "step_s", "flops_per_s", "mfu", "data_wait",
+               "eta_s")
+_COUNTERS = ("skipped_steps", "nonfinite_steps")  # shown only when not zero
+
+
+def _number(value: Any) -> str:
+    if value is None:
+        return "n/a"  # a window whose every step was skipped
+    return str(value) if isinstance(value, int) else f"{value:.4g}"
+
+
+def _duration(seconds: float) -> str:
+    minutes, secs = divmod(int(round(seconds)), 60)
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours}:{minutes:02d}:{secs:02d}"
+
+
+def describe(metrics: dict[str, Any]) -> list[str]:
+    """A logged record in words: the task's terms (losses, accuracies, epoch) in its order, then lr,
+    throughput (total and per process), data-wait share and MFU."""
+    parts = [f"{key} {_number(value)}" for key, value in metrics.items()
+             if key not in _THROUGHPUT and (key not in _COUNTERS or value)]
+    if metrics.get("lr") is not None:
+        parts.append(f"lr {metrics['lr']:.3g}")
+    if metrics.get("samples_per_s") is not None:
+        parts.append(f"{metrics['samples_per_s']:.1f} samples/s ({metrics['samples_per_s_per_process']:.1f} "
+                     f"per process)")
+    if metrics.get("data_wait") is not None:
+        parts.append(f"data wait {100 * metrics['data_wait']:.0f}%")
+    if metrics.get("flops_per_s"):
+        parts.append(f"{metrics['flops_per_s'] / 1e12:.2f} TFLOP/s")
+    if metrics.get("mfu") is not None:
+        parts.append(f"MFU {100 * metrics['mfu']:.1f}%")
+    return parts
+
+
 class ProgressBar:
+    """Progress for whoever watches the main process: a tqdm bar where stderr is a terminal; elsewhere
+    (a Slurm or nohup log, where a bar's carriage returns run every frame into one line) one plain
+    line per logged record on stdout, flushed at once: `step N/TOTAL`, `describe`'s words, ETA."""
+
     def __init__(self, total: int, initial: int, enabled: bool) -> None:
+        self.total, self.n = total, initial
         self._bar = None
-        if enabled:
+        self._lines = enabled and not sys.stderr.isatty()
+        self._since, self._since_n = time.perf_counter(), initial  # the ETA where a task gives none
+        if enabled and not self._lines:
             from tqdm.auto import tqdm
 
             self._bar = tqdm(total=total, initial=initial, unit="step", dynamic_ncols=True)
 
-    def update(self, steps: int, metrics: dict[str, float] | None = None) -> None:
-        if self._bar is None:
-            return
-        self._bar.update(steps)
-        if metrics:
-            parts = [f"loss {metrics['loss']:.4f}", f"{metrics['samples_per_s']:.1f} samples/s",
-                     f"{metrics['flops_per_s'] / 1e12:.2f} TFLOP/s"]
-            if metrics.get("mfu") is not None:
-                parts.append(f"MFU {100 * metrics['mfu']:.1f}%")
-            parts.append(f"data {100 * metrics['data_wait']:.0f}%")
-            self._bar.set_postfix_str(", ".join(parts), refresh=False)
+    def update(self, steps: int, metrics: dict[str, Any] | None = None) -> None:
+        """`steps` more done; `metrics`, when given, the record just logged."""
+        self.n += steps
+        if self._bar is not None:
+            self._bar.update(steps)
+            if metrics:
+                self._bar.set_postfix_str(", ".join(describe(metrics)), refresh=False)
+        elif self._lines and metrics:
+            print("  ".join([f"step {self.n}/{self.total}", *describe(metrics), f"ETA {self._eta(metrics)}"]),
+                  flush=True)
+
+    def _eta(self, metrics: dict[str, Any]) -> str:
+        eta = metrics.get("eta_s")
+        if eta is None:
+            done = self.n - self._since_n
+            if done <= 0:
+                return "n/a"
+            eta = (time.perf_counter() - self._since) / done * (self.total - self.n)
+        return _duration(eta)
 
     def close(self) -> None:
         if self._bar is not None:

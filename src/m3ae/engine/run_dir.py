@@ -35,6 +35,7 @@ class RunDir:
     METRICS = "metrics.jsonl"  # one JSON record per log step
     RESULTS = "results.json"  # an evaluation's final scores
     FIGURES = "figures"
+    FIGURE_SAMPLES = "figures/samples.safetensors"  # the samples every training figure shows, kept for resumes
     LOCK = ".lock"
 
     def __init__(self, path: str | Path) -> None:
@@ -68,6 +69,10 @@ class RunDir:
     @property
     def figures(self) -> Path:
         return self.path / self.FIGURES
+
+    @property
+    def figure_samples(self) -> Path:
+        return self.path / self.FIGURE_SAMPLES
 
     @property
     def checkpoints(self) -> Path:

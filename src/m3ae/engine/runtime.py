@@ -321,19 +321,45 @@ def sync(device: torch.device) -> None:
 RUN_INFO = "run_info.json"
 
 
-def write_run_info(run_dir: str | Path, precision: Precision, threads: Threads) -> Path:
-    """Prints what the run resolved and why, and records it in `run_info.json`. config.yaml keeps
-    the settings as given (`auto`), so that a resumed or copied run decides again on its machine."""
+def _cpu_name() -> str:
+    import platform
+
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        text = ""
+    line = next((line for line in text.splitlines() if line.startswith("model name")), "")
+    return line.partition(":")[2].strip() or platform.processor() or platform.machine()
+
+
+def process_info(rank: int, device: torch.device) -> dict[str, object]:
+    """Where one process of the run runs: its rank, host and device by name (the GPU's, or the
+    CPU's model); run_info.json lists every rank's."""
+    import socket
+
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else _cpu_name()
+    return {"rank": rank, "host": socket.gethostname(), "device": str(device), "device_name": name}
+
+
+def write_run_info(run_dir: str | Path, precision: Precision, threads: Threads,
+                   processes: list[dict[str, object]] | None = None) -> Path:
+    """Prints what the run resolved and why, and records it in `run_info.json`, with the world size and
+    every process's host and device (`processes`, one `process_info` per rank, gathered at start).
+    config.yaml keeps the settings as given (`auto`), so that a resumed or copied run decides again
+    on its machine."""
     import json
 
     from ..utils import atomic_path
 
     print(f"{precision.describe()}; {threads.describe()}", flush=True)
+    processes = processes or [process_info(0, precision.device)]
     info = {"precision": precision.name, "precision_reason": precision.reason, "threads": threads.count,
             "threads_reason": threads.reason, "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY", "(libgomp default)"),
             "device": str(precision.device),
             "cpu_capability": torch.backends.cpu.get_cpu_capability(), "torch": torch.__version__,
-            "machine_key": machine_key()}
+            "machine_key": machine_key(),
+            "world_size": len(processes), "hosts": sorted({str(p["host"]) for p in processes}),
+            "processes": processes}
     path = Path(run_dir) / RUN_INFO
     with atomic_path(path) as tmp:
         tmp.write_text(json.dumps(info, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")

@@ -374,6 +374,7 @@ class TransferTrainer(Trainer):
 
     def log(self, logger: MetricsLogger, bar: ProgressBar) -> dict[str, float]:
         logger.log(self.step, self.metrics)
+        bar.update(0, self.metrics)
         return self.metrics
 
     def checkpoint_due(self) -> bool:

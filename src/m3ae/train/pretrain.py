@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import importlib.util
 import itertools
+import json
 import logging
 import math
 from collections.abc import Iterable, Iterator
@@ -33,8 +34,10 @@ from ..engine.runtime import PrecisionSetting, ThreadsSetting
 from ..engine.schedule import LRScheduler, WarmupCosine
 from ..engine.step import StatsWindow
 from ..model import ConfigError, M3AE, M3AEConfig
-from ..utils import RunStopped
+from ..utils import RunStopped, atomic_path
 from .vocabulary import resumed_checkpoint, settle_vocabulary
+
+FIGURE_SAMPLES = 8  # samples shown in the reconstruction figures
 
 
 @dataclass
@@ -213,7 +216,7 @@ class Pretrainer(Trainer):
             self.figures_every = 0
         if self.info.is_main and t.describe_schedule():
             print(t.describe_schedule(), flush=True)
-        self.sample_batch: dict[str, torch.Tensor] = {}  # a few samples of the first batch: figures, FLOPs
+        self.sample_batch: dict[str, torch.Tensor] = {}  # the figures' samples (`_figure_samples`); FLOPs
         self.flops = None  # per sample; known after the first step, which says which losses ran
         self.window = StatsWindow()  # the steps since the last log
         self.figures: list[Path] = []
@@ -315,9 +318,26 @@ class Pretrainer(Trainer):
         self.peak_flops = measure_peak_flops(self.info.device, self.precision.name)
         batches = self._batches()
         first = next(batches)
-        self.sample_batch = {k: v[:8].clone().cpu() for k, v in first.items() if isinstance(v, torch.Tensor)}
+        self.sample_batch = self._figure_samples(first)
         self.batches = itertools.chain([first], batches)
         self._stream = batches  # closed at teardown: its DataLoader workers end with it
+
+    def _figure_samples(self, first: dict[str, Any]) -> dict[str, torch.Tensor]:
+        """The samples every figure of the run shows: the first FIGURE_SAMPLES of the run's first batch,
+        kept in the run directory with their keys, because a resumed run's first batch holds other
+        samples and the figures over training must compare the same images."""
+        from safetensors.torch import load_file, save_file
+
+        path = self.run_dir.figure_samples
+        if path.is_file():
+            return load_file(path)
+        samples = {k: v[:FIGURE_SAMPLES].clone().cpu().contiguous() for k, v in first.items()
+                   if isinstance(v, torch.Tensor)}
+        if self.info.is_main and self.figures_every:
+            keys = [str(k) for k in first.get("key", [])[:FIGURE_SAMPLES]]
+            with atomic_path(path) as tmp:
+                save_file(samples, tmp, metadata={"keys": json.dumps(keys)})
+        return samples
 
     # ------------------------------------------------------------------ the engine's hooks
     def total_steps(self) -> int:
@@ -406,6 +426,7 @@ class Pretrainer(Trainer):
                                              _to_device(noise, self.info.device), out_dir, self.step,
                                              self.info.is_main, self.cfg.data.normalization_stats())
         if self.info.is_main:
+            logger.image("reconstructions", written[0], self.step)
             curves = plot_loss_curves(logger.path, out_dir / "loss_curves.png")
             written += [curves] if curves else []
         return written

@@ -25,7 +25,8 @@ def save_figure(fig, path: str | Path, dpi: int = 100) -> Path:
     return path
 
 
-CURVES = ("loss", "image_loss", "text_loss", "text_accuracy", "unpaired_text_loss", "lr")
+# pretraining's terms, then a probe's or fine-tuning's (metrics.jsonl per epoch), then the lr
+CURVES = ("loss", "image_loss", "text_loss", "text_accuracy", "unpaired_text_loss", "train_loss", "top1", "top5", "lr")
 
 
 def loss_curves_figure(records: list[dict[str, Any]]):
@@ -36,7 +37,8 @@ def loss_curves_figure(records: list[dict[str, Any]]):
     fig, axes = pyplot().subplots(1, len(keys), figsize=(3.6 * len(keys), 3.0), squeeze=False)
     for ax, key in zip(axes[0], keys):
         points = [(r["step"], r[key]) for r in records if key in r and "step" in r]
-        ax.plot(*zip(*points))
+        # a probe logs once per epoch: a short run's few points need markers to be seen at all
+        ax.plot(*zip(*points), marker="o" if len(points) < 30 else None, markersize=3)
         ax.set_title(key, fontsize=9)
         ax.set_xlabel("step", fontsize=8)
         if key.endswith("loss"):
