@@ -85,12 +85,13 @@ class Trainer:
             self.checkpoints.register("scaler", self.train_step.scaler)
 
     def resume(self) -> Path | None:
-        """`auto`: the newest checkpoint that verifies (none: a fresh start); else a step directory."""
+        """`auto`: the newest checkpoint that verifies and reads (none: a fresh start); else a step directory."""
         if not self.resuming:
             return None
-        path = self.checkpoints.latest_good() if self.resuming == "auto" else Path(self.resuming)
-        if path is not None:
-            self.checkpoints.load(path, self.wrapped, self.optimizer)
+        if self.resuming == "auto":
+            return self.checkpoints.load_latest(self.wrapped, self.optimizer)
+        path = Path(self.resuming)
+        self.checkpoints.load(path, self.wrapped, self.optimizer)
         return path
 
     def save_checkpoint(self) -> Path:
