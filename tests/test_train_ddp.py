@@ -203,3 +203,43 @@ def test_a_resume_that_cannot_be_exact_at_another_process_count_is_one_line_and_
     assert len(lines) == 1, resumed.stderr
     assert "written by 2 processes, resumed with 1" in lines[0]
     assert "'data' (PretrainLoader) is kept per process and cannot be re-split; resume with 2 processes" in lines[0]
+
+
+class RunsCode:
+    def __reduce__(self):
+        return (os.system, ("touch ran-code",))
+
+
+def _rewrite(step_dir: Path, name: str, data: bytes) -> None:
+    """Replaces a file of a checkpoint and its digest, as someone crafting a checkpoint would."""
+    (step_dir / name).write_bytes(data)
+    meta = json.loads((step_dir / "meta.json").read_text())
+    meta["files"][name] = hashlib.sha256(data).hexdigest()
+    (step_dir / "meta.json").write_text(json.dumps(meta))
+
+
+def test_a_crafted_optimizer_index_runs_no_code_reads_no_file_outside_and_allocates_nothing(tmp_path, monkeypatch):
+    import pickle
+
+    from m3ae.engine.checkpoint import read_dcp_index
+
+    monkeypatch.chdir(tmp_path)
+    run(1, tmp_path / "run", 2, every=2)
+    step_dir = tmp_path / "run" / "checkpoints" / "step_00000002"
+    index = read_dcp_index(step_dir / "optimizer" / ".metadata")
+    original = (step_dir / "optimizer" / ".metadata").read_bytes()
+    escaping = next(iter(index.storage_data.values()))
+    escaping.relative_path = "../rank_0.pt"
+    cases = {
+        pickle.dumps(RunsCode()): r"names posix\.system, which a checkpoint index may not",
+        b"\x80\x04N" + b"r" + (2**27).to_bytes(4, "little") + b".": r"memo index 134217728 beyond",
+        pickle.dumps(index): r"names '\.\./rank_0\.pt', not a shard listed in meta\.json",
+    }
+    for crafted, reason in cases.items():
+        _rewrite(step_dir, "optimizer/.metadata", crafted)
+        with pytest.warns(UserWarning, match=reason), pytest.raises(CheckpointError, match="no checkpoint can be read"):
+            run(1, tmp_path / "run", 3, resume="auto")
+    assert not (tmp_path / "ran-code").exists()
+    _rewrite(step_dir, "optimizer/.metadata", original)
+    run(1, tmp_path / "run", 3, resume="auto")  # the genuine index reads
+    assert [m["step"] for m in read_metrics(tmp_path / "run" / "metrics.jsonl")] == [1, 2, 3]
