@@ -241,5 +241,10 @@ def test_a_crafted_optimizer_index_runs_no_code_reads_no_file_outside_and_alloca
             run(1, tmp_path / "run", 3, resume="auto")
     assert not (tmp_path / "ran-code").exists()
     _rewrite(step_dir, "optimizer/.metadata", original)
+    shard = (step_dir / "optimizer" / "__0_0.distcp").read_bytes()
+    _rewrite(step_dir, "optimizer/__0_0.distcp", b"not a shard")  # fails inside DCP's own read
+    with pytest.warns(UserWarning, match=r"optimizer: unreadable"), pytest.raises(CheckpointError):
+        run(1, tmp_path / "run", 3, resume="auto")
+    _rewrite(step_dir, "optimizer/__0_0.distcp", shard)
     run(1, tmp_path / "run", 3, resume="auto")  # the genuine index reads
     assert [m["step"] for m in read_metrics(tmp_path / "run" / "metrics.jsonl")] == [1, 2, 3]

@@ -31,6 +31,7 @@ writing process saved); otherwise the resume stops with one line naming the part
 
 from __future__ import annotations
 
+import errno
 import io
 import json
 import pickle
@@ -47,7 +48,7 @@ from torch import nn
 
 from ..model import files
 from ..model.files import CONFIG_NAME, META_NAME, OPTIMIZER_DIRNAME, STATE_NAME, WEIGHTS_NAME, CheckpointError
-from ..utils import write_bytes
+from ..utils import DiskFullError, write_bytes
 from .distributed import DistInfo, barrier, broadcast_object
 
 
@@ -226,6 +227,11 @@ def _dcp_call(function: Any, *args: Any, **kwargs: Any) -> Any:
         return function(*args, **kwargs)
 
 
+def _first_failure(error: Any) -> BaseException:
+    """The exception of the first failing process inside DCP's CheckpointException."""
+    return next(iter(error.failures.values()))[0]
+
+
 def _all_gather(obj: Any) -> list[Any]:
     """Every process's `obj` (our own small values, never read from a file), in rank order."""
     import torch.distributed as dist
@@ -267,6 +273,7 @@ class CheckpointManager:
         """Collective: every rank calls it."""
         import torch.distributed.checkpoint as dcp
         from safetensors.torch import save
+        from torch.distributed.checkpoint.api import CheckpointException
         from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_optimizer_state_dict
 
         final = self.directory / files.step_dir_name(step)
@@ -280,8 +287,15 @@ class CheckpointManager:
             # The weights, gathered whole on rank 0 (collective under FSDP2); the optimizer state as
             # each process holds it (its shard under FSDP2), written by DCP without gathering.
             model_state = get_model_state_dict(model, options=_full(cpu_offload=True))
-            _dcp_call(dcp.save, {"optimizer": get_optimizer_state_dict(model, optimizer)},
-                      storage_writer=dcp.FileSystemWriter(tmp / OPTIMIZER_DIRNAME), no_dist=not self.info.enabled)
+            try:
+                _dcp_call(dcp.save, {"optimizer": get_optimizer_state_dict(model, optimizer)},
+                          storage_writer=dcp.FileSystemWriter(tmp / OPTIMIZER_DIRNAME), no_dist=not self.info.enabled)
+            except CheckpointException as error:  # every process gets it; an OSError inside says more
+                cause = _first_failure(error)
+                if isinstance(cause, OSError) and cause.errno in (errno.ENOSPC, errno.EDQUOT):
+                    raise DiskFullError(cause.errno, f"no space left on device while writing "
+                                                     f"{tmp / OPTIMIZER_DIRNAME}") from error
+                raise cause if isinstance(cause, OSError) else error
             rank_state = {name: part.state_dict() for name, part in self.rank_parts.items()}
             write_bytes(tmp / f"rank_{rank}.pt", _torch_bytes(rank_state))
             # Each process hashes what it wrote; rank 0 the rest, and checks that nothing is left out.
@@ -432,6 +446,7 @@ class CheckpointManager:
 
     def _apply(self, path: Path, staged: dict[str, Any], model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
         import torch.distributed.checkpoint as dcp
+        from torch.distributed.checkpoint.api import CheckpointException
         from torch.distributed.checkpoint.state_dict import (
             get_optimizer_state_dict, set_model_state_dict, set_optimizer_state_dict,
         )
@@ -444,8 +459,8 @@ class CheckpointManager:
             try:
                 _dcp_call(dcp.load, target, storage_reader=_dcp_reader(path / OPTIMIZER_DIRNAME, listed),
                           planner=_dcp_planner(), no_dist=not self.info.enabled)
-            except Exception as e:  # DCP raises the same error on every process
-                raise _unreadable(path / OPTIMIZER_DIRNAME, e) from e
+            except CheckpointException as error:  # raised on every process, whichever failed
+                raise _unreadable(path / OPTIMIZER_DIRNAME, _first_failure(error)) from error
             set_optimizer_state_dict(model, optimizer, target["optimizer"])
         else:  # written before the optimizer was sharded: its full state in train_state.pt
             set_optimizer_state_dict(model, optimizer, train_state["optimizer"], options=_full())
