@@ -6,7 +6,12 @@ VENV ?= .venv
 TORCH_SPEC ?= torch==2.13.0
 BIN := $(VENV)/bin
 
-.PHONY: venv test demo clean
+# test-avx2 runs a few modules again with torch's and oneDNN's kernels limited to AVX2 (x86 only):
+# the path of a CPU without AVX-512 (most laptops), where `precision: auto` takes fp32, exercised on
+# whatever CPU runs CI. The suite's header line says which kernels and precision each run got.
+AVX2_TESTS ?= tests/test_official_parity.py tests/test_train_loop.py
+
+.PHONY: venv test test-avx2 demo clean
 
 $(BIN)/m3ae: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -19,6 +24,9 @@ venv: $(BIN)/m3ae
 
 test: venv
 	$(BIN)/python -m pytest -q
+
+test-avx2: venv
+	ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2 $(BIN)/python -m pytest -q $(AVX2_TESTS)
 
 demo: venv
 	bash scripts/demo.sh $(BIN)

@@ -14,7 +14,7 @@ from data_helpers import cli, image_bytes, samples, write_shards, write_tar
 from m3ae.data import DataConfig
 from m3ae.data.config import TableColumns
 from m3ae.data.inspect import inspect_source
-from m3ae.data.layouts import detect_layout
+from m3ae.data.factory import detect_layout
 from m3ae.data.loader import BatchStream, PretrainLoader, caption_coverage
 from m3ae.utils import MissingExtraError, require
 
@@ -60,8 +60,8 @@ def test_numbered_subfolders_alone_are_a_caption_folder_and_named_ones_are_class
         (tmp_path / "numbered" / folder).mkdir(parents=True)
         (tmp_path / "named" / f"cat{folder}").mkdir(parents=True)
     assert detect_layout(str(tmp_path / "numbered"))[0] == "flat"
-    assert detect_layout(str(tmp_path / "named")) == ("folder", detect_layout(str(tmp_path / "named"))[1])
-    assert "labelled by sorted subfolder name" in detect_layout(str(tmp_path / "named"))[1]
+    layout, why = detect_layout(str(tmp_path / "named"))
+    assert layout == "folder" and "2 subfolder(s)" in why and "labelled by sorted subfolder name" in why
     with pytest.raises(ValueError, match="no image file .* x.jpg \\+ x.txt"):
         _read(_config(str(tmp_path / "numbered")))
 
@@ -131,7 +131,46 @@ def test_parquet_without_pyarrow_names_the_extra(tmp_path, monkeypatch):
 def test_inspect_says_which_layout_and_why(tmp_path):
     write_shards(tmp_path / "shards", 3, 3)
     report = inspect_source(str(tmp_path / "shards"))
-    assert report["layout"]["format"] == "wds" and "directory of .tar files" in report["layout"]["why"]
+    assert report["layout"] == {"format": "wds", "why": "a directory of 1 .tar shard(s)"}
+
+
+def _img2dataset_webdataset_output(root, rows) -> None:
+    """What `img2dataset --output_format webdataset` leaves: per shard NNNNN.tar (jpg, txt, json per
+    key), NNNNN.parquet (the metadata of every row, no pixels) and NNNNN_stats.json."""
+    root.mkdir()
+    for shard, part in enumerate((rows[:4], rows[4:])):
+        name = f"{shard:05d}"
+        write_tar(root / f"{name}.tar", [m for k, i, c, _ in part for m in (
+            (f"{k}.jpg", image_bytes(i, fmt="JPEG")), (f"{k}.txt", c.encode()),
+            (f"{k}.json", json.dumps({"key": k, "caption": c, "status": "success", "url": f"http://x/{k}"}).encode()))])
+        (root / f"{name}_stats.json").write_text(json.dumps({"count": len(part), "successes": len(part)}))
+        try:
+            import pyarrow as pa
+            import pyarrow.parquet as pq
+        except ImportError:  # the file's presence is what detection meets; its content needs pyarrow
+            (root / f"{name}.parquet").write_bytes(b"PAR1 metadata PAR1")
+            continue
+        pq.write_table(pa.table({"url": [f"http://x/{k}" for k, *_ in part], "key": [k for k, *_ in part],
+                                 "caption": [c for *_, c, _ in part], "status": ["success"] * len(part)}),
+                       root / f"{name}.parquet")
+
+
+def test_img2dataset_webdataset_output_folder_is_read_as_its_shards(tmp_path, capsys):
+    rows = samples(7)
+    folder = tmp_path / "wds"
+    _img2dataset_webdataset_output(folder, rows)
+    layout, why = detect_layout(str(folder))
+    assert layout == "wds" and "2 .tar shard(s)" in why and "4 .parquet/_stats.json file(s)" in why
+    # the loader (pretrain's path) reads exactly the samples of the two tars, in the pattern's order
+    ours, stats = _read(_config(str(folder)))
+    assert ours.keys() == _read(_config(str(folder / "0000{0..1}.tar")))[0].keys() == {k for k, *_ in rows}
+    assert stats["skipped"] == {}
+    cli(["data", "inspect", "--data.source", str(folder)])
+    report = json.loads(capsys.readouterr().out)
+    assert report["samples"] == 7 and report["empty_captions"] == 0 and report["layout"]["format"] == "wds"
+    cli(["data", "build", "--data.source", str(folder), "--out-dir", str(tmp_path / "out"), "--shard-size", "5"])
+    built = json.loads(capsys.readouterr().out)
+    assert built["samples"] == 7 and built["skipped"] == {} and len(built["shards"]) == 2
 
 
 def test_a_paired_run_on_data_without_captions_warns_that_it_is_image_only(tmp_path, caplog):
@@ -162,3 +201,18 @@ def test_hostile_jsonl_rows_are_counted_skips(tmp_path):
     (tmp_path / "m.jsonl").write_text("\n".join(rows) + "\n")
     report = inspect_source(str(tmp_path / "m.jsonl"), columns=TableColumns(image="img", caption="text"))
     assert report["samples"] == 1 and sum(report["skipped"].values()) == 1
+
+
+def test_open_clip_column_flags_are_on_every_command_that_reads_data(tmp_path, capsys):
+    from m3ae.cli import _subparsers, build_parser, main
+
+    readers = {sub.prog: sub for sub in _subparsers(build_parser())
+               if "--data.columns.image" in sub._option_string_actions}
+    assert {"m3ae pretrain", "m3ae knn", "m3ae embed", "m3ae linear-probe", "m3ae data build"} <= set(readers)
+    for prog, parser in readers.items():
+        for alias, field in (("--csv-img-key", "image"), ("--csv-caption-key", "caption"), ("--csv-separator", "separator")):
+            assert parser._option_string_actions[alias].dest == f"config_overrides:data.columns.{field}", prog
+    # knn refused --csv-img-key once; its resolved config now holds the value typed
+    assert main(["knn", "--checkpoint", "x", "--csv-img-key", "filepath", "--csv-separator", "\\t", "--print-config"]) == 0
+    printed = capsys.readouterr().out
+    assert "image: filepath" in printed and "separator: \"\\t\"" in printed

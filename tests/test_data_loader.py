@@ -9,6 +9,7 @@ from data_helpers import image_bytes, pair_members, write_shards, write_tar
 from PIL import Image
 
 from m3ae.data import DataConfig, build_eval_loader, build_pretrain_loader
+from m3ae.data.sources import NoUsableSample
 
 
 def config(source: str, **overrides) -> DataConfig:
@@ -171,7 +172,7 @@ def test_unreadable_shards_are_counted_and_an_all_bad_source_is_an_error(shards,
     loader = build_pretrain_loader(cfg, batch_size=4, epochs=1)
     assert len(all_keys(loader)) == 6
     assert loader.stats()["skipped"] == {"unreadable_shard": 2}
-    with pytest.raises(RuntimeError, match="pipe:false"):
+    with pytest.raises(NoUsableSample, match="pipe:false"):
         next(iter(build_pretrain_loader(config("pipe:false", format="wds"), batch_size=4)))
 
 
@@ -208,7 +209,7 @@ def test_manifest_missing_files_and_bad_rows(tmp_path):
 
 def test_a_source_without_any_usable_sample_is_an_error_naming_it(tmp_path):
     write_tar(tmp_path / "bad.tar", [("k.png", b"junk"), ("k.txt", b"x")])
-    with pytest.raises(RuntimeError, match="bad.tar"):
+    with pytest.raises(NoUsableSample, match="bad.tar"):
         next(iter(build_pretrain_loader(config(str(tmp_path / "bad.tar")), batch_size=2)))
 
 

@@ -4,7 +4,8 @@ import numpy as np
 import pytest
 from data_helpers import cli, samples, write_folder, write_hdf5, write_manifest, write_shards, write_tar
 
-from m3ae.data.sources import decode_caption, open_source
+from m3ae.data.factory import open_source
+from m3ae.data.sources import decode_caption
 from m3ae.data.transforms import decode_image
 
 COUNT = 12

@@ -13,7 +13,7 @@ from data_helpers import cli
 
 from m3ae.data import DataConfig, build_eval_loader, build_pretrain_loader
 from m3ae.data import synth
-from m3ae.data.sources import label_names, open_source
+from m3ae.data.factory import label_names, open_source
 from m3ae.data.synth import (COLORS, FORMAT_VERSION, SHAPES, SynthSpec, caption_vocabulary, ensure_embedded_dataset,
                              format_version, generate, render_scene)
 from m3ae.data.tokenizer import Tokenizer

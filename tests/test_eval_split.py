@@ -86,3 +86,61 @@ def test_unlabelled_data_for_a_labelled_command_is_one_line(setup, capsys):
 def test_knn_rejects_negative_labels_instead_of_crashing_in_indexing():
     with pytest.raises(ValueError, match=r"training labels span \[-1, 1\]"):
         knn_predict(torch.randn(4, 8), torch.tensor([0, 1, -1, 1]), torch.randn(2, 8), 2, k=2)
+
+
+def class_folders(root, classes: dict[str, int]):
+    """root/<class>/<i>.png for each class and its image count; every image distinct."""
+    for c, (name, count) in enumerate(classes.items()):
+        (root / name).mkdir(parents=True)
+        for i in range(count):
+            (root / name / f"{i}.png").write_bytes(image_bytes(100 * c + i))
+    return root
+
+
+def _labels(cfg: DataConfig, split: str) -> dict[str, int]:
+    return {k: int(label) for batch in build_eval_loader(cfg, 8, split=split)
+            for k, label in zip(batch["key"], batch["label"])}
+
+
+def test_val_is_labelled_with_the_train_class_map_when_a_class_is_missing(tmp_path, caplog):
+    # val lacks "bird": alone it would number "cat" 0 and "dog" 1, against train's 1 and 2
+    class_folders(tmp_path / "train", {"bird": 2, "cat": 2, "dog": 2})
+    class_folders(tmp_path / "val", {"cat": 1, "dog": 1})
+    cfg = DataConfig(source=str(tmp_path), image_size=32)
+    with caplog.at_level("WARNING", logger="m3ae.data"):
+        val = _labels(cfg, "val")
+    assert val == {"cat/0": 1, "dog/0": 2}
+    assert _labels(cfg, "train") == {"bird/0": 0, "bird/1": 0, "cat/0": 1, "cat/1": 1, "dog/0": 2, "dog/1": 2}
+    assert "has no folder for 1 of the 3 train class(es) (bird)" in caplog.text
+    split = check_eval_split(cfg)
+    assert split.classes == ["bird", "cat", "dog"] and split.to_dict()["classes"] == ["bird", "cat", "dog"]
+
+
+def test_a_val_class_unseen_in_training_is_an_error_naming_it(tmp_path, capsys):
+    class_folders(tmp_path / "train", {"cat": 2, "dog": 2})
+    class_folders(tmp_path / "val", {"cat": 1, "dog": 1, "emu": 1})
+    with pytest.raises(ValueError, match=r"class folder\(s\) 'emu' do not occur in the train split"):
+        check_eval_split(DataConfig(source=str(tmp_path), image_size=32))
+    model = tmp_path / "model"
+    M3AE(M3AEConfig(**TINY)).save_pretrained(model)
+    assert main(["knn", "--checkpoint", str(model), "--data.source", str(tmp_path), "--batch-size", "8",
+                 "--precision", "fp32", "--device", "cpu"]) == 2
+    err = [line for line in capsys.readouterr().err.splitlines() if ": error: " in line]
+    assert len(err) == 1 and "'emu' do not occur in the train split" in err[0]
+
+
+def test_knn_scores_a_val_split_lacking_a_class_correctly(tmp_path, capsys):
+    # the report's case: val lacking one class scored 50.0 where the truth was 100; here the val
+    # images are copies of train images, so each one's nearest neighbour is its own class
+    class_folders(tmp_path / "train", {"a": 2, "b": 2, "c": 2})
+    (tmp_path / "val").mkdir()
+    for name in ("b", "c"):
+        (tmp_path / "val" / name).mkdir()
+        (tmp_path / "val" / name / "copy.png").write_bytes((tmp_path / "train" / name / "0.png").read_bytes())
+    model = tmp_path / "model"
+    torch.manual_seed(0)
+    M3AE(M3AEConfig(**TINY)).save_pretrained(model)
+    assert main(["knn", "--checkpoint", str(model), "--data.source", str(tmp_path), "--batch-size", "8",
+                 "--precision", "fp32", "--device", "cpu", "--k", "1"]) == 0
+    result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert result["top1"] == 100.0 and result["split"]["classes"] == ["a", "b", "c"]

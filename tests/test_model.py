@@ -29,6 +29,27 @@ def batch(B=4, lengths=(12, 7, 3, 0), seed=1):
 
 
 # ------------------------------------------------------------------ masking
+@pytest.mark.parametrize("ratio", [0.15, 0.5, 0.75, 0.9])
+@pytest.mark.parametrize("masking", ["per_sample", "shared"])
+def test_real_token_masking_keeps_int_n_real_times_one_minus_r_real_tokens_per_caption(ratio, masking):
+    model = make(text_mask_over="real", text_mask_ratio=ratio, masking=masking)
+    lengths = list(range(13))  # every caption length 0..12 of text_length 12
+    image, text, pad = batch(13, lengths)
+    torch.manual_seed(2)
+    out = model(image, text, pad)
+    kept = out.text_ids_keep  # what the encoder saw, padding included
+    real_kept = (~pad).gather(1, kept).sum(1)
+    assert real_kept.tolist() == [int(n * (1 - ratio)) for n in lengths]
+    assert kept.shape[1] == int(12 * (1 - ratio))  # the longest caption sets the block; the rest is padding
+    # the loss is on the removed real tokens: every real token is either seen or scored
+    assert torch.equal(((1 - out.text_mask) * (~pad)).sum(1).long(), real_kept)
+    # the official behaviour stays the default: int(L (1 - r)) positions over the padded caption
+    torch.manual_seed(2)
+    official = make(text_mask_ratio=ratio, masking=masking)(image, text, pad)
+    assert official.text_ids_keep.shape[1] == int(12 * (1 - ratio))
+    assert (~pad).gather(1, official.text_ids_keep).sum(1).tolist() != [int(n * (1 - ratio)) for n in lengths]
+
+
 def test_per_sample_masking_keeps_exact_counts_and_covers_positions_uniformly():
     torch.manual_seed(0)
     B, L, keep, draws = 64, 16, 4, 200

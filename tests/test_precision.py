@@ -22,7 +22,6 @@ from m3ae.train.pretrain import PretrainConfig, run_pretraining
 from m3ae.train.synthetic import ListLoader
 
 from test_train_loop import global_batches, tiny_config
-from test_transfer import setup  # noqa: F401  (the fixture: a tiny model and labelled shards)
 
 CPU = torch.device("cpu")
 
@@ -41,7 +40,7 @@ def fresh_decisions():
 
 def mock_cpu(monkeypatch, native: str | None, speedup: float) -> None:
     monkeypatch.setattr(precision, "cpu_bf16_support", lambda: native)
-    monkeypatch.setattr(precision, "measured_speedup", lambda device_type, name: speedup)
+    monkeypatch.setattr(precision, "measured_speedup", lambda name: speedup)
 
 
 # ---------------------------------------------------------------------------------------- precision
@@ -85,6 +84,75 @@ def test_forced_modes_are_kept_and_a_fast_bf16_cpu_does_not_warn(monkeypatch):
     assert precision.resolve_precision("fp16", CPU).grad_scaler() is not None
     with pytest.raises(ValueError, match="precision='fp8'"):
         precision.resolve_precision("fp8", CPU)
+
+
+def rates_in_turn(monkeypatch, bf16_over_fp32: list[float]) -> list[str]:
+    """matmul_rate mocked: fp32 at 1, bf16 at the next of `bf16_over_fp32` per call; the calls made."""
+    calls, ratios = [], iter(bf16_over_fp32)
+    monkeypatch.setattr(precision, "matmul_rate",
+                        lambda device, name, size, repeats: calls.append(name) or (next(ratios) if name == "bf16" else 1.0))
+    return calls
+
+
+def test_the_probe_takes_the_median_of_alternating_timings(monkeypatch):
+    calls = rates_in_turn(monkeypatch, [3.0, 20.0, 4.0])  # one burst of load on fp32 says 20x
+    assert precision._probe("bf16") == 4.0 and calls == ["bf16", "fp32"] * 3
+
+
+def test_the_precision_decision_is_measured_once_per_machine_and_kept(tmp_path, monkeypatch):
+    monkeypatch.setenv("M3AE_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.setattr(precision, "cpu_bf16_support", lambda: "AVX-512 BF16")
+    calls = rates_in_turn(monkeypatch, [4.0] * 3 + [0.5] * 6)
+    first = precision.resolve_precision("auto", CPU)
+    assert first.name == "bf16" and "4.00× fp32 (once for this CPU and torch" in first.reason
+    kept = json.loads((tmp_path / "cache" / precision.PROBE_FILE).read_text())
+    assert kept[precision.machine_key()]["bf16"] == 4.0
+    # a new process (the caches cleared) on a busy machine, where the probe would now say 0.5x: same answer
+    for cached in (precision._auto, precision.measured_speedup):
+        cached.cache_clear()
+    assert precision.resolve_precision("auto", CPU).name == "bf16" and len(calls) == 6
+    # other kernels (here oneDNN limited to AVX2) are another machine: measured again
+    monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", "AVX2")
+    for cached in (precision._auto, precision.measured_speedup):
+        cached.cache_clear()
+    assert precision.resolve_precision("auto", CPU).name == "fp32" and len(calls) == 12
+    kept = json.loads((tmp_path / "cache" / precision.PROBE_FILE).read_text())
+    assert sorted(entry["bf16"] for entry in kept.values()) == [0.5, 4.0]
+
+
+@pytest.mark.parametrize("damage", ["not json", "[1, 2]", '{"KEY": {"bf16": "fast"}}', '{"KEY": 3}'])
+def test_a_damaged_probe_file_is_measured_again_and_rewritten(tmp_path, monkeypatch, damage):
+    monkeypatch.setenv("M3AE_CACHE_DIR", str(tmp_path))
+    (tmp_path / precision.PROBE_FILE).write_text(damage.replace("KEY", precision.machine_key()))
+    rates_in_turn(monkeypatch, [2.0] * 3)
+    assert precision.measured_speedup("bf16") == 2.0
+    assert json.loads((tmp_path / precision.PROBE_FILE).read_text())[precision.machine_key()]["bf16"] == 2.0
+
+
+def test_an_unwritable_cache_measures_in_the_process(tmp_path, monkeypatch):
+    (tmp_path / "file").write_text("")
+    monkeypatch.setenv("M3AE_CACHE_DIR", str(tmp_path / "file" / "m3ae"))  # a directory under a file
+    calls = rates_in_turn(monkeypatch, [2.0] * 3)
+    assert precision.measured_speedup("bf16") == 2.0 and len(calls) == 6
+
+
+def test_processes_started_together_take_the_first_one_s_measurement(tmp_path):
+    """The ranks of a run on a fresh machine: without the lock each would measure its own (here: its
+    own pid) and they could decide differently."""
+    script = (
+        "import os, time\n"
+        "from m3ae.engine import runtime\n"
+        "def probe(name):\n"
+        "    time.sleep(0.5)\n"
+        "    return float(os.getpid())\n"
+        "runtime._probe = probe\n"
+        "print(runtime.measured_speedup('bf16'))\n"
+    )
+    env = {**os.environ, "M3AE_CACHE_DIR": str(tmp_path)}
+    procs = [subprocess.Popen([sys.executable, "-c", script], env=env, stdout=subprocess.PIPE, text=True)
+             for _ in range(2)]
+    answers = {float(p.communicate(timeout=120)[0]) for p in procs}
+    assert len(answers) == 1 and answers.pop() in {float(p.pid) for p in procs}
 
 
 @pytest.mark.parametrize("capability, name", [((9, 0), "bf16"), ((8, 0), "bf16"), ((7, 5), "fp32")])
@@ -152,39 +220,56 @@ def test_peak_is_the_precision_s_autocast_rate_floored_by_fp32(monkeypatch):
 @pytest.mark.parametrize("name", ["fp32", "bf16", "fp16"])
 def test_bench_and_pretraining_mfu_stay_at_most_one(tmp_path, name):
     result = run_bench(BenchConfig(preset="tiny", batch_size=2, image_size=32, text_length=16, vocab_size=100,
-                                   dtype=name, steps=1, warmup=1, threads=1))
-    assert result["dtype"] == name and 0 < result["mfu"] <= 1
+                                   precision=name, steps=1, warmup=1, threads=1))
+    assert result["precision"] == name and 0 < result["mfu"] <= 1
     cfg = tiny_config(tmp_path, steps=2, precision=name, threads=1)
     run_pretraining(cfg, loader=ListLoader(global_batches(cfg.model, 1, 8)))
     assert all(0 < m["mfu"] <= 1 for m in read_metrics(tmp_path / "metrics.jsonl"))
 
 
 # ------------------------------------------------------------------------------------------ threads
-@pytest.mark.parametrize("cores, load, processes, expected", [
-    (2, 0.3, 1, 2), (2, 0.49, 1, 2), (2, 0.6, 1, 1), (2, 5.0, 1, 1),  # 2 cores: both only when free
-    (8, 2.2, 1, 6), (8, 0.0, 2, 4), (8, 7.0, 2, 1), (1, 0.0, 1, 1),
-])
-def test_auto_threads_rule(cores, load, processes, expected):
-    count, reason = precision.auto_threads(cores, load, processes)
-    assert count == expected and f"{load:.2f}" in reason
+@pytest.mark.parametrize("cores, processes, expected", [(2, 1, 2), (8, 1, 8), (8, 2, 4), (8, 3, 2), (2, 4, 1), (1, 1, 1)])
+def test_auto_threads_is_the_process_s_share_of_the_cores(cores, processes, expected):
+    count, reason = precision.auto_threads(cores, processes)
+    assert count == expected and f"{cores} physical cores" in reason
+    assert (f"shared by {processes} processes" in reason) == (processes > 1)
 
 
-def test_apply_threads_sets_torch_and_auto_follows_load_or_omp(monkeypatch):
+def test_apply_threads_sets_torch_and_auto_ignores_the_load_average(monkeypatch):
+    """The load average trails the machine by a minute: right after a busy minute it read 1.5 on two
+    free cores, and the old rule took 1 thread (half the speed)."""
     assert precision.apply_threads(1).count == 1 and torch.get_num_threads() == 1
     assert precision.apply_threads(2).reason == "requested" and torch.get_num_threads() == 2
     monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
     monkeypatch.setattr(precision, "physical_cores", lambda: 2)
-    monkeypatch.setattr(os, "getloadavg", lambda: (4.0, 4.0, 4.0))
+    monkeypatch.setattr(os, "getloadavg", lambda: (1.5, 1.0, 0.5))
     chosen = precision.apply_threads("auto")
-    assert (chosen.count, torch.get_num_threads()) == (1, 1) and "load average 4.00" in chosen.reason
-    monkeypatch.setattr(os, "getloadavg", lambda: (0.0, 0.0, 0.0))
-    assert precision.apply_threads("auto").count == 1  # decided once per process
+    assert (chosen.count, torch.get_num_threads()) == (2, 2) and chosen.reason == "auto: 2 physical cores"
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
+    assert precision.apply_threads("auto").count == 2  # decided once per process
+    precision._auto_threads.cache_clear()
+    assert precision.apply_threads("auto") == precision.Threads(1, "auto: 2 physical cores shared by 2 processes")
     precision._auto_threads.cache_clear()
     monkeypatch.setenv("OMP_NUM_THREADS", "2")
     assert precision.apply_threads("auto") == precision.Threads(2, "auto: OMP_NUM_THREADS")
     for bad in (0, "two", True):
         with pytest.raises(ValueError, match="threads="):
             precision.apply_threads(bad)
+
+
+@pytest.mark.parametrize("preset, expected", [({}, "PASSIVE"), ({"OMP_WAIT_POLICY": "ACTIVE"}, "ACTIVE"),
+                                              ({"GOMP_SPINCOUNT": "10000"}, None)])
+def test_the_command_line_makes_idle_openmp_threads_sleep_before_torch_starts_them(preset, expected):
+    """libgomp reads OMP_WAIT_POLICY once, as torch loads it: `m3ae` sets it before any import of
+    torch (checked with libgomp's own report of its settings), and a user's choice is kept."""
+    script = ("import os, sys\nimport m3ae.cli\nassert 'torch' not in sys.modules\n"
+              "print(os.environ.get('OMP_WAIT_POLICY'))\nimport torch\ntorch.ones(2).sum()\n")
+    env = {k: v for k, v in os.environ.items() if k not in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT")}
+    done = subprocess.run([sys.executable, "-c", script], env={**env, **preset, "OMP_DISPLAY_ENV": "TRUE"},
+                          capture_output=True, text=True, check=True)
+    assert done.stdout.strip() == str(expected)
+    if expected:
+        assert f"OMP_WAIT_POLICY = '{expected}'" in done.stderr
 
 
 def test_threads_flags_and_config_fields(capsys):
@@ -199,12 +284,14 @@ def test_threads_flags_and_config_fields(capsys):
 
 def test_pretraining_applies_threads_prints_and_records_the_resolved_choices(tmp_path, monkeypatch, capsys):
     mock_cpu(monkeypatch, None, 3.0)
-    cfg = tiny_config(tmp_path, steps=1, threads=1)
+    cfg = tiny_config(tmp_path, steps=1, threads=1, precision="auto")
     run_pretraining(cfg, loader=ListLoader(global_batches(cfg.model, 1, 8)))
     assert torch.get_num_threads() == 1
     info = json.loads((tmp_path / "run_info.json").read_text())
     assert (info["precision"], info["threads"], info["threads_reason"]) == ("fp32", 1, "requested")
     assert "no AMX or AVX-512 BF16" in info["precision_reason"]
+    assert info["machine_key"] == precision.machine_key()  # the key of the probe that decided
+    assert info["omp_wait_policy"] == os.environ.get("OMP_WAIT_POLICY", "(libgomp default)")
     assert "precision fp32 (auto: " in capsys.readouterr().out
     saved = config_io.load(PretrainConfig, tmp_path / "config.yaml")
     assert (saved.train.precision, saved.train.threads) == ("auto", 1)  # the setting, not the decision

@@ -6,13 +6,16 @@ import os
 import tarfile
 
 import pytest
+
+import m3ae.data.loader
 from data_helpers import image_bytes, write_tar
 
 from m3ae.cli import main
 from m3ae.data import DataConfig, build_eval_loader, build_pretrain_loader
 from m3ae.data.inspect import inspect_source
-from m3ae.data.sources import MAX_JSON_DEPTH, BadField, checked_label, load_json, open_source
-from m3ae.data.writer import ShardWriter, build_shards
+from m3ae.data.factory import build_shards, open_source
+from m3ae.data.sources import MAX_JSON_DEPTH, BadField, checked_label, load_json
+from m3ae.data.writer import ShardWriter
 
 
 def good(key: str, index: int, label: int = 1) -> list[tuple[str, bytes]]:
@@ -182,3 +185,58 @@ def test_an_interrupted_build_leaves_only_whole_shards(tmp_path):
     assert [p.name for p in writer.written] == ["shard-0000.tar"]
     report = inspect_source(str(tmp_path / "shard-0000.tar"))
     assert report["samples"] == 2 and report["skipped"] == {}
+
+
+EPS = (b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 64 64\n%%EndComments\n"
+       b"newpath 0 0 moveto 64 64 lineto stroke\nshowpage\n%%EOF\n")
+
+
+def test_sample_bytes_cannot_choose_a_decoder_that_runs_a_program(tmp_path, monkeypatch):
+    # PostScript stored as x.jpg: Pillow would pick its EPS plugin from the bytes, which runs
+    # Ghostscript on the sample; a stand-in `gs` on PATH records whether anything ran it
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    ran = tmp_path / "GHOSTSCRIPT_RAN"
+    (bin_dir / "gs").write_text(f"#!/bin/sh\ntouch {ran}\nexit 1\n")
+    (bin_dir / "gs").chmod(0o755)
+    monkeypatch.setenv("PATH", f"{bin_dir}{os.pathsep}{os.environ['PATH']}")
+    shard = write_tar(tmp_path / "ps.tar", [("x.jpg", EPS), ("x.txt", b"a caption"), *good("y", 1)])
+    report = inspect_source(str(shard))
+    assert report["skipped"] == {"undecodable_image": 1} and report["samples"] == 1
+    keys = [k for batch in build_pretrain_loader(config(str(shard)), batch_size=1, epochs=1) for k in batch["key"]]
+    assert keys == ["y"] and not ran.exists()
+    # the shard builder re-encodes only the formats the pipeline reads
+    from m3ae.data.writer import reencode_png
+
+    with pytest.raises(Exception, match="cannot identify image file"):
+        reencode_png(EPS)
+    assert not ran.exists()
+
+
+def test_a_bad_sample_is_logged_once_per_run_not_once_per_epoch(tmp_path, caplog, monkeypatch):
+    monkeypatch.setattr(m3ae.data.loader, "_reported", {})  # what earlier tests in this process logged
+    # a probe reads its split with a new loader every epoch: 3 bad images over 90 epochs were 270 lines
+    pattern = hostile_shards(tmp_path)
+    eval_cfg = config(pattern)
+    eval_cfg.eval_train_source = pattern
+    with caplog.at_level(logging.WARNING, logger="m3ae.data"):
+        for _ in range(3):
+            assert len([k for batch in build_eval_loader(eval_cfg, batch_size=4) for k in batch["key"]]) == 4
+        loader = build_pretrain_loader(config(pattern), batch_size=2, epochs=3)
+        assert len([k for batch in loader for k in batch["key"]]) == 12
+    assert loader.stats()["skipped"] == {"bad_json": 6, "bad_label": 6}  # still every skip counted
+    messages = [r.getMessage() for r in caplog.records if "skipped" in r.getMessage()]
+    assert len(messages) == 4 and len(set(messages)) == 4, messages
+
+
+def test_skip_lines_stop_after_twenty_per_reason_and_say_so(tmp_path, caplog, monkeypatch):
+    monkeypatch.setattr(m3ae.data.loader, "_reported", {})  # what earlier tests in this process logged
+    members = [m for i in range(25) for m in ((f"k{i:03d}.png", b"not an image"), (f"k{i:03d}.txt", b"x"))]
+    members += good("ok", 0)
+    write_tar(tmp_path / "many-bad.tar", members)
+    with caplog.at_level(logging.WARNING, logger="m3ae.data"):
+        loader = build_pretrain_loader(config(str(tmp_path / "many-bad.tar")), batch_size=1, epochs=1)
+        assert [k for batch in loader for k in batch["key"]] == ["ok"]
+    assert loader.stats()["skipped"] == {"undecodable_image": 25}
+    messages = [r.getMessage() for r in caplog.records if "skipped" in r.getMessage()]
+    assert len(messages) == 21 and "no longer logged one by one" in messages[-1]

@@ -46,3 +46,17 @@ def test_resume_reloads_the_run_config_and_max_steps_is_the_new_stopping_point(t
 def test_resume_latest_needs_a_checkpoint(tmp_path, capsys):
     assert main(["pretrain", "--out-dir", str(tmp_path / "empty"), "--resume", "latest"]) == 2
     assert "no checkpoint" in capsys.readouterr().err
+
+
+def test_resume_does_not_run_a_pipe_command_stored_in_the_run_directory(tmp_path, capsys):
+    # a run directory from someone else: its config.yaml names a `pipe:` source the user never typed
+    run = tmp_path / "run"
+    marker = tmp_path / "RAN"
+    assert main(["pretrain", "--out-dir", str(run), "--print-config"]) == 0
+    config = capsys.readouterr().out.replace("source: embedded", f"source: 'pipe:touch {marker}; cat x.tar'")
+    run.mkdir()
+    (run / "config.yaml").write_text(config)
+    assert main(["pretrain", "--out-dir", str(run), "--resume", "auto"]) == 2
+    err = capsys.readouterr().err
+    assert "data.source='pipe:touch" in err and "does not run it unless you type it again (--data.source" in err
+    assert not marker.exists()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import subprocess
 import sys
 import time
@@ -77,21 +78,48 @@ def test_model_section_starts_from_its_preset():
 
 @pytest.mark.parametrize("recipe", sorted(p.stem for p in RECIPES.glob("*.yaml")))
 def test_every_recipe_loads(recipe):
-    cfg = config_io.load(PretrainConfig, RECIPES / f"{recipe}.yaml")
+    cfg = config_io.load(PretrainConfig, RECIPES / f"{recipe}.yaml", {"data.source": "shards/{0..9}.tar"})
     assert cfg.train.batch_size >= 1
 
 
+@pytest.mark.parametrize("recipe", ["cc12m_m3ae", "cc12m_mae"])
+def test_a_scale_recipe_needs_data_source_and_derives_its_steps_from_epochs(recipe, tmp_path, capsys):
+    # it once trained on the embedded toy set with 0 workers without a word
+    assert main(["pretrain", "--config", recipe, "--out-dir", str(tmp_path / "run")]) == 2
+    (line,) = capsys.readouterr().err.strip().splitlines()
+    assert "data.source: this recipe trains at scale and needs your data: give --data.source" in line
+    assert not (tmp_path / "run").exists()
+    argv = ["pretrain", "--config", recipe, "--data.source", "cc12m/{00000..01242}.tar", "--print-config"]
+    assert main([*argv, "--train.samples-per-epoch", "1000000"]) == 0
+    printed = yaml.safe_load(capsys.readouterr().out)
+    assert printed["data"]["num_workers"] == 16
+    assert printed["train"]["total_steps"] == math.ceil(100 * 1_000_000 / 4096) == 24415
+
+
+def test_steps_derived_from_epochs_are_printed_and_max_steps_past_them_stretches_the_schedule():
+    cfg = config_io.load(PretrainConfig, None, {"train.epochs": 2.5, "train.samples_per_epoch": 100,
+                                                "train.batch_size": 8})
+    assert cfg.train.total_steps == 32  # ceil(250 / 8)
+    assert cfg.train.describe_schedule() == "schedule: 2.5 epochs x 100 samples / batch 8 = 32 steps"
+    assert config_io.load(PretrainConfig, None, {"train.epochs": 1, "train.samples_per_epoch": 80,
+                                                 "train.max_steps": 50}).train.total_steps == 50
+    with pytest.raises(ConfigError, match="train.epochs=1: needs epochs > 0 and train.samples_per_epoch"):
+        config_io.load(PretrainConfig, None, {"train.epochs": 1})
+
+
 def test_paper_recipes_follow_the_paper():
-    m3ae = config_io.load(PretrainConfig, RECIPES / "cc12m_m3ae.yaml")
-    mae = config_io.load(PretrainConfig, RECIPES / "cc12m_mae.yaml")
+    m3ae, mae = (config_io.load(PretrainConfig, RECIPES / f"{name}.yaml", {"data.source": "cc12m/"})
+                 for name in ("cc12m_m3ae", "cc12m_mae"))
     for cfg in (m3ae, mae):
         assert cfg.train.batch_size == 4096 and cfg.optim.peak_lr(4096) == pytest.approx(1.5e-4 * 16)
         assert cfg.optim.betas == (0.9, 0.95) and cfg.optim.weight_decay == 0.05
         assert cfg.optim.clip_grad_norm is None
         assert cfg.model.preset == "base" and cfg.model.image_size == 256 and cfg.model.image_mask_ratio == 0.75
-        steps_per_epoch = cfg.train.total_steps / 100
-        assert cfg.optim.warmup_steps == pytest.approx(5 * steps_per_epoch)
+        steps_per_epoch = 12_400_000 / 4096  # the paper's 100 epochs of CC12M
+        assert cfg.train.total_steps == math.ceil(100 * steps_per_epoch)
+        assert cfg.optim.warmup_steps == pytest.approx(5 * steps_per_epoch, rel=2e-4)
     assert m3ae.model.text_loss_weight == 0.5 and m3ae.model.text_mask_ratio == 0.75
+    assert m3ae.data.vocab == "full" and m3ae.model.vocab_size == 30522  # BERT's, as the official checkpoints
     assert mae.model.model_type == "mae"
 
 
@@ -152,3 +180,14 @@ def test_a_data_image_size_other_than_the_models_is_an_error_naming_both():
     assert cfg.data.image_size == 64  # the same size, given twice, is fine
     with pytest.raises(ConfigError, match=r"data.image_size=48 disagrees with model.image_size=64"):
         config_io.load(PretrainConfig, None, {"model.preset": "tiny", "data.image_size": 48})
+
+
+def test_a_config_error_blames_the_file_or_the_command_line_whichever_holds_the_value(tmp_path, capsys):
+    # a value typed on the command line was reported "(in .../tiny.yaml)"
+    assert main(["pretrain", "--optim.base_lr", "fast", "--print-config"]) == 2
+    line = capsys.readouterr().err.strip()
+    assert line.endswith("optim.base_lr='fast': expected a number (on the command line)") and "tiny.yaml" not in line
+    recipe = tmp_path / "bad.yaml"
+    recipe.write_text("optim:\n  base_lr: fast\n")
+    assert main(["pretrain", "--config", str(recipe), "--train.batch_size", "8", "--print-config"]) == 2
+    assert capsys.readouterr().err.strip().endswith(f"expected a number (in {recipe})")

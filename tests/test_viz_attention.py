@@ -54,3 +54,29 @@ def test_patch_attention_figure_depends_on_weights(tmp_path):
     a = _pixels(plot_patch_attention(picture, words, 5, 4, np.array([0.0, 0.1, 0.9, 0.0]), tmp_path / "a.png"))
     b = _pixels(plot_patch_attention(picture, words, 5, 4, np.array([0.9, 0.1, 0.0, 0.0]), tmp_path / "b.png"))
     assert a.shape == (300, 800, 3) and np.abs(a - b).max() > 50
+
+
+def _red(pixels):
+    return (pixels[..., 0] > 180) & (pixels[..., 1] < 80) & (pixels[..., 2] < 80)
+
+
+def test_word_attention_panels_carry_a_colour_bar_of_the_raw_scale(tmp_path):
+    # a grey picture and a constant overlay: the only saturated blue and red come from colour bars
+    picture = np.full((32, 32, 3), 0.5)
+    flat = _pixels(plot_word_attention(picture, ["a", "b"], {0: np.full((4, 4), 0.2)}, tmp_path / "flat.png"))
+    ramp = _pixels(plot_word_attention(picture, ["a", "b"], {0: np.arange(16.0).reshape(4, 4) / 120},
+                                       tmp_path / "ramp.png"))
+    blue = (ramp[..., 2] > 180) & (ramp[..., 0] < 60)
+    # the bar is right of the panel, opaque: jet's both ends, in a column strip the image does not reach
+    columns = np.flatnonzero(_red(ramp).any(axis=0) & blue.any(axis=0))
+    assert columns.size >= 3 and columns.min() > ramp.shape[1] // 2
+    assert _red(ramp).sum() > 50 and blue.sum() > 50 and flat.std() > 5
+
+
+def test_a_border_patch_keeps_its_whole_outline(tmp_path):
+    picture, words, weights = np.zeros((32, 32, 3)), ["a", "dog"], np.array([0.3, 0.7])
+    corner = _red(_pixels(plot_patch_attention(picture, words, 15, 4, weights, tmp_path / "corner.png")))
+    inside = _red(_pixels(plot_patch_attention(picture, words, 5, 4, weights, tmp_path / "inside.png")))
+    # the bottom-right patch's outline was cut off on its two outer sides by the axes' clip
+    left = slice(0, corner.shape[1] // 2)  # the image panel, not the caption
+    assert corner[:, left].sum() >= 0.9 * inside[:, left].sum() > 0

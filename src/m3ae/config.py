@@ -10,11 +10,14 @@ classmethod and a `preset` field is built from that preset first, then the other
 from __future__ import annotations
 
 import argparse
+import collections
+import copy
 import dataclasses
 import functools
 import inspect
 import io
 import re
+import reprlib
 import tokenize
 import types
 import typing
@@ -28,6 +31,62 @@ T = TypeVar("T")
 
 class ConfigError(ValueError):
     """A configuration value is invalid; the message names the field."""
+
+
+class _BoundedRepr(reprlib.Repr):
+    """Values in error messages come from files: shown cut short, never expanded whole."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.maxlevel, self.maxstring, self.maxother = 3, 80, 80
+        self.maxlist = self.maxtuple = self.maxdict = self.maxset = 8
+
+
+_shown = _BoundedRepr().repr
+MAX_MESSAGE = 400
+
+
+def _cut(text: str) -> str:
+    # a dataclass's own check may quote a whole value; one line of an error stays readable
+    return text if len(text) <= MAX_MESSAGE else f"{text[:MAX_MESSAGE]}... ({len(text)} characters)"
+
+
+class _StrictLoader(yaml.SafeLoader):
+    """PyYAML's safe loader without aliases (a few hundred bytes of `&a [*a, *a, ...]` expand to
+    gigabytes wherever the tree is walked) and with duplicate keys an error, not the last one kept."""
+
+    def compose_node(self, parent, index):
+        if self.check_event(yaml.AliasEvent):
+            event = self.peek_event()
+            raise yaml.constructor.ConstructorError(
+                None, None, f"alias *{event.anchor[:40]} refused: configs are plain values, write them out",
+                event.start_mark)
+        return super().compose_node(parent, index)
+
+    def construct_mapping(self, node, deep=False):
+        keys = [key.value for key, _ in node.value if isinstance(key, yaml.ScalarNode)]
+        if len(set(keys)) != len(keys):
+            repeated = next(key for key, count in collections.Counter(keys).items() if count > 1)
+            raise yaml.constructor.ConstructorError(None, None, f"duplicate key {_shown(repeated)}", node.start_mark)
+        return super().construct_mapping(node, deep=deep)
+
+
+def load_yaml(text: str) -> Any:
+    """YAML as every config of ours is read: safe types only, no aliases, no duplicate keys
+    (`yaml.YAMLError` otherwise)."""
+    return yaml.load(text, Loader=_StrictLoader)
+
+
+def read_yaml(path: str | Path) -> Any:
+    """A YAML file read with `load_yaml`; every failure a ConfigError naming the file."""
+    try:
+        text = Path(path).read_bytes().decode("utf-8")
+    except UnicodeDecodeError as error:
+        raise ConfigError(f"{path}: not a YAML text file (not UTF-8 at byte {error.start})") from None
+    try:
+        return load_yaml(text)
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: not valid YAML: {' '.join(str(e).split())[:300]}") from None
 
 
 def _is_dataclass_type(tp: Any) -> bool:
@@ -53,10 +112,10 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
                 return _coerce(value, option, where)
             except ConfigError:
                 continue
-        raise ConfigError(f"{where}={value!r}: expected {' or '.join(_type_name(a) for a in args)}")
+        raise ConfigError(f"{where}={_shown(value)}: expected {' or '.join(_type_name(a) for a in args)}")
     if origin is Literal:
         if value not in args:
-            raise ConfigError(f"{where}={value!r}: must be one of {', '.join(repr(a) for a in args)}")
+            raise ConfigError(f"{where}={_shown(value)}: must be one of {', '.join(repr(a) for a in args)}")
         return value
     if _is_dataclass_type(tp):
         if isinstance(value, tp):
@@ -66,27 +125,27 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
         try:  # a scalar shorthand for the first field, e.g. a source path
             return tp(value)
         except (TypeError, ValueError) as e:
-            raise ConfigError(f"{where}={value!r}: expected a mapping of {tp.__name__} fields ({e})") from e
+            raise ConfigError(f"{where}={_shown(value)}: expected a mapping of {tp.__name__} fields ({e})") from e
     if origin in (list, tuple):
         if not isinstance(value, (list, tuple)):
-            raise ConfigError(f"{where}={value!r}: expected a list")
+            raise ConfigError(f"{where}={_shown(value)}: expected a list")
         if origin is tuple and not (len(args) == 2 and args[1] is Ellipsis):
             if len(value) != len(args):
-                raise ConfigError(f"{where}={value!r}: expected {len(args)} values")
+                raise ConfigError(f"{where}={_shown(value)}: expected {len(args)} values")
             return tuple(_coerce(v, a, f"{where}[{i}]") for i, (v, a) in enumerate(zip(value, args)))
         items = [_coerce(v, args[0], f"{where}[{i}]") for i, v in enumerate(value)] if args else list(value)
         return tuple(items) if origin is tuple else items
     if origin is dict:
         if not isinstance(value, dict):
-            raise ConfigError(f"{where}={value!r}: expected a mapping")
+            raise ConfigError(f"{where}={_shown(value)}: expected a mapping")
         return {str(k): _coerce(v, args[1], f"{where}.{k}") if args else v for k, v in value.items()}
     if tp is bool:
         if not isinstance(value, bool):
-            raise ConfigError(f"{where}={value!r}: expected true or false")
+            raise ConfigError(f"{where}={_shown(value)}: expected true or false")
         return value
     if tp is int:
         if isinstance(value, bool) or not isinstance(value, int):
-            raise ConfigError(f"{where}={value!r}: expected an integer")
+            raise ConfigError(f"{where}={_shown(value)}: expected an integer")
         return value
     if tp is float:
         if isinstance(value, str):
@@ -96,11 +155,11 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
             except ValueError:
                 pass
         if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise ConfigError(f"{where}={value!r}: expected a number")
+            raise ConfigError(f"{where}={_shown(value)}: expected a number")
         return float(value)
     if tp is str:
         if not isinstance(value, str):
-            raise ConfigError(f"{where}={value!r}: expected a string")
+            raise ConfigError(f"{where}={_shown(value)}: expected a string")
         return value
     raise ConfigError(f"{where}: unsupported annotation {tp!r}")
 
@@ -115,9 +174,9 @@ def from_dict(cls: type[T], values: dict[str, Any], where: str = "") -> T:
     prefix = f"{where}." if where else ""
     hints = _hints(cls)
     fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
-    unknown = sorted(set(values) - set(fields))
+    unknown = sorted(map(str, set(values) - set(fields)))
     if unknown:
-        raise ConfigError(f"{prefix}{unknown[0]}: unknown field of {cls.__name__} (known: {', '.join(sorted(fields))})")
+        raise ConfigError(f"{prefix}{unknown[0][:80]}: unknown field of {cls.__name__} (known: {', '.join(sorted(fields))})")
     kwargs = {name: _coerce(value, hints[name], f"{prefix}{name}") for name, value in values.items()}
     missing = [name for name, f in fields.items() if name not in kwargs and _default_of(f) is dataclasses.MISSING]
     if missing:
@@ -129,7 +188,7 @@ def from_dict(cls: type[T], values: dict[str, Any], where: str = "") -> T:
         return cls(**kwargs)
     except (TypeError, ValueError) as e:
         # The dataclass's own validation names the field; add the section it sits in.
-        message = str(e)
+        message = _cut(str(e))
         if where and not message.startswith(where):
             message = f"{where}: {message}"
         raise ConfigError(message) from e
@@ -160,7 +219,7 @@ def _set_dotted(tree: dict[str, Any], dotted: str, value: Any) -> None:
 def parse_value(text: str) -> Any:
     """A command-line string as YAML reads it: `true` -> bool, `3` -> int, `[1, 2]` -> list, `null` -> None."""
     try:
-        return yaml.safe_load(text)
+        return load_yaml(text)
     except yaml.YAMLError:
         return text
 
@@ -173,19 +232,25 @@ def load(cls: type[T], path: str | Path | None = None, overrides: dict[str, Any]
         path = Path(path)
         if not path.is_file():
             raise ConfigError(f"config file {path} not found")
-        try:
-            loaded = yaml.safe_load(path.read_text())
-        except yaml.YAMLError as e:
-            raise ConfigError(f"{path}: not valid YAML: {e}") from e
+        loaded = read_yaml(path)
         if loaded is not None and not isinstance(loaded, dict):
             raise ConfigError(f"{path}: the top level must be a mapping of sections")
         tree = loaded or {}
         source = f" (in {path})"
+    from_file = copy.deepcopy(tree)
     for dotted, value in (overrides or {}).items():
         _set_dotted(tree, dotted, value)
     try:
         return from_dict(cls, tree)
     except ConfigError as e:
+        if source and overrides:
+            # blame the file only for what the file says: a value typed on the command line is the
+            # command line's error (the file alone is checked for the same message)
+            try:
+                from_dict(cls, from_file)
+                source = " (on the command line)"
+            except ConfigError as alone:
+                source = source if str(alone) == str(e) else " (on the command line)"
         raise ConfigError(f"{e}{source}") from None
 
 
@@ -273,6 +338,23 @@ def add_override_arguments(parser: argparse.ArgumentParser, cls: type, defaults:
         group.add_argument(flag_name(dotted), help=f"{text} ({shown})".replace("%", "%%"), **common)
         if "_" in dotted:  # the Python spelling, accepted but not listed
             group.add_argument(f"--{dotted}", help=argparse.SUPPRESS, **common)
+    for dotted, flags in _field_aliases(cls).items():
+        for flag in flags:
+            if flag not in parser._option_string_actions:  # a second nested copy keeps its own flags only
+                add_override_alias(parser, flag, dotted)
+
+
+def _field_aliases(cls: type, prefix: str = "") -> dict[str, tuple[str, ...]]:
+    """{"data.columns.image": ("--csv-img-key",), ...}: the other tools' spellings a field declares in
+    its `metadata={"aliases": ...}`, wherever the dataclass is nested, so every command gets them."""
+    out: dict[str, tuple[str, ...]] = {}
+    for f in dataclasses.fields(cls):
+        tp = _hints(cls)[f.name]
+        if _is_dataclass_type(tp):
+            out.update(_field_aliases(tp, f"{prefix}{f.name}."))
+        elif f.init and f.metadata.get("aliases"):
+            out[f"{prefix}{f.name}"] = tuple(f.metadata["aliases"])
+    return out
 
 
 def _yaml_scalar(value: Any) -> str:

@@ -8,8 +8,8 @@ from dataclasses import dataclass, field
 from inspect import signature
 
 from .config import DataConfig
+from .factory import build_shards
 from .synth import ensure_embedded_dataset
-from .writer import build_shards
 
 _SYNTH = signature(ensure_embedded_dataset).parameters
 _BUILD = signature(build_shards).parameters
@@ -41,15 +41,6 @@ class InspectConfig:
     limit: int | None = None  # read at most this many records; null: all
 
 
-def add_open_clip_aliases(parser: argparse.ArgumentParser) -> None:
-    """open_clip's names for the table column fields."""
-    from ..config import add_override_alias
-
-    for flag, dotted in (("--csv-img-key", "data.columns.image"), ("--csv-caption-key", "data.columns.caption"),
-                         ("--csv-separator", "data.columns.separator")):
-        add_override_alias(parser, flag, dotted)
-
-
 def register(subparsers: argparse._SubParsersAction) -> None:
     from ..config import add_config_arguments
 
@@ -62,8 +53,6 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     ):
         parser = commands.add_parser(name, help=help_text, description=help_text)
         add_config_arguments(parser, cls)
-        if cls is not SynthConfig:
-            add_open_clip_aliases(parser)
         parser.set_defaults(func=func, config_cls=cls)
 
 

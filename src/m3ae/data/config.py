@@ -3,7 +3,11 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable
 from dataclasses import dataclass, field
+from typing import Literal
+
+from m3ae.config import ConfigError
 
 # Per-channel statistics (RGB, in [0, 1] units) used by the official M3AE release.
 NORMALIZATION_PRESETS: dict[str, tuple[tuple[float, float, float], tuple[float, float, float]]] = {
@@ -15,8 +19,8 @@ NORMALIZATION_PRESETS: dict[str, tuple[tuple[float, float, float], tuple[float, 
 DEFAULT_IMAGE_SIZE = 256
 
 
-class SizeMismatchError(ValueError):
-    pass
+class SizeMismatchError(ConfigError):
+    """A data.image_size that disagrees with the model's: the same user error in every command."""
 
 FORMATS = ("auto", "wds", "hdf5", "manifest", "folder", "flat", "parquet")
 
@@ -43,11 +47,13 @@ class TableColumns:
     """Column names of CSV/TSV/JSONL tables and parquet files (open_clip's --csv-img-key,
     --csv-caption-key and --csv-separator set `image`, `caption` and `separator`)."""
 
-    image: str = ""  # "": "image" in tables; in parquet the first of jpg, png, webp, image present
-    caption: str = "caption"  # caption column
+    # "": "image" in tables; in parquet the first of jpg, png, webp, image present
+    image: str = field(default="", metadata={"aliases": ("--csv-img-key",)})
+    caption: str = field(default="caption", metadata={"aliases": ("--csv-caption-key",)})  # caption column
     label: str = "label"  # class label column
     key: str = "key"  # sample key column
-    separator: str = ""  # "": tab for .tsv files, comma otherwise
+    # "": tab for .tsv files, comma otherwise
+    separator: str = field(default="", metadata={"aliases": ("--csv-separator",)})
 
     def __post_init__(self) -> None:
         if self.separator.startswith("\\"):  # "\t" as typed in a shell or YAML
@@ -59,8 +65,9 @@ class TableColumns:
 @dataclass
 class DataConfig:
     # Main image-text source: a path, a glob, a brace pattern ("shards-{0000..0009}.tar"), a URL or
-    # `pipe:` command, a comma-separated list of those, or "embedded" for the procedural dataset.
-    source: str = "embedded"
+    # `pipe:` command, a comma-separated list of those, or "embedded" for the procedural dataset;
+    # null (the scale recipes): must be given.
+    source: str | None = "embedded"
     format: str = "auto"  # the source's layout: auto (from its names) or one in docs/DATA.md
     embedded_root: str = "data/embedded"  # where the embedded dataset is generated (once) and read
     columns: TableColumns = field(default_factory=TableColumns)
@@ -71,6 +78,12 @@ class DataConfig:
     min_image_size: int = 16
     text_length: int = 64  # caption tokens; training and evaluation commands use the model's
     tokenizer: str = "bert-base-uncased"  # tokenizer name or tokenizer.json path
+    # Pretraining from scratch: "compact" sizes the model's word embedding and text head to the tokens
+    # the captions use (scanned from a sample of `vocab_sample` captions, kept in the model's
+    # config.json; other tokens read as [UNK]); "full": the tokenizer's whole vocabulary (30522 rows
+    # for BERT, as the paper's checkpoints)
+    vocab: Literal["compact", "full"] = "compact"
+    vocab_sample: int = 20_000  # captions read, spread over the source's shards, to make a compact vocabulary
     # A preset name, or "custom" with `mean`/`std` set.
     normalization: str = "cc12m"
     mean: tuple[float, float, float] | None = None  # per-channel mean (normalization custom)
@@ -102,12 +115,17 @@ class DataConfig:
     eval_val_fraction: float = 0.0
 
     def __post_init__(self) -> None:
+        if self.source is None:  # a recipe that must never fall back to the toy set
+            raise ValueError("data.source: this recipe trains at scale and needs your data: give --data.source "
+                             "(shards, a folder, a table, parquet or HDF5; docs/DATA.md)")
         self.image_only_sources = [_as_weighted(s, "image_only_sources") for s in self.image_only_sources]
         self.text_only_sources = [_as_weighted(s, "text_only_sources") for s in self.text_only_sources]
         if self.format not in FORMATS:
             raise ValueError(f"DataConfig.format={self.format!r}: expected one of {FORMATS}")
         if self.caption_drop not in ("deterministic", "random"):
             raise ValueError(f"DataConfig.caption_drop={self.caption_drop!r}: expected 'deterministic' or 'random'")
+        if self.vocab not in ("compact", "full"):
+            raise ValueError(f"DataConfig.vocab={self.vocab!r}: expected 'compact' or 'full'")
         if not 0.0 <= self.paired_fraction <= 1.0:
             raise ValueError(f"DataConfig.paired_fraction={self.paired_fraction}: expected a value in [0, 1]")
         sizes = (1 if self.image_size is None else self.image_size, self.text_length, self.unpaired_text_length)
@@ -132,7 +150,7 @@ class DataConfig:
         low, high = self.crop_scale
         if not 0.0 < low <= high <= 1.0:
             raise ValueError(f"DataConfig.crop_scale={list(self.crop_scale)}: expected 0 < min <= max <= 1")
-        for name, least in (("num_workers", 0), ("seed", 0), ("unpaired_text_batch_size", 0),
+        for name, least in (("num_workers", 0), ("seed", 0), ("unpaired_text_batch_size", 0), ("vocab_sample", 1),
                             ("shuffle_buffer", 0), ("index_unit_size", 1), ("min_image_size", 1),
                             ("max_image_pixels", 1)):
             if getattr(self, name) < least:
@@ -141,6 +159,13 @@ class DataConfig:
             values = getattr(self, name)
             if values is not None and not all(math.isfinite(v) for v in values):
                 raise ValueError(f"DataConfig.{name}={values!r}: must be finite")
+
+    def preprocessing(self) -> dict:
+        """How this pipeline prepares inputs, as config.json records it beside the model's fields
+        (`m3ae.create_model_and_transforms` and the HF export read it back)."""
+        mean, std = self.normalization_stats()
+        return {"tokenizer": self.tokenizer, "image_mean": list(mean), "image_std": list(std),
+                "crop_scale": list(self.crop_scale), "horizontal_flip": self.horizontal_flip}
 
     def normalization_stats(self) -> tuple[tuple[float, ...], tuple[float, ...]]:
         if self.normalization == "custom":
@@ -170,3 +195,29 @@ def _as_weighted(item: WeightedSource | dict | str, field_name: str) -> Weighted
     if source.weight <= 0:
         raise ValueError(f"DataConfig.{field_name}: weight of {source.source!r} must be positive")
     return source
+
+
+def runs_or_fetches(spec: str) -> bool:
+    """Whether reading a source spec may run a command (`pipe:`) or fetch a URL: anywhere in it, since
+    a pattern joins several ("a.tar::pipe:curl ...") and braces expand ("{pipe:x,y}")."""
+    return "pipe:" in spec or "://" in spec.replace("file://", "")
+
+
+def source_fields(cfg: DataConfig) -> dict[str, str]:
+    """{dotted field: spec} of every data source a config names."""
+    fields = {f"data.{name}": getattr(cfg, name) for name in ("source", "eval_train_source", "eval_val_source")}
+    for name in ("image_only_sources", "text_only_sources"):
+        fields.update({f"data.{name}[{i}].source": s.source for i, s in enumerate(getattr(cfg, name))})
+    return fields
+
+
+def refuse_stored_commands(cfg: DataConfig, origin: str, typed: Iterable[str] = ()) -> None:
+    """Refuses a config read back from a run directory (`origin`) whose sources run a command or
+    fetch a URL, unless the user typed that field again (`typed`: dotted names, "data.source" or
+    "data.image_only_sources"): a run directory from someone else must not be code."""
+    typed = set(typed)
+    for name, spec in source_fields(cfg).items():
+        if runs_or_fetches(spec) and name not in typed and name.partition("[")[0] not in typed:
+            flag = "--" + name.partition("[")[0].replace("_", "-")
+            raise ConfigError(f"{name}={spec[:80]!r} (from {origin}) runs a command or fetches a URL; a stored config "
+                              f"does not run it unless you type it again ({flag} ...)")

@@ -6,7 +6,8 @@ from collections import Counter
 
 import numpy as np
 
-from m3ae.data.sources import decode_caption, open_source
+from m3ae.data.factory import detect_layout, open_source
+from m3ae.data.sources import NoUsableSample, decode_caption
 from m3ae.data.tokenizer import Tokenizer
 from m3ae.data.transforms import SkipSample, decode_image, unexpected_skip
 
@@ -24,8 +25,6 @@ def inspect_source(spec: str, fmt: str = "auto", limit: int | None = None, token
                    text_length: int = 64, max_image_pixels: int = 89_478_485, min_image_size: int = 16,
                    columns=None) -> dict:
     """Read `spec` in order (at most `limit` records), decoding every image and caption."""
-    from m3ae.data.layouts import detect_layout
-
     layout = dict(zip(("format", "why"), detect_layout(spec))) if fmt == "auto" else {"format": fmt, "why": "--format"}
     source = open_source(spec, fmt, columns=columns)
     tok = Tokenizer.from_name(tokenizer, text_length)
@@ -56,7 +55,7 @@ def inspect_source(spec: str, fmt: str = "auto", limit: int | None = None, token
         if record.label >= 0:
             labels[record.label] += 1
     if not captions:
-        raise RuntimeError(
+        raise NoUsableSample(
             f"data source {spec!r} yielded no usable sample ({records} records, skipped {dict(skipped)})")
     encoded = tok.encode(captions)
     lengths = [len(ids) for ids in encoded]

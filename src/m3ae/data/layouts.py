@@ -1,7 +1,7 @@
 """Layouts people already have, beyond shards, HDF5 and class folders: caption folders (`x.jpg` +
 `x.txt`, img2dataset's `files` output), tables with their own column names and separator (open_clip's
 CSV conventions) and img2dataset parquet. Each is a `Source`, so skip counting and the exact resume
-of the loader apply unchanged; `detect_layout` says which layout a spec is and why.
+of the loader apply unchanged; `data/factory.py` detects and opens them.
 """
 
 from __future__ import annotations
@@ -14,16 +14,10 @@ from typing import Iterator, Sequence
 
 from m3ae.data.config import TableColumns
 from m3ae.data.sources import (FOLDER_IMAGE_EXTENSIONS, BadField, FolderSource, IndexedSource, ManifestSource, RawRecord,
-                               Source, checked_label, detect_format, load_json)
+                               Source, checked_label, load_json, open_table, read_regular)
 from m3ae.utils import require
 
 PARQUET_IMAGE_COLUMNS = ("jpg", "png", "webp", "image")
-
-_REASONS = {
-    "wds": "tar shards: a .tar name, a brace or glob pattern, a URL or a directory of .tar files",
-    "hdf5": "an .h5/.hdf5 file (official layout: jpg + caption, {split}_jpg + {split}_labels)",
-    "manifest": "a .jsonl/.json/.csv/.tsv table of image paths and captions",
-}
 
 
 def _is_image(path: Path) -> bool:
@@ -36,29 +30,6 @@ def _parquet_files(spec: str) -> list[str]:
     if any(ch in spec for ch in "*?["):
         return sorted(glob.glob(spec))
     return [spec] if os.path.isfile(spec) else []
-
-
-def detect_layout(spec: str) -> tuple[str, str]:
-    """(format, why) for a source spec, as `--format auto` reads it."""
-    lower = spec.lower()
-    if lower.endswith(".parquet") or (os.path.isdir(spec) and _parquet_files(spec)):
-        return "parquet", "parquet file(s) (img2dataset's parquet output: image bytes or paths + caption column)"
-    if lower.endswith(".tsv"):
-        return "manifest", _REASONS["manifest"]
-    if os.path.isdir(spec) and not glob.glob(os.path.join(spec, "*.tar")):
-        entries = list(Path(spec).iterdir())
-        top_images = sum(1 for p in entries if _is_image(p))
-        folders = [p for p in entries if p.is_dir()]
-        if top_images:
-            return "flat", (f"a directory with {top_images} image file(s) at its top level: a caption folder "
-                            f"(x.jpg + x.txt, read recursively), unlabelled")
-        if folders and all(p.name.isdigit() for p in folders):
-            return "flat", ("a directory of numbered subfolders (img2dataset's `files` output): a caption folder "
-                            "(x.jpg + x.txt), unlabelled")
-        return "folder", (f"a directory of {len(folders)} subfolder(s) and no image at its top level: class "
-                          f"folders, labelled by sorted subfolder name (x.txt beside an image is its caption)")
-    fmt = detect_format(spec)
-    return fmt, _REASONS[fmt]
 
 
 class CaptionFolderSource(FolderSource):
@@ -88,7 +59,7 @@ class TableSource(ManifestSource):
         c = self.columns
         image = c.image or "image"
         names = {image: "image", c.caption: "caption", c.label: "label", c.key: "key"}
-        with open(path, newline="", encoding="utf-8", errors="replace") as handle:
+        with open_table(path) as handle:
             if path.lower().endswith((".jsonl", ".json")):
                 rows = [_json_row(line) for line in handle if line.strip()]
             else:
@@ -127,7 +98,10 @@ class ParquetSource(Source):
             raise FileNotFoundError(f"data source {spec!r}: no .parquet file")
         self.groups: list[tuple[str, int]] = []
         for path in files:
-            meta = pq.ParquetFile(path)
+            try:
+                meta = pq.ParquetFile(path)
+            except (OSError, ValueError) as error:  # pyarrow's messages do not name the file
+                raise ValueError(f"data source {path!r}: not a readable parquet file ({error})") from None
             present = set(meta.schema_arrow.names)
             image = self.columns.image or next((c for c in PARQUET_IMAGE_COLUMNS if c in present), "")
             if image not in present:
@@ -165,7 +139,9 @@ class ParquetSource(Source):
                 record.error = "missing_image"
             elif isinstance(value, str):
                 try:
-                    record.image = (Path(path).parent / value).read_bytes()
+                    record.image = read_regular(Path(path).parent / value)
+                except BadField as bad:
+                    record.error = bad.reason
                 except OSError:
                     record.error = "missing_file"
             else:

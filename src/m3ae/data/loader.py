@@ -26,7 +26,8 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from m3ae.data.config import DEFAULT_IMAGE_SIZE, DataConfig
-from m3ae.data.sources import IndexedSource, RawRecord, Source, decode_caption, open_source
+from m3ae.data.factory import open_source
+from m3ae.data.sources import IndexedSource, NoUsableSample, RawRecord, Source, decode_caption
 from m3ae.data.splits import key_hash, open_eval_split
 from m3ae.data.tokenizer import Tokenizer
 from m3ae.data.transforms import ImageTransform, SkipSample, decode_image, normalize_batch, unexpected_skip
@@ -87,7 +88,7 @@ class UnitStream:
                     yield record
                 pos.unit, pos.offset = pos.unit + 1, 0
             if pos.valid == 0 and units:
-                raise RuntimeError(
+                raise NoUsableSample(
                     f"data source {self.source.name!r} yielded no usable sample in epoch {pos.epoch} "
                     f"(rank {self.slot.rank}, worker {self.slot.worker}, {len(units)} shard(s)); see the "
                     f"skip counts logged under 'm3ae.data'"
@@ -129,10 +130,14 @@ class WorkerStats:
     image_only: int = 0
     unpaired_text: int = 0
 
+    def __post_init__(self) -> None:
+        # (reason, key, source) of the skips since the last batch: reported by the main process
+        # (`report_skips`), which outlives the workers of one epoch; not part of the state
+        self.events: list[tuple[str, str, str]] = []
+
     def skip(self, reason: str, key: str, source: str) -> None:
         self.skipped[reason] = self.skipped.get(reason, 0) + 1
-        level = logging.WARNING if self.skipped[reason] <= _LOGGED_SKIPS_PER_REASON else logging.DEBUG
-        logger.log(level, "skipped sample %r of %s: %s", key, source, reason)
+        self.events.append((reason, key, source))
 
     @staticmethod
     def merge(parts: list[dict]) -> dict:
@@ -145,17 +150,39 @@ class WorkerStats:
                 "skipped": dict(sorted(skipped.items()))}
 
 
+# reason -> the (source, key) already reported in this process (at most _LOGGED_SKIPS_PER_REASON + 1)
+_reported: dict[str, set[tuple[str, str]]] = {}
+
+
+def report_skips(events: list[tuple[str, str, str]]) -> None:
+    """Logs each skipped sample once per process, whatever the epoch or loader that meets it again
+    (a probe builds a loader per epoch), and at most _LOGGED_SKIPS_PER_REASON samples per reason;
+    the counts stay complete in the loader's statistics."""
+    for reason, key, source in events:
+        seen = _reported.setdefault(reason, set())
+        if (source, key) in seen or len(seen) > _LOGGED_SKIPS_PER_REASON:
+            continue
+        seen.add((source, key))
+        if len(seen) > _LOGGED_SKIPS_PER_REASON:
+            logger.warning("more samples skipped (%s): counted in the loader's statistics, no longer logged one by one",
+                           reason)
+        else:
+            logger.warning("skipped sample %r of %s: %s", key, source, reason)
+
+
 class BatchStream(IterableDataset):
     """Per-worker batch producer; `PretrainLoader` wraps it in a DataLoader and tracks its state."""
 
     def __init__(self, cfg: DataConfig, batch_size: int, rank: int, world_size: int,
-                 epochs: int | None, labelled_split: str = "", train_transform: bool = True) -> None:
+                 epochs: int | None, labelled_split: str = "", train_transform: bool = True,
+                 vocabulary: list[str] | None = None) -> None:
         if batch_size < 1:
             raise ValueError(f"batch_size={batch_size}: must be positive")
         if not 0 <= rank < world_size:
             raise ValueError(f"rank={rank} is not in [0, world_size={world_size})")
         self.cfg, self.batch_size, self.rank, self.world_size = cfg, batch_size, rank, world_size
         self.epochs = epochs
+        self.vocabulary = vocabulary  # the model's compact vocabulary (M3AEConfig.vocabulary), if any
         self.eval_mode = bool(labelled_split)
         self.num_workers = max(1, cfg.num_workers)
         open_kwargs = dict(unit_size=cfg.index_unit_size, embedded_root=cfg.embedded_root, columns=cfg.columns)
@@ -212,7 +239,7 @@ class BatchStream(IterableDataset):
 
     def _batches(self, worker: int, state: dict) -> Iterator[dict]:
         cfg = self.cfg
-        tokenizer = Tokenizer.from_name(cfg.tokenizer, cfg.text_length)
+        tokenizer = Tokenizer.from_name(cfg.tokenizer, cfg.text_length, self.vocabulary)
         stats = WorkerStats(**state.get("stats", {}))
         image_streams = self._streams(self.image_sources, worker, state.get("image_streams", []), 0)
         text_streams = self._streams(self.text_sources, worker, state.get("text_streams", []),
@@ -244,7 +271,7 @@ class BatchStream(IterableDataset):
                 stats.unpaired_text += len(texts)
             batch_index += 1
             stats.samples += len(samples)
-            batch["_worker"] = worker
+            batch["_worker"], batch["_skips"], stats.events = worker, stats.events, []
             batch["_state"] = {
                 "batches": batch_index,
                 "image_streams": [asdict(s.position) for s in image_streams],
@@ -386,6 +413,7 @@ class PretrainLoader:
             batches = iter(loader)
         for batch in batches:
             self._worker_states[batch.pop("_worker")] = batch.pop("_state")
+            report_skips(batch.pop("_skips"))
             self._batches += 1
             yield batch
 
@@ -421,30 +449,53 @@ class PretrainLoader:
 
 
 def build_pretrain_loader(cfg: DataConfig, batch_size: int, rank: int = 0, world_size: int = 1,
-                          epochs: int | None = None, pin_memory: bool = False) -> PretrainLoader:
+                          epochs: int | None = None, pin_memory: bool = False,
+                          vocabulary: list[str] | None = None) -> PretrainLoader:
     """Pretraining batches for one rank. `epochs=None` (training) streams forever; a number ends
-    after that many passes over the main source, the last batch possibly short."""
-    return PretrainLoader(BatchStream(cfg, batch_size, rank, world_size, epochs), pin_memory)
+    after that many passes over the main source, the last batch possibly short. Text ids are the
+    compact ones of `vocabulary` (the model's) when given."""
+    return PretrainLoader(BatchStream(cfg, batch_size, rank, world_size, epochs, vocabulary=vocabulary), pin_memory)
+
+
+def _captions(source: Source, limit: int, spread: bool) -> Iterator[str]:
+    """The caption ("" when missing or undecodable) of up to `limit` intact records, without
+    decoding images; units in order, or `spread` over them in a fixed shuffled order so that a
+    sample of a large source is not its first shards alone."""
+    units = list(source.units())
+    if spread:
+        units = [units[i] for i in _rng(0, _TAG_UNITS).permutation(len(units))]
+    read = 0
+    for unit in units:
+        for record in source.read_unit(unit):
+            if record.error:
+                continue
+            try:
+                yield decode_caption(record.caption)
+            except SkipSample:
+                yield ""
+            read += 1
+            if read >= limit:
+                return
+
+
+def _open(cfg: DataConfig, spec: str, fmt: str, role: str) -> Source:
+    return open_source(spec, fmt, role=role, unit_size=cfg.index_unit_size, embedded_root=cfg.embedded_root,
+                       columns=cfg.columns)
 
 
 def caption_coverage(cfg: DataConfig, limit: int = 256) -> tuple[int, int]:
     """(records with a caption, records read) over the first `limit` intact records of the main
     source in unit order, without decoding images: a cheap look before a paired run starts."""
-    source = open_source(cfg.source, cfg.format, unit_size=cfg.index_unit_size, embedded_root=cfg.embedded_root,
-                         columns=cfg.columns)
-    captioned = read = 0
-    for unit in source.units():
-        for record in source.read_unit(unit):
-            if record.error:
-                continue
-            try:
-                captioned += bool(decode_caption(record.caption))
-            except SkipSample:
-                pass
-            read += 1
-            if read >= limit:
-                return captioned, read
-    return captioned, read
+    captions = list(_captions(_open(cfg, cfg.source, cfg.format, "pair"), limit, spread=False))
+    return sum(bool(c) for c in captions), len(captions)
+
+
+def caption_sample(cfg: DataConfig) -> list[str]:
+    """Up to `cfg.vocab_sample` captions of the main source, and as many texts of each text-only
+    source, spread over their shards: what a compact vocabulary is made from."""
+    sources = [_open(cfg, cfg.source, cfg.format, "pair")]
+    sources += [_open(cfg, s.source, s.format, "text") for s in cfg.text_only_sources]
+    return [c for source in sources for c in _captions(source, cfg.vocab_sample, spread=True) if c]
 
 
 def build_eval_loader(cfg: DataConfig, batch_size: int, split: str = "train", train_transform: bool = False,

@@ -7,14 +7,21 @@ splits them across ranks and workers, and can skip whole units without reading t
 
 from __future__ import annotations
 
+import bz2
+import contextlib
 import csv
 import glob
+import gzip
+import io
 import json
 import logging
+import lzma
 import math
 import os
 import re
+import stat
 import tarfile
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator, Sequence
@@ -39,14 +46,50 @@ class RawRecord:
     shard: str = ""  # the file (or URL) the record was read from, for skip logs; "" for indexed sources
 
 
+# What one sample may cost before it is read. An image file or tar member: beyond any real encoding
+# of `max_image_pixels`. A caption: its first 64 KiB hold far more than the longest token sequence
+# (the tokenizer took 30 s and 3 GB on a 20 MB one), so a longer one is cut there. JSON and `.cls`
+# metadata: small by nature.
+MAX_FILE_BYTES = 1 << 28
+MAX_CAPTION_BYTES = 1 << 16
+MAX_METADATA_BYTES = 1 << 20
+
+
+class NoUsableSample(ValueError):
+    """A whole source yielded nothing usable (a ValueError: commands report it in one line)."""
+
+
 def decode_caption(raw: bytes | str | None) -> str:
-    """Caption text, stripped; non-UTF-8 bytes are a skip, a missing caption is empty."""
+    """Caption text, stripped, at most MAX_CAPTION_BYTES of it; non-UTF-8 bytes are a skip, a
+    missing caption is empty."""
+    if isinstance(raw, str) and len(raw) > MAX_CAPTION_BYTES:
+        raw = raw[:MAX_CAPTION_BYTES]
     if isinstance(raw, bytes):
+        if len(raw) > MAX_CAPTION_BYTES:
+            end = MAX_CAPTION_BYTES
+            while end > MAX_CAPTION_BYTES - 3 and raw[end] & 0xC0 == 0x80:  # not inside a UTF-8 sequence
+                end -= 1
+            raw = raw[:end]
         try:
             raw = raw.decode("utf-8")
         except UnicodeDecodeError as error:
             raise SkipSample("caption_not_utf8") from error
     return (raw or "").strip()
+
+
+def read_regular(path: str | Path, limit: int = MAX_FILE_BYTES) -> bytes:
+    """A file's bytes when it is a regular file of at most `limit` bytes; BadField("not_a_regular_file")
+    for a FIFO, device or socket (a manifest row or a symlink can name /dev/zero, read until memory
+    runs out, or a FIFO, which hangs), BadField("file_too_large") beyond `limit`; OSError as open raises it."""
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)  # O_NONBLOCK: opening a FIFO does not wait for a writer
+    with os.fdopen(fd, "rb") as handle:
+        info = os.fstat(fd)
+        if not stat.S_ISREG(info.st_mode):
+            raise BadField("not_a_regular_file", str(path))
+        data = handle.read(limit + 1)  # a file growing after fstat is still bounded
+        if max(info.st_size, len(data)) > limit:
+            raise BadField("file_too_large", f"{path}: more than {limit} bytes")
+        return data
 
 
 class Source:
@@ -107,7 +150,6 @@ def _split_member_name(name: str) -> tuple[str, str]:
 MAX_LABEL = 2**31 - 1
 # Sample metadata is flat; a deeper document is hostile (the C decoder recurses once per level).
 MAX_JSON_DEPTH = 64
-_JSON_STRING = re.compile(rb'"(?:[^"\\]|\\.)*"')
 
 
 class BadField(ValueError):
@@ -129,14 +171,34 @@ def checked_label(value: object) -> int:
     if isinstance(value, str):
         text = value.strip()
         # int() would accept thousands of digits (and "1_0"); a label is short and plain
-        if not re.fullmatch(r"-?[0-9]{1,10}", text):
+        # "3.0" too: pandas writes integer labels so when a column holds a missing value
+        if not re.fullmatch(r"-?[0-9]{1,10}(\.0{1,8})?", text):
             raise BadField("bad_label", repr(value[:32]))
-        value = int(text)
+        value = int(text.partition(".")[0])
     if isinstance(value, float) and math.isfinite(value) and value.is_integer():
         value = int(value)
     if isinstance(value, bool) or not isinstance(value, int) or not -1 <= value <= MAX_LABEL:
         raise BadField("bad_label", repr(value)[:32])
     return value
+
+
+def _json_depth(raw: bytes) -> int:
+    """The deepest bracket nesting outside strings, in linear time whatever the bytes (a regular
+    expression over strings backtracked quadratically on unterminated or escape-heavy ones). In valid
+    JSON a backslash occurs only inside strings, so a quote is escaped exactly when an odd run of
+    backslashes precedes it; on invalid JSON the count may be off, and json.loads refuses the text."""
+    text = np.frombuffer(raw, dtype=np.uint8)
+    if not text.size:
+        return 0
+    position = np.arange(text.size)
+    backslash = text == ord("\\")
+    last_other = np.maximum.accumulate(np.where(backslash, -1, position))  # last non-backslash at or before
+    run_before = np.concatenate(([0], position[:-1] - last_other[:-1]))  # backslashes right before each byte
+    quote = (text == ord('"')) & (run_before % 2 == 0)
+    outside = (np.cumsum(quote) - quote) % 2 == 0  # an even number of real quotes before: not in a string
+    steps = (outside & ((text == ord("[")) | (text == ord("{")))).astype(np.int64)
+    steps -= outside & ((text == ord("]")) | (text == ord("}")))
+    return int(np.cumsum(steps).max())
 
 
 def _reject_constant(name: str) -> None:
@@ -147,10 +209,7 @@ def load_json(data: bytes | str) -> object:
     """`json.loads` for untrusted sample data: nesting deeper than MAX_JSON_DEPTH and NaN/Infinity
     raise BadField("bad_json") instead of RecursionError or values that overflow later."""
     raw = data.encode("utf-8", "surrogatepass") if isinstance(data, str) else data
-    brackets = np.frombuffer(_JSON_STRING.sub(b"", raw), dtype=np.uint8)
-    steps = (np.isin(brackets, (ord("["), ord("{"))).astype(np.int64)
-             - np.isin(brackets, (ord("]"), ord("}"))).astype(np.int64))
-    if steps.size and int(np.cumsum(steps).max()) > MAX_JSON_DEPTH:
+    if _json_depth(raw) > MAX_JSON_DEPTH:
         raise BadField("bad_json", f"nested deeper than {MAX_JSON_DEPTH} levels")
     try:
         return json.loads(raw, parse_constant=_reject_constant)
@@ -194,7 +253,7 @@ class WebDatasetSource(Source):
             return
         group_key, members = None, {}
         try:
-            with stream, tarfile.open(fileobj=stream, mode="r|*") as tar:
+            with stream, tarfile.open(fileobj=_decompressed(stream), mode="r|") as tar:
                 for info in tar:
                     if not info.isfile():
                         continue
@@ -207,11 +266,14 @@ class WebDatasetSource(Source):
                         if group_key is not None:
                             yield self._record(url, group_key, members)
                         group_key, members = key, {}
-                    members[ext] = tar.extractfile(info).read()
+                    data = _read_member(tar, info, ext)
+                    if isinstance(data, str):  # a skip reason: the whole sample is skipped under it
+                        members[".error"], data = data, b""
+                    members[ext] = data
                 if _has_data_after_end(tar):
                     # tarfile ends quietly at a damaged header: what follows would vanish uncounted
                     raise tarfile.ReadError("damaged member header (data follows the end of the archive)")
-        except (tarfile.TarError, OSError, EOFError, ValueError) as error:
+        except (tarfile.TarError, OSError, EOFError, ValueError, zlib.error, lzma.LZMAError) as error:
             if group_key is None:  # nothing readable at all: a bad path, URL or command
                 _warn_once(f"cannot read shard {url}: {error}")
                 yield RawRecord(key=url, error="unreadable_shard", shard=url)
@@ -227,6 +289,8 @@ class WebDatasetSource(Source):
     def _record(url: str, key: str, members: dict[str, bytes]) -> RawRecord:
         if "." in members:  # marked by read_unit (no extension holds a dot): the members repeat the previous sample's key
             return RawRecord(key=key, error="duplicate_key", shard=url)
+        if ".error" in members:
+            return RawRecord(key=key, error=members[".error"], shard=url)
         image = next((members[ext] for ext in IMAGE_EXTENSIONS if ext in members), None)
         try:
             label = checked_label(members["cls"]) if "cls" in members else -1
@@ -237,6 +301,71 @@ class WebDatasetSource(Source):
             return RawRecord(key=key, error=bad.reason, shard=url)
         error = "" if image is not None else "missing_image"
         return RawRecord(key=key, image=image, caption=members.get("txt"), label=label, error=error, shard=url)
+
+
+_TEXT_MEMBERS = {"txt": MAX_CAPTION_BYTES + 1, "json": MAX_METADATA_BYTES, "cls": MAX_METADATA_BYTES}
+
+
+def _read_member(tar: tarfile.TarFile, info: tarfile.TarInfo, ext: str) -> bytes | str:
+    """A member's bytes, its cost judged from its header first: a sparse member (a 2 GB caption in a
+    20 KB shard) or one larger than its kind allows returns a skip reason instead; members no
+    reader uses are not read. A caption is read up to one byte past what decode_caption keeps."""
+    if ext not in IMAGE_EXTENSIONS and ext not in _TEXT_MEMBERS:
+        return b""
+    if info.issparse():
+        return "sparse_member"
+    if ext == "txt":
+        return tar.extractfile(info).read(_TEXT_MEMBERS["txt"])
+    if info.size > _TEXT_MEMBERS.get(ext, MAX_FILE_BYTES):
+        return "member_too_large"
+    return tar.extractfile(info).read()
+
+
+# A compressed shard of images and captions inflates a few times; past this ratio (after the first
+# 64 MiB) it is a bomb, reported as a damaged shard instead of being inflated to its end.
+MAX_EXPANSION = 100
+_EXPANSION_ALLOWANCE = 1 << 26
+_COMPRESSED = {b"\x1f\x8b": lambda raw: gzip.GzipFile(fileobj=raw), b"BZh": bz2.BZ2File,
+               b"\xfd7zXZ\x00": lzma.LZMAFile}
+
+
+class _Counted:
+    """A byte stream whose first bytes were already read (to see its compression), counting what it delivers."""
+
+    def __init__(self, raw, head: bytes) -> None:
+        self.raw, self.head, self.count = raw, head, 0
+
+    def read(self, size: int = -1) -> bytes:
+        if self.head:
+            data, self.head = (self.head, b"") if size < 0 else (self.head[:size], self.head[size:])
+        else:
+            data = self.raw.read(size)
+        self.count += len(data)
+        return data
+
+
+class _Bounded:
+    """The inflated stream of a compressed shard, refusing to expand beyond MAX_EXPANSION."""
+
+    def __init__(self, inflated, compressed: _Counted) -> None:
+        self.inflated, self.compressed, self.count = inflated, compressed, 0
+
+    def read(self, size: int = -1) -> bytes:
+        data = self.inflated.read(size)
+        self.count += len(data)
+        if self.count > _EXPANSION_ALLOWANCE + MAX_EXPANSION * self.compressed.count:
+            raise ValueError(f"compressed data expands more than {MAX_EXPANSION} times (a compression bomb)")
+        return data
+
+
+def _decompressed(stream):
+    """The tar bytes of a plain or gzip/bzip2/xz-compressed shard stream, expansion bounded."""
+    head = stream.read(6)
+    raw = _Counted(stream, head)
+    for magic, opener in _COMPRESSED.items():
+        if head.startswith(magic):
+            return _Bounded(opener(raw), raw)
+    return raw
 
 
 def _has_data_after_end(tar: tarfile.TarFile) -> bool:
@@ -293,6 +422,28 @@ def _as_bytes(value) -> bytes:
     return bytes(value)
 
 
+def _check_dataset(path: str, field: str, dataset, role: str) -> None:
+    """A dataset read per sample must hold one value of its role per row: encoded bytes per image
+    (byte strings, opaque or variable-length uint8, or rows of uint8), text per caption, a number per
+    label. An integer or 2-D caption dataset used to become NUL-byte captions, a scalar one a TypeError."""
+    import h5py
+
+    dtype, vlen = dataset.dtype, h5py.check_vlen_dtype(dataset.dtype)
+    if role == "label":
+        ok = dataset.ndim == 1 and dtype.kind in "iuf"
+    elif role == "caption":
+        ok = dataset.ndim == 1 and (dtype.kind in "SU" or vlen in (str, bytes))
+    else:
+        ok = ((dataset.ndim == 1 and (dtype.kind in "SV" or vlen in (bytes, np.dtype(np.uint8))))
+              or (dataset.ndim == 2 and dtype == np.uint8))
+    if not ok:
+        raise ValueError(f"data source {path!r}: HDF5 dataset {field!r} has shape {dataset.shape} and type {dtype}; "
+                         f"expected one {role} per row ({_HDF5_ROLES[role]})")
+
+
+_HDF5_ROLES = {"image": "encoded bytes", "caption": "text", "label": "an integer"}
+
+
 class HDF5Source(IndexedSource):
     """The official layout: `jpg` + `caption`, `{split}_jpg` + `{split}_labels`, or `text`."""
 
@@ -304,11 +455,18 @@ class HDF5Source(IndexedSource):
 
         if not os.path.isfile(path):
             raise FileNotFoundError(f"data source {path!r}: HDF5 file does not exist")
-        with h5py.File(path, "r") as handle:
+        try:
+            handle = h5py.File(path, "r")
+        except OSError as error:  # h5py's message does not name the file
+            raise ValueError(f"data source {path!r}: not a readable HDF5 file ({error})") from None
+        with handle:
             fields = [f for f in (image_field, caption_field, label_field) if f]
             missing = [f for f in fields if f not in handle]
             if missing:
-                raise KeyError(f"data source {path!r}: HDF5 dataset(s) {missing} missing (has {sorted(handle)})")
+                raise ValueError(f"data source {path!r}: HDF5 dataset(s) {missing} missing (has {sorted(handle)[:20]})")
+            for field, role in ((image_field, "image"), (caption_field, "caption"), (label_field, "label")):
+                if field:
+                    _check_dataset(path, field, handle[field], role)
             lengths = {f: len(handle[f]) for f in fields}
         if len(set(lengths.values())) != 1:
             raise ValueError(f"data source {path!r}: HDF5 datasets differ in length {lengths}")
@@ -340,6 +498,19 @@ class HDF5Source(IndexedSource):
         return RawRecord(key=f"{index:09d}", image=image, caption=caption, label=label)
 
 
+@contextlib.contextmanager
+def open_table(path: str) -> Iterator[io.TextIOBase]:
+    """A CSV/TSV/JSONL table as text: UTF-8, a leading byte-order mark dropped (spreadsheets write
+    one, and it used to become part of the first column's name); other encodings are an error
+    naming the file and the byte, not text silently replaced."""
+    try:
+        with open(path, newline="", encoding="utf-8-sig") as handle:
+            yield handle
+    except UnicodeDecodeError as error:
+        raise ValueError(f"data source {path!r}: not UTF-8 text (byte 0x{error.object[error.start]:02x}: Latin-1 or "
+                         f"another legacy encoding?); save it as UTF-8") from None
+
+
 class ManifestSource(IndexedSource):
     """JSONL (`{"image": ..., "caption": ..., "label": ...}` per line) or CSV with those columns.
     Image paths are relative to the manifest's directory."""
@@ -355,7 +526,7 @@ class ManifestSource(IndexedSource):
     def _load(path: str) -> list[dict | None]:
         # A malformed row stays in place (as None) so that indices and counts remain stable.
         rows: list[dict | None] = []
-        with open(path, newline="", encoding="utf-8", errors="replace") as handle:
+        with open_table(path) as handle:
             if path.endswith(".csv"):
                 reader = csv.DictReader(handle)
                 if reader.fieldnames is None or "image" not in reader.fieldnames:
@@ -379,7 +550,9 @@ class ManifestSource(IndexedSource):
         key = str(row.get("key") or f"{index:09d}")
         image_path = self.root / str(row["image"])
         try:
-            image = image_path.read_bytes()
+            image = read_regular(image_path)
+        except BadField as bad:
+            return RawRecord(key=key, error=bad.reason)
         except OSError:
             _warn_once(f"manifest {self.name}: missing image file {image_path}")
             return RawRecord(key=key, error="missing_file")
@@ -407,15 +580,35 @@ class FolderSource(IndexedSource):
         self.base = base
         super().__init__(root, len(self.files), unit_size)
 
+    def use_classes(self, classes: Sequence[str], origin: str) -> None:
+        """Labels by another split's class map (the val split of an evaluation is scored with the
+        train split's indices, whatever folders it lacks): a class `origin` lacks is an error, one
+        this folder lacks a warning."""
+        unseen = sorted(set(self.classes) - set(classes))
+        if unseen:
+            shown = ", ".join(repr(name[:40]) for name in unseen[:5]) + (" ..." if len(unseen) > 5 else "")
+            raise ValueError(f"data source {self.name!r}: class folder(s) {shown} do not occur in the train split "
+                             f"{origin!r}; a classifier fitted there cannot predict them")
+        missing = sorted(set(classes) - set(self.classes))
+        if missing:
+            logging.getLogger("m3ae.data").warning(
+                "data source %r has no folder for %d of the %d train class(es) (%s); it is scored on the others",
+                self.name, len(missing), len(classes), ", ".join(missing[:5]) + (" ..." if len(missing) > 5 else ""))
+        index = {name: i for i, name in enumerate(classes)}
+        self.files = [(path, index[self.classes[label]]) for path, label in self.files]
+        self.classes = list(classes)
+
     def read(self, index: int) -> RawRecord:
         path, label = self.files[index]
         key = str(path.relative_to(self.base).with_suffix(""))
+        caption_path = path.with_suffix(".txt")
         try:
-            image = path.read_bytes()
+            image = read_regular(path)
+            caption = read_regular(caption_path, MAX_METADATA_BYTES) if caption_path.is_file() else b""
+        except BadField as bad:
+            return RawRecord(key=key, error=bad.reason)
         except OSError:
             return RawRecord(key=key, error="missing_file")
-        caption_path = path.with_suffix(".txt")
-        caption = caption_path.read_bytes() if caption_path.is_file() else b""
         return RawRecord(key=key, image=image, caption=caption, label=label)
 
 
@@ -442,71 +635,6 @@ def _jsonl_text(line: bytes) -> bytes:
     except BadField:
         return b""
     return str(row.get("text") or row.get("caption") or "").encode() if isinstance(row, dict) else b""
-
-
-def detect_format(spec: str) -> str:
-    if _is_remote(spec) or ".tar" in spec or "::" in spec or "{" in spec:
-        return "wds"
-    lower = spec.lower()
-    if lower.endswith((".h5", ".hdf5")):
-        return "hdf5"
-    if lower.endswith((".jsonl", ".csv", ".json")):
-        return "manifest"
-    if os.path.isdir(spec):
-        return "wds" if glob.glob(os.path.join(spec, "*.tar")) else "folder"
-    if any(ch in spec for ch in "*?["):
-        return "wds"
-    raise FileNotFoundError(f"data source {spec!r}: does not exist or its format cannot be detected")
-
-
-def open_source(spec: str, fmt: str = "auto", *, role: str = "pair", split: str = "",
-                unit_size: int = 64, embedded_root: str = "data/embedded", columns=None) -> Source:
-    """A `Source` for a user spec. `role` is "pair" (image + caption), "labelled" (image + label,
-    of `split`) or "text" (text-only corpus). `columns` (a `TableColumns`) names table and parquet
-    columns."""
-    from m3ae.data import layouts
-
-    if spec == "embedded":
-        from m3ae.data.synth import FORMAT_VERSION, ensure_embedded_dataset, format_version
-
-        # A dataset already there is used whatever its size (e.g. a small one from `m3ae data synth`);
-        # one of an older format is regenerated.
-        root = Path(embedded_root)
-        if format_version(root) != FORMAT_VERSION:
-            root = ensure_embedded_dataset(root)
-        return WebDatasetSource(str(root / f"{split or 'train'}-*.tar"))
-    if role == "labelled" and os.path.isdir(os.path.join(spec, split)):
-        spec = os.path.join(spec, split)  # root/{train,val}/<class>/... or root/{train,val}/*.tar
-    if role == "text":
-        if fmt == "hdf5" or spec.lower().endswith((".h5", ".hdf5")):
-            return HDF5Source(spec, None, "text", unit_size=unit_size)
-        return TextFileSource(spec, unit_size)
-    fmt = layouts.detect_layout(spec)[0] if fmt == "auto" else fmt
-    if fmt == "wds":
-        return WebDatasetSource(spec)
-    if fmt == "hdf5":
-        if role == "labelled":
-            return HDF5Source(spec, f"{split}_jpg", None, f"{split}_labels", unit_size)
-        return HDF5Source(spec, "jpg", "caption", unit_size=unit_size)
-    if fmt == "manifest":
-        return layouts.TableSource(spec, columns, unit_size)
-    if fmt == "folder":
-        return FolderSource(spec, unit_size)
-    if fmt == "flat":
-        return layouts.CaptionFolderSource(spec, unit_size)
-    if fmt == "parquet":
-        return layouts.ParquetSource(spec, columns)
-    raise ValueError(f"data source {spec!r}: unknown format {fmt!r}")
-
-
-def label_names(spec: str, fmt: str = "auto", split: str = "val", embedded_root: str = "data/embedded") -> list[str] | None:
-    """The class names behind a labelled source's integer labels where the source records them (the
-    embedded dataset's manifest, an image folder's class subfolders); None otherwise."""
-    if spec == "embedded":
-        manifest = Path(embedded_root) / "manifest.json"
-        return json.loads(manifest.read_text()).get("classes") if manifest.is_file() else None
-    source = open_source(spec, fmt, role="labelled", split=split, embedded_root=embedded_root)
-    return list(source.classes) if isinstance(source, FolderSource) else None
 
 
 _warned: set[str] = set()

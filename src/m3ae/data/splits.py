@@ -11,12 +11,13 @@ from __future__ import annotations
 import os
 import zlib
 from dataclasses import asdict, dataclass
+from pathlib import Path
 from typing import Iterator, Sequence
 
 from m3ae.data.config import DataConfig
+from m3ae.data.factory import open_source
 from m3ae.data.layouts import ParquetSource
-from m3ae.data.sources import (FolderSource, HDF5Source, ManifestSource, RawRecord, Source, WebDatasetSource,
-                               _is_remote, open_source)
+from m3ae.data.sources import FolderSource, HDF5Source, ManifestSource, RawRecord, Source, WebDatasetSource, _is_remote
 
 _HASH_BUCKETS = 1_000_000
 
@@ -56,6 +57,8 @@ class EvalSplit:
     val: str
     method: str
     val_fraction: float = 0.0
+    # class name of each label index, the train split's for both splits (None: the data name none)
+    classes: list[str] | None = None
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -72,7 +75,24 @@ def open_eval_split(cfg: DataConfig, split: str) -> Source:
         base = open_source(cfg.eval_train_source or cfg.source, cfg.format, split="train", **kwargs)
         return HashSplitSource(base, cfg.eval_val_fraction, val=split == "val")
     spec = getattr(cfg, f"eval_{split}_source") or cfg.source
-    return open_source(spec, cfg.format, split=split, **kwargs)
+    source = open_source(spec, cfg.format, split=split, **kwargs)
+    if split == "val" and isinstance(source, FolderSource) and source.classes:
+        # Class folders are numbered by sorted name: each split alone would number a class set that
+        # differs (a folder missing or extra) differently, and the score would compare wrong indices.
+        train = open_eval_split(cfg, "train")
+        names = class_names(train)
+        # a root holding only val/ has no train split of its own to align with (the figures read it)
+        inside = Path(source.name).resolve().is_relative_to(Path(train.name).resolve())
+        if names is not None and not inside:
+            source.use_classes(names, train.name)
+    return source
+
+
+def class_names(source: Source) -> list[str] | None:
+    """The class name of each label index of a labelled source, where the source names them (class
+    folders); None otherwise."""
+    base = source.source if isinstance(source, HashSplitSource) else source
+    return list(base.classes) if isinstance(base, FolderSource) and base.classes else None
 
 
 def _footprint(source: Source) -> set[str]:
@@ -98,7 +118,7 @@ def check_eval_split(cfg: DataConfig) -> EvalSplit:
             raise ValueError(f"evaluation data: both a val source ({cfg.eval_val_source!r}) and a val fraction "
                              f"({cfg.eval_val_fraction}) were given; choose one")
         train, val = (open_eval_split(cfg, s) for s in ("train", "val"))
-        return EvalSplit(train.name, val.name, "key-hash", cfg.eval_val_fraction)
+        return EvalSplit(train.name, val.name, "key-hash", cfg.eval_val_fraction, class_names(train))
     train, val = (open_eval_split(cfg, s) for s in ("train", "val"))
     shared = _footprint(train) & _footprint(val)
     if shared:
@@ -106,4 +126,4 @@ def check_eval_split(cfg: DataConfig) -> EvalSplit:
             f"evaluation data: the val split {val.name!r} reads {len(shared)} file(s) of the train split "
             f"{train.name!r}, so the score would be measured on the training data; pass --val-data with a "
             f"separate split, or --val-fraction 0.2 to hold out a fixed fifth by key hash")
-    return EvalSplit(train.name, val.name, "separate")
+    return EvalSplit(train.name, val.name, "separate", classes=class_names(train))

@@ -11,6 +11,9 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+# The only decoders sample bytes may choose (the image extensions sources read): Pillow otherwise
+# picks its decoder from the bytes, and some (EPS) run external programs such as Ghostscript.
+IMAGE_FORMATS = ("JPEG", "PNG", "WEBP", "BMP", "GIF", "TIFF")
 _SIXTEEN_BIT_MODES = {"I;16", "I;16B", "I;16L", "I;16N", "I"}
 _ALPHA_MODES = {"RGBA", "LA", "PA", "RGBa", "La"}
 _REDUCIBLE_MODES = {"L", "LA", "RGB", "RGBA", "CMYK"}  # a palette or 16-bit image is converted first
@@ -44,7 +47,7 @@ def decode_image(data: bytes, max_pixels: int, min_side: int, draft_side: int = 
             # Pillow warns on odd EXIF/ICC data it can still decode, and on large images that our
             # own cap below judges (its global limit is left alone: other code may rely on it).
             warnings.simplefilter("ignore")
-            image = Image.open(io.BytesIO(data))
+            image = Image.open(io.BytesIO(data), formats=IMAGE_FORMATS)
             width, height = image.size
             if width * height > max_pixels:
                 raise SkipSample("too_many_pixels", f"{width}x{height}")
@@ -123,16 +126,16 @@ def random_resized_crop_box(
     return (left, top, left + w, top + h)
 
 
-def center_square_box(width: int, height: int) -> Box:
-    """Resize(shorter side) followed by CenterCrop is a resize of this central square."""
-    side = min(width, height)
-    left, top = (width - side) / 2, (height - side) / 2
-    return (left, top, left + side, top + side)
+def resize_shorter_side(width: int, height: int, size: int) -> tuple[int, int]:
+    """(width, height) with the shorter side `size` and the longer one scaled and truncated, as
+    torchvision's Resize(int) and Hugging Face's `shortest_edge` resize compute it: the exported
+    image processor then reproduces our evaluation inputs exactly."""
+    return (size, int(size * height / width)) if width <= height else (int(size * width / height), size)
 
 
 @dataclass(frozen=True)
 class ImageTransform:
-    """Pretraining (RandomResizedCrop + flip) or evaluation (Resize + CenterCrop) to uint8 HWC."""
+    """Pretraining (RandomResizedCrop + flip) or evaluation (Resize shorter side + CenterCrop) to uint8 HWC."""
 
     size: int
     train: bool = True
@@ -150,13 +153,14 @@ class ImageTransform:
             if rng is None:
                 raise ValueError("ImageTransform(train=True) needs a random generator")
             box = random_resized_crop_box(width, height, rng, self.scale)
-            flip = self.flip and rng.random() < 0.5
-        else:
-            box, flip = center_square_box(width, height), False
-        out = image.resize((self.size, self.size), Image.Resampling.BICUBIC, box=box)
-        if flip:
-            out = out.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
-        return np.asarray(out, dtype=np.uint8)
+            out = image.resize((self.size, self.size), Image.Resampling.BICUBIC, box=box)
+            if self.flip and rng.random() < 0.5:
+                out = out.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+            return np.asarray(out, dtype=np.uint8)
+        new_width, new_height = resize_shorter_side(width, height, self.size)
+        pixels = np.asarray(image.resize((new_width, new_height), Image.Resampling.BICUBIC), dtype=np.uint8)
+        top, left = (new_height - self.size) // 2, (new_width - self.size) // 2  # as CenterCrop rounds
+        return pixels[top : top + self.size, left : left + self.size]
 
 
 def normalize_batch(images: np.ndarray, mean: tuple[float, ...], std: tuple[float, ...],

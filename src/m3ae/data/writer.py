@@ -11,10 +11,10 @@ from pathlib import Path, PurePosixPath
 
 from PIL import Image
 
-from m3ae.data.sources import _split_member_name, decode_caption, open_source
-from m3ae.data.transforms import SkipSample
+from m3ae.data.sources import _split_member_name
+from m3ae.data.transforms import IMAGE_FORMATS
 
-# Formats readers decode directly; anything else Pillow can open is re-encoded as PNG.
+# Formats readers decode directly; any other of IMAGE_FORMATS is re-encoded as PNG.
 _KEPT_FORMATS = {"JPEG": "jpg", "PNG": "png", "WEBP": "webp"}
 
 
@@ -30,7 +30,7 @@ def image_extension(data: bytes) -> str | None:
 
 
 def reencode_png(data: bytes) -> bytes:
-    with Image.open(io.BytesIO(data)) as image:
+    with Image.open(io.BytesIO(data), formats=IMAGE_FORMATS) as image:
         out = io.BytesIO()
         image.save(out, format="PNG")
         return out.getvalue()
@@ -134,40 +134,3 @@ class ShardWriter:
             self.close()
         else:
             self.abort()
-
-
-def build_shards(source_spec: str, out_dir: str | Path, fmt: str = "auto", shard_size: int = 1000,
-                 prefix: str = "shard", columns=None) -> dict:
-    """Convert any readable source (typically a manifest or an image folder) into tar shards.
-
-    Image bytes are copied unchanged when already JPEG/PNG/WebP; broken records are skipped and
-    counted, so the shards hold exactly the usable samples in source order.
-    """
-    source = open_source(source_spec, fmt, unit_size=shard_size, columns=columns)
-    skipped: dict[str, int] = {}
-    written = 0
-    with ShardWriter(Path(out_dir), prefix, shard_size) as writer:
-        records = (record for unit in source.units() for record in source.read_unit(unit))
-        for row, record in enumerate(records):
-            key = record.key.replace(".", "_")
-            try:
-                # A key that would not read back as itself is the input's error, not a bad sample:
-                # the build stops rather than write shards that `inspect` reads differently.
-                check_key(key, writer.last_key)
-            except ValueError as error:
-                raise ValueError(f"{source_spec}: record {row} (0-based): {error}") from None
-            try:
-                if record.error:
-                    raise SkipSample(record.error)
-                caption = decode_caption(record.caption)
-                if not record.image:
-                    raise SkipSample("empty_image")
-                writer.write(key, record.image, caption, record.label)
-            except SkipSample as skip:
-                skipped[skip.reason] = skipped.get(skip.reason, 0) + 1
-                continue
-            except OSError:  # Pillow could not re-encode an unusual format
-                skipped["undecodable_image"] = skipped.get("undecodable_image", 0) + 1
-                continue
-            written += 1
-    return {"samples": written, "skipped": skipped, "shards": [str(p) for p in writer.written]}

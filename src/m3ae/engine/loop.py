@@ -13,6 +13,7 @@ is finished, what a log line holds and its result; the rest has defaults here.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -50,6 +51,23 @@ class Trainer:
     scheduler: Any
     train_step: TrainStep
 
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        # A task's constructor that fails after the lock was taken (a bad config found while the
+        # model or the loader are built) releases it, and removes the directory if it made it.
+        super().__init_subclass__(**kwargs)
+        init = cls.__init__
+
+        @functools.wraps(init)
+        def guarded(self, *args: Any, **kw: Any) -> None:
+            try:
+                init(self, *args, **kw)
+            except BaseException:
+                if getattr(self, "_lock", None) is not None:
+                    self.close()
+                raise
+
+        cls.__init__ = guarded
+
     def __init__(self, cfg: Any, run: RunSettings, resume: str | None = None) -> None:
         self.cfg, self.run, self.resuming = cfg, run, resume
         if resume in ("auto", "latest") and run.out_dir is None:
@@ -58,6 +76,7 @@ class Trainer:
         self.info = init_distributed(run.device)
         self.run_dir = RunDir(broadcast_object(str(run.out_dir or default_run_dir(run.name))))
         self._lock = None
+        self._created = not self.run_dir.path.exists()  # removed again if the run never starts
         if self.info.is_main:
             # First, before the model and the loader are built: a second run into the same directory
             # fails at once, and a fresh run never mixes itself into another's files.
@@ -98,10 +117,16 @@ class Trainer:
         return self.checkpoints.save(self.checkpoint_step(), self.wrapped, self.model_config(), self.optimizer)
 
     def close(self) -> None:
-        """Releases the run directory's lock."""
-        if self._lock is not None:
-            self._lock.__exit__(None, None, None)
-            self._lock = None
+        """Releases the run directory's lock; a directory this run created and never wrote to (a
+        config error found while the model or the data were set up) is removed with it."""
+        if self._lock is None:
+            return
+        self._lock.__exit__(None, None, None)
+        self._lock = None
+        path = self.run_dir.path
+        if self._created and path.is_dir() and {p.name for p in path.iterdir()} <= {RunDir.LOCK}:
+            (path / RunDir.LOCK).unlink(missing_ok=True)
+            path.rmdir()
 
     # ------------------------------------------------------------------ what a task supplies
     def total_steps(self) -> int:

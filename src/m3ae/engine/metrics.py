@@ -6,14 +6,16 @@ from __future__ import annotations
 import importlib.util
 import json
 import math
+import secrets
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from ..utils import atomic_path, require
 
 METRICS_FILE = "metrics.jsonl"
+WANDB_ID_FILE = "wandb_id.txt"  # the W&B run id: drawn once per run directory, reused on resume
 
 
 @dataclass
@@ -23,6 +25,10 @@ class LogConfig:
     tensorboard: bool | None = None  # None: when the package is installed
     wandb: bool = False  # log to Weights & Biases (the wandb extra)
     wandb_project: str = "m3ae"  # Weights & Biases project
+    wandb_entity: str | None = None  # W&B team or user; null: your default entity
+    wandb_name: str | None = None  # W&B display name; null: the run directory's name
+    wandb_group: str | None = None  # W&B group (e.g. the runs of one sweep)
+    wandb_tags: list[str] = field(default_factory=list)  # W&B tags
     progress: bool = True  # progress bar on stderr
 
     def __post_init__(self) -> None:
@@ -50,6 +56,19 @@ def read_metrics(path: str | Path) -> list[dict[str, Any]]:
     return records
 
 
+def wandb_run_id(run_dir: str | Path) -> str:
+    """This run directory's W&B id. Random, not derived from the name: `a/exp1` and `b/exp1` (or
+    one directory deleted and reused) must not write into one W&B run; kept in the run so that a
+    resume continues the same one."""
+    path = Path(run_dir) / WANDB_ID_FILE
+    if path.is_file():
+        return path.read_text().strip()
+    run_id = secrets.token_hex(8)
+    with atomic_path(path) as tmp:
+        tmp.write_text(run_id + "\n")
+    return run_id
+
+
 class MetricsLogger:
     """Only the main process writes; the others hold a disabled logger."""
 
@@ -74,8 +93,10 @@ class MetricsLogger:
 
             self._tb = SummaryWriter(log_dir=str(Path(run_dir) / "tensorboard"))
         if wandb is not None:
-            self._wandb = wandb.init(project=cfg.wandb_project, dir=str(run_dir), config=config,
-                                     resume="allow", id=Path(run_dir).name)
+            self._wandb = wandb.init(project=cfg.wandb_project, entity=cfg.wandb_entity,
+                                     name=cfg.wandb_name or Path(run_dir).resolve().name, group=cfg.wandb_group,
+                                     tags=cfg.wandb_tags or None, dir=str(run_dir), config=config,
+                                     resume="allow", id=wandb_run_id(run_dir))
 
     def log(self, step: int, metrics: dict[str, float]) -> None:
         if not self.enabled:

@@ -49,9 +49,11 @@ class OptimConfig:
         for name, value in [*floats.items(), *(("betas", b) for b in self.betas)]:
             if value is not None and math.isnan(value):  # NaN passes every comparison below
                 raise ConfigError(f"optim.{name}={getattr(self, name)!r}: must be a number, not NaN")
-        for name in ("base_lr", "lr_init", "lr_end", "weight_decay", "eps"):
+        for name in ("base_lr", "lr_init", "lr_end", "weight_decay"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"optim.{name}={getattr(self, name)!r}: must be >= 0")
+        if self.eps <= 0:  # AdamW divides by sqrt(v) + eps: 0 turns every zero gradient into NaN
+            raise ConfigError(f"optim.eps={self.eps!r}: must be > 0")
         if self.lr is not None and self.lr <= 0:
             raise ConfigError(f"optim.lr={self.lr!r}: must be > 0 (or null to scale base_lr)")
         if self.warmup_steps < 0:

@@ -173,24 +173,51 @@ def run_dir_lock(run_dir: str | Path) -> Iterator[Path]:
     A POSIX record lock (`lockf`), not `flock`: forked DataLoader workers do not inherit it (so it
     ends with the run's own process, kill -9 included: no stale lock), and NFS honours it."""
     import fcntl  # POSIX only; imported here so that the rest of this module works everywhere
+    import stat
+    import struct
+    import sys
 
     path = Path(run_dir) / ".lock"
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
     try:
+        # never through a symlink: whoever can write into a shared run directory could otherwise make
+        # the run truncate any file its user can write; O_NONBLOCK: a FIFO planted there cannot hang us
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_NONBLOCK, 0o666)
+    except OSError as error:
+        if error.errno != errno.ELOOP:
+            raise
+        raise OSError(errno.ELOOP, f"{path} is a symbolic link; a run's lock file is never followed (remove "
+                                   f"it)") from None
+    directory = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise OSError(errno.EINVAL, f"{path} is not a regular file (remove it)")
         try:
             fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError as error:
             if error.errno not in (errno.EACCES, errno.EAGAIN):
                 raise
             holder = os.pread(fd, 256, 0).decode(errors="replace").strip() or "unknown"
-            raise RunDirBusy(f"{run_dir} is in use by another run ({holder}); wait for it to end or use "
+            raise RunDirBusy(f"{run_dir} is in use by another run ({holder[:200]}); wait for it to end or use "
                              f"another --out-dir") from None
+        # The name `.lock` can be deleted under a live run, and a new one locked beside it. The directory
+        # cannot: every run also holds a shared lock on it, and asking whether an exclusive lock could be
+        # taken (F_GETLK) reports any other process's shared lock, so a second run sees the first.
+        layout = {"linux": "hhqqi4x", "darwin": "qqihh"}.get(sys.platform)
+        fcntl.lockf(directory, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        if layout is not None:
+            query = (fcntl.F_WRLCK, 0, 0, 0, 0) if layout[0] == "h" else (0, 0, 0, fcntl.F_WRLCK, 0)
+            fields = struct.unpack(layout, fcntl.fcntl(directory, fcntl.F_GETLK, struct.pack(layout, *query)))
+            kind, pid = (fields[0], fields[4]) if layout[0] == "h" else (fields[3], fields[2])
+            if kind != fcntl.F_UNLCK:
+                raise RunDirBusy(f"{run_dir} is in use by another run (pid {pid}; its {path.name} was deleted); "
+                                 f"wait for it to end or use another --out-dir")
         os.ftruncate(fd, 0)
         os.pwrite(fd, f"pid {os.getpid()} on host {socket.gethostname()}\n".encode(), 0)
         yield path
     finally:
-        os.close(fd)  # closing releases the lock
+        os.close(fd)  # closing releases the locks
+        os.close(directory)
 
 
 class StopSignal:

@@ -6,15 +6,21 @@ CPU threads.
 devices with bf16 units; CPUs with AMX or AVX-512 BF16, confirmed by a measured matmul probe,
 because native is not enough (an AVX-512 BF16 CPU without AMX can run bf16 matmuls at half its fp32
 rate). Elsewhere autocast emulates bf16 and a step is several times slower, so auto takes fp32.
-`threads: auto` takes every physical core when they are free, and one thread when the load average
-says other processes compete for them: an OpenMP team waits for its slowest thread, so a team larger
-than the free cores loses far more than it gains.
+The probe runs once per CPU model, flags, torch version and kernel level, and its result is kept in
+the user's cache directory: a probe repeated per run, on a busy machine, could flip the precision of
+the same command between two runs.
+`threads: auto` takes this process's share of the physical cores, whatever else runs: with idle
+OpenMP threads sleeping rather than spinning (set by m3ae.cli before torch loads), a team as large as
+the cores was the faster choice quiet, busy and shared (docs/BENCHMARKS.md, "Threads"), while the
+1-minute load average the rule once read trails the machine by a minute and halved the speed of a
+run started right after a busy minute.
 """
 
 from __future__ import annotations
 
 import contextlib
 import functools
+import json
 import os
 import time
 import warnings
@@ -112,11 +118,91 @@ def matmul_rate(device: torch.device, name: PrecisionName, size: int, repeats: i
     return 2 * size**3 / best
 
 
+def cache_dir() -> Path:
+    """Where m3ae keeps what it measured about this machine: $M3AE_CACHE_DIR, else
+    $XDG_CACHE_HOME/m3ae, else ~/.cache/m3ae."""
+    if os.environ.get("M3AE_CACHE_DIR"):
+        return Path(os.environ["M3AE_CACHE_DIR"])
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "m3ae"
+
+
+PROBE_FILE = "precision_probe.json"
+PROBED = f"(once for this CPU and torch: {PROBE_FILE} in the user's cache)"
+
+
+def machine_key() -> str:
+    """What decides a precision probe's result: the CPU (model and flags), torch's version and the
+    kernels it dispatches (ATEN_CPU_CAPABILITY and ONEDNN_MAX_CPU_ISA lower them). The same key
+    gives the same answer, so it is measured once per key."""
+    import hashlib
+    import platform
+
+    model = ""
+    with contextlib.suppress(OSError):
+        model = next((line.partition(":")[2].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                      if line.startswith("model name")), "")
+    parts = [model or platform.processor(), " ".join(sorted(_cpu_flags())), torch.__version__,
+             torch.backends.cpu.get_cpu_capability(), os.environ.get("ONEDNN_MAX_CPU_ISA", "")]
+    return hashlib.sha256("\n".join(parts).encode()).hexdigest()[:16]
+
+
+@contextlib.contextmanager
+def _probe_lock(directory: Path):
+    """One process at a time reads, measures and writes the probe file: the ranks of a run started
+    together on a fresh machine wait for the first one's measurement instead of each taking its own
+    (and possibly deciding differently)."""
+    directory.mkdir(parents=True, exist_ok=True)
+    with open(directory / f"{PROBE_FILE}.lock", "a") as lock:
+        try:
+            import fcntl
+        except ImportError:  # Windows: no advisory locks; at worst two first runs both measure
+            yield
+            return
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
+
+
+def _probe(name: PrecisionName) -> float:
+    """Matmul rate of `name` over fp32, with margins against a busy moment: fp32 and `name` timed
+    in alternation (a burst of load hits both), the median of three ratios."""
+    cpu = torch.device("cpu")
+    ratios = sorted(matmul_rate(cpu, name, 512, 3) / matmul_rate(cpu, "fp32", 512, 3) for _ in range(3))
+    return ratios[1]
+
+
 @functools.cache
-def measured_speedup(device_type: str, name: PrecisionName) -> float:
-    """Matmul rate of `name` over fp32 on this device, measured once per process (about 0.1 s)."""
-    device = torch.device(device_type)
-    return matmul_rate(device, name, 512, 5) / matmul_rate(device, "fp32", 512, 5)
+def measured_speedup(name: PrecisionName) -> float:
+    """Matmul rate of `name` over fp32 on this CPU: measured once per machine (`machine_key`) and
+    kept in the user's cache directory, so that the same CPU and torch decide the same way in every
+    run; measured once per process where that directory cannot be written."""
+    path = cache_dir() / PROBE_FILE
+    key = machine_key()
+    try:
+        with _probe_lock(path.parent):
+            probes = _read_probes(path)
+            entry = probes[key] if isinstance(probes.get(key), dict) else {}
+            if not isinstance(entry.get(name), (int, float)):
+                probes[key] = {**entry, name: round(_probe(name), 3),
+                               "measured": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+                from ..utils import atomic_path
+
+                with atomic_path(path) as tmp:
+                    tmp.write_text(json.dumps(probes, indent=1, sort_keys=True) + "\n", encoding="utf-8")
+            return float(probes[key][name])
+    except OSError:  # a read-only or missing home: this process measures for itself
+        return _probe(name)
+
+
+def _read_probes(path: Path) -> dict:
+    """The probe file, or nothing when it is missing or not JSON (it is measured again)."""
+    try:
+        probes = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+    return probes if isinstance(probes, dict) else {}
 
 
 @functools.cache
@@ -135,10 +221,10 @@ def _auto(device_type: str) -> tuple[PrecisionName, str]:
     if native is None:
         return "fp32", (f"auto: the CPU ({torch.backends.cpu.get_cpu_capability()}) has no AMX or AVX-512 BF16, "
                         f"so bf16 would be emulated")
-    speedup = measured_speedup("cpu", "bf16")
+    speedup = measured_speedup("bf16")
     if speedup >= MIN_SPEEDUP:
-        return "bf16", f"auto: the CPU has {native}; bf16 matmul measured {speedup:.2f}× fp32"
-    return "fp32", (f"auto: the CPU has {native} but bf16 matmul measured only {speedup:.2f}× fp32 "
+        return "bf16", f"auto: the CPU has {native}; bf16 matmul measured {speedup:.2f}× fp32 {PROBED}"
+    return "fp32", (f"auto: the CPU has {native} but bf16 matmul measured only {speedup:.2f}× fp32 {PROBED} "
                     f"(bf16 needs >= {MIN_SPEEDUP}×)")
 
 
@@ -151,7 +237,7 @@ def resolve_precision(setting: PrecisionSetting, device: torch.device) -> Precis
     if setting not in DTYPES:
         raise ValueError(f"precision={setting!r}: choose auto, fp32, bf16 or fp16")
     if setting != "fp32" and device.type == "cpu":
-        speedup = measured_speedup("cpu", setting)
+        speedup = measured_speedup(setting)
         if speedup < 1:
             where = "this CPU"
             if setting == "bf16":
@@ -174,14 +260,12 @@ def physical_cores() -> int:
     return max(len(siblings), 1)
 
 
-def auto_threads(cores: int, load: float, processes: int = 1) -> tuple[int, str]:
-    """The rule: this process's share of the cores (`processes` of this run share the node) less
-    what the 1-minute load average says others use, at least 1."""
-    share = max(cores // max(processes, 1), 1)
-    free = cores - load
-    threads = min(share, max(int(free + 0.5), 1))
+def auto_threads(cores: int, processes: int = 1) -> tuple[int, str]:
+    """The rule: this process's share of the physical cores (`processes` of this run share the node),
+    at least 1."""
+    threads = max(cores // max(processes, 1), 1)
     shared = f" shared by {processes} processes" if processes > 1 else ""
-    return threads, f"auto: {cores} physical cores{shared}, 1-minute load average {load:.2f}"
+    return threads, f"auto: {cores} physical cores{shared}"
 
 
 @dataclass(frozen=True)
@@ -195,13 +279,11 @@ class Threads:
 
 @functools.cache
 def _auto_threads() -> Threads:
-    """Decided once per process: the later runs of one process (the demo's) keep the first decision
-    rather than counting their own load. OMP_NUM_THREADS, when the user set it, wins."""
+    """Decided once per process. OMP_NUM_THREADS, when the user set it, wins."""
     omp = os.environ.get("OMP_NUM_THREADS", "")
     if omp.isdigit() and int(omp) > 0:
         return Threads(int(omp), "auto: OMP_NUM_THREADS")
-    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else 0.0
-    return Threads(*auto_threads(physical_cores(), load, int(os.environ.get("LOCAL_WORLD_SIZE", "1"))))
+    return Threads(*auto_threads(physical_cores(), int(os.environ.get("LOCAL_WORLD_SIZE", "1"))))
 
 
 def apply_threads(setting: ThreadsSetting) -> Threads:
@@ -238,8 +320,10 @@ def write_run_info(run_dir: str | Path, precision: Precision, threads: Threads) 
 
     print(f"{precision.describe()}; {threads.describe()}", flush=True)
     info = {"precision": precision.name, "precision_reason": precision.reason, "threads": threads.count,
-            "threads_reason": threads.reason, "device": str(precision.device),
-            "cpu_capability": torch.backends.cpu.get_cpu_capability(), "torch": torch.__version__}
+            "threads_reason": threads.reason, "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY", "(libgomp default)"),
+            "device": str(precision.device),
+            "cpu_capability": torch.backends.cpu.get_cpu_capability(), "torch": torch.__version__,
+            "machine_key": machine_key()}
     path = Path(run_dir) / RUN_INFO
     with atomic_path(path) as tmp:
         tmp.write_text(json.dumps(info, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")

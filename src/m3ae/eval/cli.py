@@ -3,11 +3,8 @@
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import sys
-
-
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -81,7 +78,7 @@ def register(subparsers) -> None:
         p.set_defaults(func=func)
 
     for name, cls, help_text in (
-        ("linear-probe", LinearProbeConfig, "linear probe of a frozen encoder (BatchNorm + Linear, LARS)"),
+        ("linear-probe", LinearProbeConfig, "linear probe of a frozen encoder (BatchNorm + Linear; SGD or LARS by batch size)"),
         ("finetune", FinetuneConfig, "full fine-tuning (layer decay, drop-path, mixup/CutMix, AdamW)"),
     ):
         p = subparsers.add_parser(name, help=help_text, description=f"{help_text}. Any config field is a "
@@ -118,20 +115,13 @@ def _prepare(args: argparse.Namespace, cls: type):
     return cfg, M3AE.from_pretrained(cfg.checkpoint)
 
 
-def _data_config(cfg: FeatureCommandConfig, model, **fields):
-    return dataclasses.replace(cfg.data, **{"image_size": model.config.image_size,
-                                            "text_length": model.config.text_length, **fields})
-
-
 def _features(cfg: FeatureCommandConfig, model, data, split: str, labelled: bool = True) -> dict:
     from ..data import build_eval_loader
-    from .features import FeatureSpec, extract_features, require_labels
+    from . import api
 
-    out = extract_features(model, build_eval_loader(data, cfg.batch_size, split=split),
-                           FeatureSpec("image", cfg.pool), _device(cfg), cfg.precision, progress=True)
-    if labelled:
-        require_labels(out["labels"], f"data source {data.source!r} ({split} split)")
-    return out
+    return api.features(model, build_eval_loader(data, cfg.batch_size, split=split), (cfg.pool,), device=_device(cfg),
+                        precision=cfg.precision, progress=True,
+                        labelled=f"data source {data.source!r} ({split} split)" if labelled else None)[cfg.pool]
 
 
 def _checked_split(data) -> dict:
@@ -143,22 +133,17 @@ def _checked_split(data) -> dict:
 
 
 def embed_command(args: argparse.Namespace) -> int:
-    from ..data import build_eval_loader
-    from ..data.loader import BatchStream, PretrainLoader
-    from .features import FeatureSpec, extract_features, save_features
+    from . import api
+    from .features import save_features
 
     cfg, model = _prepare(args, EmbedConfig)
     if cfg is None:
         return 0
-    data = _data_config(cfg, model)
-    if cfg.modality == "image":
-        if cfg.split == "val":  # the scoring side: it must not repeat the training side
-            _checked_split(data)
-        batches = build_eval_loader(data, cfg.batch_size, split=cfg.split)
-    else:  # captions come from the pair source, one pass with the evaluation transform
-        batches = PretrainLoader(BatchStream(data, cfg.batch_size, 0, 1, epochs=1, train_transform=False))
-    out = extract_features(model, batches, FeatureSpec(cfg.modality, cfg.pool, cfg.layer), _device(cfg),
-                           cfg.precision, progress=True)
+    data = api.data_for_model(cfg.data, model.config)
+    if cfg.modality == "image" and cfg.split == "val":  # the scoring side: it must not repeat the training side
+        _checked_split(data)
+    out = api.embed(model, data, cfg.split, modality=cfg.modality, pool=cfg.pool, layer=cfg.layer,
+                    batch_size=cfg.batch_size, device=_device(cfg), precision=cfg.precision, progress=True)
     path = save_features(out, cfg.out)
     print(f"{out['features'].shape[0]} features of dimension {out['features'].shape[1]} -> {path}")
     return 0
@@ -179,41 +164,29 @@ def transfer_command(args: argparse.Namespace) -> int:
 
 
 def knn_command(args: argparse.Namespace) -> int:
-    from .knn import knn_predict, topk_accuracy
+    from . import api
 
     cfg, model = _prepare(args, KnnConfig)
     if cfg is None:
         return 0
-    data = _data_config(cfg, model)
+    data = api.data_for_model(cfg.data, model.config)
     split = _checked_split(data)
-    train, val = _features(cfg, model, data, "train"), _features(cfg, model, data, "val")
-    classes = int(max(train["labels"].max(), val["labels"].max())) + 1
-    scores = knn_predict(train["features"], train["labels"], val["features"], classes, cfg.k, cfg.temperature)
-    accuracy = topk_accuracy(scores, val["labels"])
+    accuracy = api.knn(_features(cfg, model, data, "train"), _features(cfg, model, data, "val"), cfg.k, cfg.temperature)
     print(json.dumps({"k": cfg.k, "temperature": cfg.temperature, **accuracy, "split": split}))
     return 0
 
 
 def ood_command(args: argparse.Namespace) -> int:
-    from .ood import MahalanobisScorer, auroc, fit_softmax_head, max_softmax_score
+    from . import api
 
     cfg, model = _prepare(args, OodConfig)
     if cfg is None:
         return 0
-    data = _data_config(cfg, model)
+    data = api.data_for_model(cfg.data, model.config)
     split = _checked_split(data)
-    train, inside = _features(cfg, model, data, "train"), _features(cfg, model, data, "val")
-    outside_data = _data_config(cfg, model, source=cfg.out_data, format=cfg.out_format, eval_train_source="",
-                                eval_val_source="", eval_val_fraction=0.0)
-    outside = _features(cfg, model, outside_data, "val", labelled=False)  # scored, never classified
-    mahalanobis = MahalanobisScorer(train["features"], train["labels"])
-    head = fit_softmax_head(train["features"], train["labels"])
-    result = {
-        "mahalanobis_auroc": auroc(mahalanobis(inside["features"]), mahalanobis(outside["features"])),
-        "max_softmax_auroc": auroc(max_softmax_score(head(inside["features"])),
-                                   max_softmax_score(head(outside["features"]))),
-        "in_samples": int(inside["labels"].numel()), "out_samples": int(outside["labels"].numel()),
-        "split": split,
-    }
-    print(json.dumps(result))
+    outside_data = api.data_for_model(cfg.data, model.config, source=cfg.out_data, format=cfg.out_format,
+                                      eval_train_source="", eval_val_source="", eval_val_fraction=0.0)
+    result = api.ood(_features(cfg, model, data, "train"), _features(cfg, model, data, "val"),
+                     _features(cfg, model, outside_data, "val", labelled=False))  # scored, never classified
+    print(json.dumps({**result, "split": split}))
     return 0

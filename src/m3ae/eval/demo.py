@@ -36,18 +36,31 @@ class Row:
     name: str
     kind: str  # "pretrain", "random" or "supervised"
     overrides: dict = field(default_factory=dict)
+    width: float = 1.0  # encoder width (model.emb_dim) relative to the recipe's
+    steps: int = 1  # training steps relative to --steps
 
 
+# Every study carries both references: its headroom (ceiling − random init) is printed with its table.
+REFERENCES = (Row("random_init", "random"), Row("supervised", "supervised"))
+MAE = {"model.model_type": "mae"}
 STUDIES: dict[str, tuple[Row, ...]] = {
-    "main": (Row("m3ae", "pretrain"), Row("mae", "pretrain", {"model.model_type": "mae"}),
-             Row("random_init", "random"), Row("supervised", "supervised")),
-    "text-mask": tuple(Row(f"text_mask_{r}", "pretrain", {"model.text_mask_ratio": r}) for r in (0.15, 0.5, 0.75, 0.9)),
-    "paired-fraction": tuple(Row(f"paired_{round(f * 100)}pct", "pretrain", {"data.paired_fraction": f})
-                             for f in (0.1, 0.2, 0.3, 1.0)),
+    "main": (Row("m3ae", "pretrain"), Row("mae", "pretrain", MAE), *REFERENCES),
+    "text-mask": (*(Row(f"text_mask_{r}", "pretrain", {"model.text_mask_ratio": r}) for r in (0.15, 0.5, 0.75, 0.9)),
+                  Row("text_mask_0.75_real", "pretrain", {"model.text_mask_ratio": 0.75, "model.text_mask_over": "real"}),
+                  *REFERENCES),
+    # 0 % of the pairs keep their caption: image-only training, i.e. MAE
+    "paired-fraction": (Row("paired_0pct", "pretrain", MAE),
+                        *(Row(f"paired_{round(f * 100)}pct", "pretrain", {"data.paired_fraction": f})
+                          for f in (0.1, 0.3, 1.0)), *REFERENCES),
+    # paper Fig. 4 at laptop scale: three widths at the recipe's steps, then 2x and 4x the steps at its width
+    "scale": (*(Row(f"{name}_width{w}x", "pretrain", over, width=w)
+                for w in (0.5, 1.0, 2.0) for name, over in (("m3ae", {}), ("mae", MAE))),
+              *(Row(f"{name}_steps{k}x", "pretrain", over, steps=k)
+                for k in (2, 4) for name, over in (("m3ae", {}), ("mae", MAE))), *REFERENCES),
 }
 
 
-StudyName = Literal["main", "text-mask", "paired-fraction"]
+StudyName = Literal["main", "text-mask", "paired-fraction", "scale"]
 
 
 @dataclass
@@ -55,7 +68,9 @@ class DemoConfig:
     steps: int = 600  # training steps of every trained row (pretraining, and the supervised ceiling)
     batch_size: int = 64  # samples per step of every trained row
     seeds: int = 3  # seeds per row: the table reports their mean ± std
-    # main: M3AE, MAE, random init, supervised; text-mask: paper Fig. 4; paired-fraction: paper Fig. 3
+    # main: M3AE, MAE, random init, supervised; text-mask: paper Fig. 4's text ratios (and real-token
+    # masking); paired-fraction: paper Fig. 3; scale: Fig. 4's widths and lengths. Every study adds
+    # the random-init and supervised references.
     study: StudyName = "main"
     l2: float = 1e-3  # regularisation of the logistic-regression probe
     knn_k: int = 20  # neighbours of the kNN probe
@@ -75,57 +90,75 @@ class DemoConfig:
 
 
 def pretrain_config(cfg: DemoConfig, row: Row, seed: int, run_dir: Path):
-    """The recipe with the row's overrides and the seed: rows differ in nothing else."""
+    """The recipe with the row's overrides, size and steps, and the seed: rows differ in nothing else."""
     from .. import config as config_io
     from .. import recipes
     from ..train.pretrain import PretrainConfig
 
-    overrides = {"train.total_steps": cfg.steps, "train.batch_size": cfg.batch_size, "train.seed": seed,
+    steps = cfg.steps * row.steps
+    overrides = {"train.total_steps": steps, "train.batch_size": cfg.batch_size, "train.seed": seed,
                  "data.seed": seed, "out_dir": str(run_dir), "log.progress": cfg.progress, "log.figures_every": 0,
-                 "checkpoint.every": max(cfg.steps // 2, 1), **row.overrides}
-    return config_io.load(PretrainConfig, recipes.resolve(cfg.recipe), overrides)
+                 "checkpoint.every": max(steps // 2, 1), **row.overrides}
+    recipe = config_io.load(PretrainConfig, recipes.resolve(cfg.recipe), overrides)
+    if row.width == 1.0:
+        return recipe
+    # the heads keep their width: a multiple of 4 (sin-cos embedding) and of the head count
+    unit = 4 * recipe.model.num_heads // math.gcd(4, recipe.model.num_heads)
+    width = max(unit, round(recipe.model.emb_dim * row.width / unit) * unit)
+    return config_io.load(PretrainConfig, recipes.resolve(cfg.recipe), {**overrides, "model.emb_dim": width})
 
 
-def supervised_encoder(cfg: DemoConfig, pretrain, start: Path, run_dir: Path):
+def supervised_encoder(cfg: DemoConfig, pretrain, start: Path, run_dir: Path, train_size: int):
     """The encoder trained on the label from `start` (the random-init row's weights) for about the
     pretraining's steps and batch, through the fine-tuning trainer with its regularisers off:
     what a perfectly grounded caption could teach at most."""
-    from ..data import build_eval_loader
-    from ..engine.metrics import LogConfig
+    from ..engine.loop import run_task
+    from ..engine.metrics import METRICS_FILE, LogConfig, read_metrics
+    from ..model import M3AE
     from .probe import FinetuneConfig, TransferTrainer
 
-    train_size = sum(len(b["label"]) for b in build_eval_loader(pretrain.data, 512, split="train"))
     tune = FinetuneConfig(
         checkpoint=str(start), data=dataclasses.replace(pretrain.data), pool="mean",
         epochs=max(1, round(cfg.steps * cfg.batch_size / train_size)), batch_size=cfg.batch_size,
         lr=pretrain.optim.lr, warmup_epochs=0.0, layer_decay=1.0, drop_path=0.0, mixup=0.0, cutmix=0.0,
         label_smoothing=0.0, precision=pretrain.train.precision, seed=pretrain.train.seed, keep=1,
         out_dir=str(run_dir), resume="auto", log=LogConfig(figures_every=0, progress=cfg.progress))
-    trainer = TransferTrainer(tune)
-    try:
-        result = trainer.fit()
-    finally:
-        trainer.close()
-    return trainer.model.backbone, {"finetune_top1": result.top1, "supervised_steps": trainer.step}
+    result = run_task(TransferTrainer, tune)  # the run directory's lock and teardown, as every task
+    steps = read_metrics(run_dir / METRICS_FILE)[-1]["step"]
+    return M3AE.from_pretrained(run_dir), {"finetune_top1": result.top1, "supervised_steps": steps}
 
 
-def score(model, data, cfg: DemoConfig, device) -> dict[str, float]:
-    """Logistic regression and kNN on frozen image-only features (CLS and mean pool) of the labelled
-    train split, accuracy on the val split."""
+EVAL_IMAGES = "eval_images_{split}.safetensors"  # the labelled splits, decoded once per demo
+
+
+def decode_eval_images(data, run_dir: Path) -> dict[str, Path]:
+    """The labelled train and val splits decoded once into run_dir (read back when there): every
+    row and pool is scored on these tensors instead of decoding the JPEGs again."""
     from ..data import build_eval_loader
-    from .features import FeatureSpec, extract_features
-    from .knn import knn_predict, topk_accuracy
-    from .logistic import fit_logistic
+    from .api import DecodedImages
 
+    paths = {}
+    for split in ("train", "val"):
+        paths[split] = run_dir / EVAL_IMAGES.format(split=split)
+        if not paths[split].is_file():
+            DecodedImages.decode(build_eval_loader(data, 256, split=split)).save(paths[split])
+    return paths
+
+
+def score(model, images: dict[str, Path], cfg: DemoConfig, device, timing: dict[str, float]) -> dict[str, float]:
+    """Logistic regression and kNN on frozen image-only features (CLS and mean pool, one forward
+    pass) of the labelled train split, accuracy on the val split. Adds its seconds to `timing`."""
+    from . import api
+
+    started = time.perf_counter()
+    train, val = (api.features(model, api.DecodedImages.load(images[split]), ("cls", "mean"), device=device)
+                  for split in ("train", "val"))
+    timing["features_s"] = time.perf_counter() - started
     result = {}
     for pool in ("cls", "mean"):
-        train, val = (extract_features(model, build_eval_loader(data, 256, split=split), FeatureSpec("image", pool),
-                                       device) for split in ("train", "val"))
-        classes = int(train["labels"].max()) + 1
-        probe = fit_logistic(train["features"], train["labels"], classes, l2=cfg.l2)
-        result[f"logreg_{pool}"] = probe.accuracy(val["features"], val["labels"])
-        scores = knn_predict(train["features"], train["labels"], val["features"], classes, k=cfg.knn_k)
-        result[f"knn_{pool}"] = topk_accuracy(scores, val["labels"], ks=(1,))["top1"]
+        result[f"logreg_{pool}"] = api.logistic(train[pool], val[pool], cfg.l2)["top1"]
+        result[f"knn_{pool}"] = api.knn(train[pool], val[pool], cfg.knn_k, ks=(1,))["top1"]
+    timing["probes_s"] = time.perf_counter() - started - timing["features_s"]
     return result
 
 
@@ -148,7 +181,7 @@ def caption_pairs(data):
 def class_name_ids(data) -> list[int] | None:
     """Token ids of the held-out labels' class names (the words the labels are), where the source
     records them (the embedded dataset, an image folder); else None."""
-    from ..data.sources import label_names
+    from ..data.factory import label_names
     from ..data.tokenizer import Tokenizer
 
     names = label_names(data.eval_val_source or data.source, data.format, "val", data.embedded_root)
@@ -173,7 +206,7 @@ def grounding(model, pretrain) -> dict[str, dict[str, float]]:
     return grounding_accuracy(model, pairs, resolve_device(pretrain.train.device), pretrain.train.precision, word_sets)
 
 
-def run_row(cfg: DemoConfig, row: Row, seed: int, run_dir: Path) -> dict:
+def run_row(cfg: DemoConfig, row: Row, seed: int, run_dir: Path, images: dict[str, Path]) -> dict:
     """The row's encoder for one seed, scored; written as RESULT_FILE in its directory."""
     import torch
 
@@ -181,6 +214,7 @@ def run_row(cfg: DemoConfig, row: Row, seed: int, run_dir: Path) -> dict:
     from ..model import M3AE
     from ..train.pretrain import run_pretraining
     from ..utils import atomic_path
+    from .api import DecodedImages
 
     pretrain = pretrain_config(cfg, row, seed, run_dir)
     started = time.perf_counter()
@@ -194,12 +228,15 @@ def run_row(cfg: DemoConfig, row: Row, seed: int, run_dir: Path) -> dict:
         model = M3AE(pretrain.model)
         if row.kind == "supervised":
             start = model.save_pretrained(run_dir / "init")
-            model, extra = supervised_encoder(cfg, pretrain, start, run_dir / "supervised")
-    train_s = time.perf_counter() - started
-    result = {"seed": seed, **score(model, pretrain.data, cfg, resolve_device(pretrain.train.device)), **extra}
+            train_size = len(DecodedImages.load(images["train"]))
+            model, extra = supervised_encoder(cfg, pretrain, start, run_dir / "supervised", train_size)
+    timing = {"train_s": time.perf_counter() - started}
+    result = {"seed": seed, **score(model, images, cfg, resolve_device(pretrain.train.device), timing), **extra}
     if pretrain.model.model_type == "m3ae" and row.kind == "pretrain" and row.overrides.get("data.paired_fraction", 1):
+        grounding_started = time.perf_counter()
         result["grounding"] = grounding(model, pretrain)
-    result.update(train_s=train_s, total_s=time.perf_counter() - started)
+        timing["grounding_s"] = time.perf_counter() - grounding_started
+    result.update(timing, total_s=time.perf_counter() - started)
     with atomic_path(run_dir / RESULT_FILE) as tmp:
         tmp.write_text(json.dumps(result, indent=1) + "\n")
     return result
@@ -261,6 +298,40 @@ def table(results: dict, seeds: int) -> str:
     return "\n".join(lines)
 
 
+HEADROOM_MIN = 10.0  # points between the supervised ceiling and random init below which a table says nothing
+
+
+def headroom(results: dict) -> dict[str, float]:
+    """Per logistic probe, the supervised ceiling's mean minus random init's: the most any
+    pretraining objective can add on this set at this budget. Empty without both reference rows."""
+    if "supervised" not in results or "random_init" not in results:
+        return {}
+    return {m: results["supervised"]["mean"][m] - results["random_init"]["mean"][m] for m in METRICS
+            if m.startswith("logreg_")}
+
+
+def headroom_report(gaps: dict[str, float]) -> str:
+    """One line of gaps, and one warning line when even the largest is under HEADROOM_MIN."""
+    line = "headroom, supervised ceiling − random init: " + ", ".join(
+        f"{METRIC_NAMES[m]} {g:+.1f}" for m, g in gaps.items()) + " points"
+    if max(gaps.values()) < HEADROOM_MIN:
+        line += (f"\nwarning: headroom under {HEADROOM_MIN:.0f} points: this set cannot separate pretraining "
+                 f"objectives at this budget; raise --steps, the image size or the model width")
+    return line
+
+
+TIMES = {"train_s": "training", "features_s": "features", "probes_s": "probes", "grounding_s": "grounding"}
+
+
+def time_split(per_run: list[dict], wall_s: float, decode_s: float) -> str:
+    """Where the runs' time went (summed over runs, each on its own share of the cores), beside the
+    one decoding of the labelled splits."""
+    spent = {name: sum(r.get(key, 0.0) for r in per_run) for key, name in TIMES.items()}
+    total = sum(spent.values()) or 1.0
+    return (f"time: {wall_s:.0f} s wall (labelled splits decoded once in {decode_s:.0f} s); of the runs' "
+            f"{total:.0f} s: " + ", ".join(f"{name} {100 * v / total:.0f} %" for name, v in spent.items()))
+
+
 class Eta:
     """Remaining time from the runs already made: each row at its own measured cost once one of its
     seeds has run, else at the mean of the trained rows seen so far (random init: at its own or
@@ -286,24 +357,31 @@ def _worker_init(threads: int) -> None:
     torch.set_num_threads(threads)
 
 
-def _timed_run(cfg: DemoConfig, row: Row, seed: int, run_dir: Path) -> tuple[dict, float]:
+def _timed_run(cfg: DemoConfig, row: Row, seed: int, run_dir: Path, images: dict[str, Path]) -> tuple[dict, float]:
     started = time.perf_counter()
-    return run_row(cfg, row, seed, run_dir), time.perf_counter() - started
+    return run_row(cfg, row, seed, run_dir, images), time.perf_counter() - started
 
 
 def run_demo(cfg: DemoConfig) -> dict:
-    from ..data.sources import open_source
+    from ..data.factory import open_source
     from ..engine.run_dir import default_run_dir
     from ..utils import atomic_path
+    from .api import data_for_model
 
+    started = time.perf_counter()
     run_dir = Path(cfg.out_dir or default_run_dir("demo"))
     rows = STUDIES[cfg.study]
     units = [(row, seed) for seed in range(cfg.seeds) for row in rows]
     print(f"m3ae demo ({cfg.study}): {len(rows)} rows × {cfg.seeds} seeds, {cfg.steps} steps of batch "
           f"{cfg.batch_size} per trained row, {cfg.jobs} at a time; results in {run_dir}", flush=True)
-    data = pretrain_config(cfg, rows[0], 0, run_dir).data
+    recipe = pretrain_config(cfg, rows[0], 0, run_dir)
+    data = data_for_model(recipe.data, recipe.model, "model.image_size")
     if data.source == "embedded":  # generated once here, not by every parallel run
         open_source("embedded", role="labelled", split="train", embedded_root=data.embedded_root)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    decode_started = time.perf_counter()
+    images = decode_eval_images(data, run_dir)
+    decode_s = time.perf_counter() - decode_started
     results_by_unit: dict[tuple[str, int], dict] = {}
     todo = []
     for row, seed in units:
@@ -315,7 +393,6 @@ def run_demo(cfg: DemoConfig) -> dict:
     if len(todo) < len(units):
         print(f"m3ae demo: {len(units) - len(todo)} runs read back from {run_dir}", flush=True)
     eta = Eta([row for row, _ in todo], cfg.jobs)
-    started = time.perf_counter()
 
     def finished(row: Row, seed: int, result: dict, seconds: float) -> None:
         results_by_unit[row.name, seed] = result
@@ -323,7 +400,7 @@ def run_demo(cfg: DemoConfig) -> dict:
 
     if cfg.jobs == 1:
         for row, seed in todo:
-            finished(row, seed, *_timed_run(cfg, row, seed, run_dir / row.name / f"seed{seed}"))
+            finished(row, seed, *_timed_run(cfg, row, seed, run_dir / row.name / f"seed{seed}", images))
     else:
         import multiprocessing
         import os
@@ -334,7 +411,7 @@ def run_demo(cfg: DemoConfig) -> dict:
         quiet = dataclasses.replace(cfg, progress=False)
         threads = max(1, (os.cpu_count() or 1) // cfg.jobs)
         with ProcessPoolExecutor(cfg.jobs, multiprocessing.get_context("spawn"), _worker_init, (threads,)) as pool:
-            futures = {pool.submit(_timed_run, quiet, row, seed, run_dir / row.name / f"seed{seed}"): (row, seed)
+            futures = {pool.submit(_timed_run, quiet, row, seed, run_dir / row.name / f"seed{seed}", images): (row, seed)
                        for row, seed in todo}
             for future in as_completed(futures):
                 finished(*futures[future], *future.result())
@@ -342,12 +419,16 @@ def run_demo(cfg: DemoConfig) -> dict:
     for row in rows:
         seeds = [results_by_unit[row.name, seed] for seed in range(cfg.seeds)]
         results[row.name] = {"seeds": seeds, **summarise(seeds)}
+    wall_s = time.perf_counter() - started
     with atomic_path(run_dir / "demo_results.json") as tmp:
-        tmp.write_text(json.dumps({"config": dataclasses.asdict(cfg), "wall_s": time.perf_counter() - started,
-                                   "rows": results}, indent=1) + "\n")
+        tmp.write_text(json.dumps({"config": dataclasses.asdict(cfg), "wall_s": wall_s,
+                                   "headroom": headroom(results), "rows": results}, indent=1) + "\n")
     bar_chart(results, run_dir / "demo_results.png",
               f"{cfg.study}: frozen features, {cfg.steps} steps, mean ± std over {cfg.seeds} seeds")
     print(table(results, cfg.seeds))
+    if gaps := headroom(results):
+        print(headroom_report(gaps))
+    print(time_split(list(results_by_unit.values()), wall_s, decode_s))
     print(f"results: {run_dir / 'demo_results.json'}  chart: {run_dir / 'demo_results.png'}")
     return results
 

@@ -6,7 +6,7 @@ safetensors file (keys in its metadata) or a `.npz` of plain arrays (loaded with
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -50,30 +50,41 @@ def pool_encoding(encoding, spec: FeatureSpec, padding_mask: torch.Tensor | None
     return (tokens * weight[..., None]).sum(1) / weight.sum(1, keepdim=True).clamp_min(1.0)
 
 
-@torch.no_grad()
 def extract_features(model: M3AE, batches: Iterable[dict], spec: FeatureSpec, device: torch.device,
                      precision: PrecisionSetting = "fp32", progress: bool = False) -> dict:
     """Runs the unmasked encoder over every batch; returns {"features", "labels", "keys"}."""
+    return extract_pools(model, batches, (spec.pool,), spec.modality, spec.layer, device, precision, progress)[spec.pool]
+
+
+@torch.no_grad()
+def extract_pools(model: M3AE, batches: Iterable[dict], pools: Sequence[Pool], modality: Modality = "image",
+                  layer: int | None = None, device: torch.device = torch.device("cpu"),
+                  precision: PrecisionSetting = "fp32", progress: bool = False) -> dict[Pool, dict]:
+    """{pool: {"features", "labels", "keys"}} for every pool asked, from one forward pass per batch:
+    CLS and mean pool cost one pass, not two."""
     from tqdm import tqdm
 
     model.eval().to(device)
     autocast = resolve_precision(precision, device).autocast
-    features, labels, keys = [], [], []
+    features: dict[Pool, list[torch.Tensor]] = {pool: [] for pool in pools}
+    labels, keys = [], []
     for batch in tqdm(batches, desc="features", unit="batch", disable=not progress):
-        image = batch["image"].to(device) if spec.modality in ("image", "pair") else None
+        image = batch["image"].to(device) if modality in ("image", "pair") else None
         text = mask = None
-        if spec.modality in ("text", "pair"):
+        if modality in ("text", "pair"):
             if "text" not in batch:
-                raise ValueError(f"modality={spec.modality!r}: the data source yields no captions")
+                raise ValueError(f"modality={modality!r}: the data source yields no captions")
             text, mask = batch["text"].to(device), batch["text_padding_mask"].to(device)
         with autocast():
-            encoding = model.encode(image, text, mask, output_hidden_states=spec.layer is not None)
-        features.append(pool_encoding(encoding, spec, mask).float().cpu())
+            encoding = model.encode(image, text, mask, output_hidden_states=layer is not None)
+        for pool, out in features.items():
+            out.append(pool_encoding(encoding, FeatureSpec(modality, pool, layer), mask).float().cpu())
         labels.append(batch["label"].cpu())
         keys += list(batch["key"])
-    if not features:
+    if not labels:
         raise ValueError("no batch to extract features from: the data source is empty")
-    return {"features": torch.cat(features), "labels": torch.cat(labels).long(), "keys": keys}
+    labels = torch.cat(labels).long()
+    return {pool: {"features": torch.cat(out), "labels": labels, "keys": keys} for pool, out in features.items()}
 
 
 class MissingLabelsError(ValueError):

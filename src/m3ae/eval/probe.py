@@ -41,6 +41,9 @@ from .features import FeatureSpec, Pool, require_labels
 
 OptimizerName = Literal["lars", "sgd", "adamw"]
 RecipeName = Literal["auto", "mae", "sgd"]
+# Fewer optimizer steps than this (or a warm-up that never ends) is a run that cannot have trained:
+# said in one line rather than reported as a result.
+MIN_USEFUL_STEPS = 50
 
 # MAE's linear probe (LARS, base lr 0.1, trust coefficient 0.001) was tuned for a 16,384 batch: its
 # update moves the head by about lr x 1e-3 of its norm per step, so with the linearly scaled lr of a
@@ -193,8 +196,11 @@ class ProbeResult:
     best_epoch: int
 
     def describe(self) -> str:
-        return (f"epoch {self.epoch}: top-1 {self.top1:.2f}%  top-5 {self.top5:.2f}%  "
-                f"(best top-1 {self.best_top1:.2f}% at epoch {self.best_epoch})\n  run {self.run_dir}")
+        # The last epoch is the result; the best epoch was picked on the split it is scored on, so it
+        # is an optimistic number and is labelled as such.
+        return (f"epoch {self.epoch}: top-1 {self.top1:.2f}%  top-5 {self.top5:.2f}%\n"
+                f"  best epoch on the evaluation split (chosen on that split, optimistic): top-1 "
+                f"{self.best_top1:.2f}% at epoch {self.best_epoch}\n  run {self.run_dir}")
 
 
 class TransferTrainer(Trainer):
@@ -238,8 +244,13 @@ class TransferTrainer(Trainer):
         self.peak_lr = cfg.peak_lr()
         optimizer = build_optimizer(model, cfg, self.peak_lr)
         total = cfg.epochs * self.steps_per_epoch
+        warmup = min(round(cfg.warmup_epochs * self.steps_per_epoch), total)
+        if self.info.is_main and (total < MIN_USEFUL_STEPS or warmup >= total):
+            print(f"warning: {self.train_size} training samples at batch_size {cfg.batch_size} make "
+                  f"{self.steps_per_epoch} step(s) per epoch, {total} in all ({warmup} of warm-up): too few to train; "
+                  f"lower --batch-size or raise --epochs", file=sys.stderr)
         scheduler = LRScheduler(optimizer, WarmupCosine(
-            self.peak_lr, total, min(round(cfg.warmup_epochs * self.steps_per_epoch), total)))
+            self.peak_lr, total, warmup))
         self.attach(model, wrapped, optimizer, scheduler, clip_grad_norm=getattr(cfg, "clip_grad_norm", None))
         self.mixup = None
         if cfg.finetune and (cfg.mixup > 0 or cfg.cutmix > 0):

@@ -25,9 +25,9 @@ class ExportConfig:
     checkpoint: str  # a model directory, a checkpoint step directory, a run directory or a Hub repo id
     out_dir: str  # directory to write the exported encoder to
     format: Literal["hf", "timm"] = "hf"  # Hugging Face ViTModel directory, or a timm ViT state dict
-    # Pixel statistics the model was pretrained with (cc12m, imagenet, none), written to the HF image
-    # processor
-    normalization: str = "cc12m"
+    # Pixel statistics written to the HF image processor / timm config: a preset (cc12m, imagenet,
+    # none); null: the ones the model's config.json records (cc12m when it records none)
+    normalization: str | None = None
 
 
 @dataclass

@@ -65,13 +65,18 @@ def hf_vit_config(model: M3AE) -> dict:
         "num_channels": c.in_chans,
         "qkv_bias": True,
         "encoder_stride": c.patch_size,
+        # the pooler is an identity (weights below, no tanh): AutoModel builds one and would warn that
+        # it is randomly initialised; this way pooler_output is the CLS feature, `encode(...).cls`
+        "pooler_act": "linear",
     }
 
 
 def hf_vit_state_dict(model: M3AE) -> dict[str, torch.Tensor]:
-    """Weights of transformers' `ViTModel(config, add_pooling_layer=False)`."""
+    """Weights of transformers' `ViTModel(config)`, its pooler an identity."""
     D = model.config.emb_dim
     state = {
+        "pooler.dense.weight": torch.eye(D),
+        "pooler.dense.bias": torch.zeros(D),
         "embeddings.cls_token": model.cls_token.detach(),
         "embeddings.position_embeddings": folded_position_table(model),
         "embeddings.patch_embeddings.projection.weight": patch_conv_weight(model),
@@ -98,23 +103,34 @@ def hf_vit_state_dict(model: M3AE) -> dict[str, torch.Tensor]:
     return {name: tensor.contiguous().clone() for name, tensor in state.items()}
 
 
-def hf_image_processor_config(model: M3AE, normalization: str = "cc12m") -> dict:
-    """`preprocessor_config.json` of a ViTImageProcessor that prepares images as our evaluation
-    transform does: a square image is resized to the model's size (bicubic), scaled to [0, 1] and
-    normalised with the pretraining statistics. (It resizes a non-square image without our centre
-    crop: crop it to a square first for identical inputs.)"""
+def pixel_statistics(model: M3AE, normalization: str | None = None) -> tuple[list[float], list[float]]:
+    """(mean, std) of a preset named by `normalization`, else the ones the model's config.json
+    records, else cc12m's (the official release's)."""
     from ..data.config import NORMALIZATION_PRESETS
 
+    if normalization is None and model.preprocessing is not None:
+        return list(model.preprocessing["image_mean"]), list(model.preprocessing["image_std"])
+    normalization = normalization or "cc12m"
     if normalization not in NORMALIZATION_PRESETS:
         raise ValueError(f"normalization={normalization!r}: expected one of {sorted(NORMALIZATION_PRESETS)}")
     mean, std = NORMALIZATION_PRESETS[normalization]
+    return list(mean), list(std)
+
+
+def hf_image_processor_config(model: M3AE, normalization: str | None = None) -> dict:
+    """`preprocessor_config.json` of a (slow) CLIPImageProcessor that prepares images exactly as our
+    evaluation transform does, non-square ones included: RGB, the shorter side resized to the
+    model's size (bicubic, the longer one truncated), a centre crop to a square, scaled to [0, 1]
+    and normalised with the pretraining statistics."""
+    mean, std = pixel_statistics(model, normalization)
     size = model.config.image_size
-    return {"image_processor_type": "ViTImageProcessor", "do_resize": True, "size": {"height": size, "width": size},
-            "resample": 3, "do_rescale": True, "rescale_factor": 1 / 255, "do_normalize": True,
-            "image_mean": list(mean), "image_std": list(std)}
+    return {"image_processor_type": "CLIPImageProcessor", "do_convert_rgb": True,
+            "do_resize": True, "size": {"shortest_edge": size}, "resample": 3,
+            "do_center_crop": True, "crop_size": {"height": size, "width": size},
+            "do_rescale": True, "rescale_factor": 1 / 255, "do_normalize": True, "image_mean": mean, "image_std": std}
 
 
-def timm_config(model: M3AE, normalization: str = "cc12m") -> dict:
+def timm_config(model: M3AE, normalization: str | None = None) -> dict:
     """timm's Hub `config.json`: with it beside model.safetensors, `timm.create_model("local-dir:DIR",
     pretrained=True)` (or "hf-hub:owner/name" once uploaded) builds and loads the encoder in one call."""
     c = model.config
@@ -136,9 +152,9 @@ def timm_config(model: M3AE, normalization: str = "cc12m") -> dict:
     }
 
 
-def export(model: M3AE, out_dir: str | Path, fmt: str, normalization: str = "cc12m") -> Path:
+def export(model: M3AE, out_dir: str | Path, fmt: str, normalization: str | None = None) -> Path:
     """Writes the image encoder: `hf` -> config.json + model.safetensors loadable by
-    `transformers.ViTModel.from_pretrained(out_dir, add_pooling_layer=False)`, and the
+    `transformers.AutoModel.from_pretrained(out_dir)` (ViTModel), and the
     preprocessor_config.json `transformers.AutoImageProcessor` reads; `timm` -> model.safetensors +
     timm's config.json (`timm.create_model("local-dir:" + out_dir, pretrained=True)`)."""
     from safetensors.torch import save_file

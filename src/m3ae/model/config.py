@@ -14,7 +14,9 @@ from ..config import ConfigError, from_dict
 
 ModelType = Literal["m3ae", "mae"]
 MaskingMode = Literal["per_sample", "shared"]
+TextMaskOver = Literal["padded", "real"]
 AttentionImpl = Literal["auto", "sdpa", "math"]
+PREPROCESSING_KEY = "preprocessing"  # config.json's record of how inputs were prepared (not a field)
 
 # Encoder (width, depth, heads); SPEC 7. The decoder is 512 wide, 8 deep, 16 heads for the paper's
 # sizes. `tiny` is ours: small enough to learn the embedded 64 px dataset on a laptop CPU.
@@ -36,8 +38,16 @@ class M3AEConfig:
     image_size: int = 256  # input image side, in pixels
     patch_size: int = 16  # side of one ViT patch, in pixels
     in_chans: int = 3  # image channels
-    text_length: int = 64  # caption tokens, [CLS] included, padded or cut to this
-    vocab_size: int = 30522  # tokenizer vocabulary size (bert-base-uncased: 30522)
+    text_length: int = 64  # caption tokens (no [CLS]/[SEP]: the model adds its own CLS), padded or cut to this
+    # rows of the word embedding and the text head: the tokenizer's vocabulary size (bert-base-uncased:
+    # 30522), or the length of `vocabulary`, which pretraining sets (data.vocab=compact)
+    vocab_size: int = 30522
+    # the tokenizer whose WordPiece segmentation made the text ids (pretraining records data.tokenizer);
+    # null: not recorded (official checkpoints: bert-base-uncased)
+    tokenizer: str | None = None
+    # a compact vocabulary, written by pretraining (data.vocab=compact): the tokenizer's tokens this
+    # model reads, id i being vocabulary[i]; any other token reads as [UNK]. null: the tokenizer's ids
+    vocabulary: list[str] | None = None
     emb_dim: int = 768  # encoder width
     depth: int = 12  # encoder blocks
     num_heads: int = 12  # encoder attention heads
@@ -48,6 +58,10 @@ class M3AEConfig:
     layer_norm_eps: float = 1e-6  # LayerNorm epsilon
     image_mask_ratio: float = 0.75  # fraction of image patches removed
     text_mask_ratio: float = 0.75  # fraction of caption tokens removed
+    # "padded": the ratio of all text_length positions, padding included, as the official code (a
+    # short caption keeps fewer real words than the ratio says); "real": each caption keeps
+    # int(n_real · (1 - text_mask_ratio)) of its real tokens
+    text_mask_over: TextMaskOver = "padded"
     image_loss_weight: float = 1.0  # weight of the pixel loss
     text_loss_weight: float = 0.5  # the paper's value; the official flag default (0.1) is not
     output_head_depth: int = 0  # decoder output head: 0 a Linear, k > 0 the official k-layer MLP
@@ -96,6 +110,8 @@ class M3AEConfig:
             fail("model_type", "must be 'm3ae' or 'mae'")
         if self.masking not in ("per_sample", "shared"):
             fail("masking", "must be 'per_sample' or 'shared'")
+        if self.text_mask_over not in ("padded", "real"):
+            fail("text_mask_over", "must be 'padded' or 'real'")
         if self.attn_impl not in ("auto", "sdpa", "math"):
             fail("attn_impl", "must be 'auto', 'sdpa' or 'math'")
         for name in ("image_size", "patch_size", "in_chans", "text_length", "vocab_size", "emb_dim",
@@ -127,6 +143,11 @@ class M3AEConfig:
             fail("drop_path", "must be in [0, 1)")
         if self.image_keep < 1:
             fail("image_mask_ratio", f"keeps no patch of {self.num_patches}")
+        if self.vocabulary is not None:
+            if len(self.vocabulary) != self.vocab_size:
+                fail("vocab_size", f"must be the length of the vocabulary ({len(self.vocabulary)} tokens)")
+            if len(set(self.vocabulary)) != len(self.vocabulary) or not all(isinstance(t, str) for t in self.vocabulary):
+                raise ConfigError("M3AEConfig.vocabulary: must list distinct token strings")
 
     @classmethod
     def from_preset(cls, name: str, **overrides: Any) -> "M3AEConfig":
@@ -148,8 +169,10 @@ class M3AEConfig:
             raise ConfigError(f"M3AEConfig: unknown field(s) {unknown}")
         return cls(**values)
 
-    def save(self, path: str | Path) -> None:
-        Path(path).write_text(json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n")
+    def save(self, path: str | Path, preprocessing: dict[str, Any] | None = None) -> None:
+        """config.json: the fields, and `preprocessing` (how inputs were prepared) when known."""
+        extra = {PREPROCESSING_KEY: preprocessing} if preprocessing is not None else {}
+        Path(path).write_text(json.dumps({**self.to_dict(), **extra}, indent=2, sort_keys=True) + "\n")
 
     @classmethod
     def load(cls, path: str | Path) -> "M3AEConfig":
@@ -161,6 +184,7 @@ class M3AEConfig:
             raise ConfigError(f"{path}: not a readable JSON file ({error})") from None
         if not isinstance(values, dict):
             raise ConfigError(f"{path}: expected a JSON object of M3AEConfig fields")
+        values.pop(PREPROCESSING_KEY, None)  # the data pipeline's record, not a field of the network
         try:
             return from_dict(cls, values)
         except ConfigError as error:

@@ -75,7 +75,7 @@ def verify_meta(path: Path, share: tuple[int, int] = (0, 1)) -> dict:
         int(meta["step"]), int(meta.get("world_size", 1))
     except (OSError, ValueError, KeyError, TypeError) as e:
         raise CheckpointError(f"{meta_path}: unreadable ({e})") from e
-    if not isinstance(listed, dict) or not all(isinstance(d, str) for d in listed.values()):
+    if not isinstance(listed, dict) or not all(isinstance(v, str) for v in [*listed, *listed.values()]):
         raise CheckpointError(f"{meta_path}: 'files' is not a mapping of file names to SHA-256 digests")
     for name in (WEIGHTS_NAME, CONFIG_NAME, STATE_NAME):
         if name not in listed:

@@ -35,15 +35,15 @@ def model_card(config: M3AEConfig, info: dict[str, Any] | None = None) -> str:
         f"| encoder | {config.emb_dim} wide, {config.depth} deep, {config.num_heads} heads |",
         f"| decoder | {config.dec_emb_dim} wide, {config.dec_depth} deep, {config.dec_num_heads} heads |",
         f"| input | {config.image_size}px images, patch {config.patch_size}"
-        + (f"; captions of {config.text_length} WordPiece tokens (vocabulary {config.vocab_size})" if config.has_text else "")
+        + (f"; captions of {config.text_length} WordPiece tokens ({_vocabulary_line(config)})" if config.has_text else "")
         + " |",
         f"| masking | image {config.image_mask_ratio:.0%}" + (f", text {config.text_mask_ratio:.0%}" if config.has_text else "") + " |",
         f"| image target | {target} |",
         f"| training data | {info.get('data', 'not recorded')} |",
-        f"| training length | {info.get('steps', 'not recorded')} steps"
+        "| training length | " + (f"{info['steps']} steps" if info.get("steps") is not None else "not recorded")
         + (f" ({info['epochs']} epochs)" if info.get("epochs") is not None else "") + " |",
     ]
-    run_config = info.get("run_config")
+    run_config = _vocabulary_counted(info.get("run_config") or {"model": config.to_dict()})
     probe = info.get("probe") or {}
     if probe:
         lines += ["", "## Evaluation", "", "| metric | value |", "|---|---|"]
@@ -51,7 +51,7 @@ def model_card(config: M3AEConfig, info: dict[str, Any] | None = None) -> str:
     if info.get("notes"):
         lines += ["", str(info["notes"])]
     lines += ["", "## Configuration", "", "```yaml",
-              yaml.safe_dump(run_config or {"model": config.to_dict()}, sort_keys=False).rstrip(), "```"]
+              yaml.safe_dump(run_config, sort_keys=False).rstrip(), "```"]
     lines += [
         "",
         "## Use",
@@ -60,11 +60,30 @@ def model_card(config: M3AEConfig, info: dict[str, Any] | None = None) -> str:
         "from m3ae import M3AE",
         "model = M3AE.from_pretrained(\"<this repo or directory>\")",
         "features = model.encode(images).cls  # images: (B, 3, H, W), normalised",
+        *(["from m3ae.data import Tokenizer",
+           "text, padding = Tokenizer.for_model(model.config)([\"a red kangaroo.\"])  # the model's own ids",
+           "features = model.encode(images, text, padding).cls"] if config.has_text else []),
         "```",
         "",
         "Files: `config.json` (M3AEConfig), `model.safetensors` (weights; no pickles).",
     ]
     return "\n".join(lines) + "\n"
+
+
+def _vocabulary_line(config: M3AEConfig) -> str:
+    tokenizer = config.tokenizer or "bert-base-uncased"
+    if config.vocabulary is None:
+        return f"tokenizer {tokenizer}, vocabulary {config.vocab_size}"
+    return (f"tokenizer {tokenizer}, a compact vocabulary of {config.vocab_size} of its tokens, those of the "
+            f"training captions, listed in config.json; any other token reads as [UNK]")
+
+
+def _vocabulary_counted(run_config: dict[str, Any]) -> dict[str, Any]:
+    """The configuration shown, a compact vocabulary's token list replaced by its length."""
+    model = run_config.get("model")
+    if not isinstance(model, dict) or not isinstance(model.get("vocabulary"), list):
+        return run_config
+    return {**run_config, "model": {**model, "vocabulary": f"{len(model['vocabulary'])} tokens (config.json)"}}
 
 
 def push_to_hub(model: Any, repo_id: str, *, card_info: dict[str, Any] | None = None, private: bool | None = None,

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
@@ -19,7 +20,7 @@ from .config import M3AEConfig
 from .files import CONFIG_NAME, WEIGHTS_NAME
 from .layers import OutputHead, Transformer, sincos_1d, sincos_2d, sincos_buffer
 from .losses import cross_entropy_by_sample, masked_cross_entropy, normalize_patches, patch_mse_loss
-from .masking import Masking, draw_noise, gather_tokens, random_masking, unshuffle
+from .masking import Masking, draw_noise, gather_tokens, random_masking, real_token_masking, unshuffle
 
 # Text positions are fixed sin-cos; a table this long serves captions and unpaired text corpora alike.
 MAX_TEXT_POSITIONS = 512
@@ -57,6 +58,10 @@ class M3AE(nn.Module):
         super().__init__()
         config.validate()
         self.config = c = config
+        # How inputs were prepared in training (tokenizer name, pixel mean/std, crop scale, flip), as
+        # the data pipeline records it; kept in config.json under "preprocessing" and read back by
+        # `m3ae.create_model_and_transforms`. The network never reads it. None: not recorded.
+        self.preprocessing: dict[str, Any] | None = None
         D, Dd = c.emb_dim, c.dec_emb_dim
 
         self.cls_token = nn.Parameter(torch.zeros(1, 1, D))
@@ -234,7 +239,7 @@ class M3AE(nn.Module):
         """
         c = self.config
         _, pad = self._check_inputs(image, text, text_padding_mask)
-        image_masking, text_masking = self.random_masks(image, text, image_noise, text_noise)
+        image_masking, text_masking = self.random_masks(image, text, image_noise, text_noise, pad)
         latent, encoder_attentions = self.forward_encoder(image, text, pad, image_masking, text_masking, output_attentions)
         decoded_image, decoded_text, decoder_attentions = self.forward_decoder(
             latent, image_masking, text_masking, pad, output_attentions
@@ -273,9 +278,11 @@ class M3AE(nn.Module):
         text: torch.Tensor | None,
         image_noise: torch.Tensor | None = None,
         text_noise: torch.Tensor | None = None,
+        pad: torch.Tensor | None = None,
     ) -> tuple[Masking | None, Masking | None]:
         """Per modality present: keep int(L·(1 - ratio)) positions, the lowest of independent noise
-        (drawn here, image first, unless given)."""
+        (drawn here, image first, unless given); with text_mask_over "real", int(n_real·(1 - ratio))
+        real tokens of each caption (`pad`: True = padding)."""
         c = self.config
         image_masking = text_masking = None
         if image is not None:
@@ -287,7 +294,11 @@ class M3AE(nn.Module):
             B, L = text.shape
             if text_noise is None:
                 text_noise = draw_noise(B, L, c.masking, text.device)
-            text_masking = random_masking(text_noise, B, L, c.text_keep(L))  # ids_keep (B, keep_t)
+            if c.text_mask_over == "real":
+                padding = torch.zeros_like(text, dtype=torch.bool) if pad is None else pad
+                text_masking = real_token_masking(text_noise, padding, c.text_mask_ratio)
+            else:
+                text_masking = random_masking(text_noise, B, L, c.text_keep(L))  # ids_keep (B, keep_t)
         return image_masking, text_masking
 
     def forward_encoder(
@@ -415,7 +426,7 @@ class M3AE(nn.Module):
         with atomic_path(directory / WEIGHTS_NAME) as tmp:
             save_file(state, str(tmp), metadata={"format": "pt", "m3ae_config": json.dumps(self.config.to_dict())})
         with atomic_path(directory / CONFIG_NAME) as tmp:
-            self.config.save(tmp)
+            self.config.save(tmp, self.preprocessing)
         if card_info is not None:
             from .hub import model_card
 
@@ -448,9 +459,10 @@ class M3AE(nn.Module):
             if not path.is_file():
                 raise FileNotFoundError(f"{path} not found: expected a directory written by save_pretrained")
         try:
-            backbone = json.loads(config_path.read_text()).get("backbone")
+            stored = json.loads(config_path.read_text())
+            backbone, preprocessing = stored.get("backbone"), stored.get("preprocessing")
         except (ValueError, AttributeError):
-            backbone = None  # M3AEConfig.load below says what is wrong with the file
+            backbone = preprocessing = None  # M3AEConfig.load below says what is wrong with the file
         state = load_file(str(weights_path))
         if backbone is not None:
             # A linear-probe or fine-tuning checkpoint: its weights are a classifier's, whose backbone
@@ -466,4 +478,5 @@ class M3AE(nn.Module):
         missing, unexpected = model.load_state_dict(state, strict=False)
         if missing or unexpected:
             raise ValueError(f"{weights_path} does not match {config_path}: missing {missing}, unexpected {unexpected}")
+        model.preprocessing = preprocessing if isinstance(preprocessing, dict) else None
         return model

@@ -44,3 +44,20 @@ def unshuffle(visible: torch.Tensor, mask_token: torch.Tensor, ids_restore: torc
     B, keep, D = visible.shape
     fill = mask_token.to(visible.dtype).expand(B, ids_restore.shape[1] - keep, D)
     return gather_tokens(torch.cat([visible, fill], dim=1), ids_restore)
+
+
+def real_token_masking(noise: torch.Tensor, padding: torch.Tensor, ratio: float) -> Masking:
+    """Masking over the real tokens only: each caption keeps int(n_real · (1 - ratio)) of its real
+    (not padded) tokens, the lowest-noise ones. The kept block has the batch's largest count; a
+    caption with fewer fills it with its own padding tokens, which attention never reads, so the
+    encoder sees exactly that many words. noise: (B, L) or (L,); padding: (B, L) bool, True = pad."""
+    batch, length = padding.shape
+    noise = noise.expand(batch, length)
+    real = ~padding
+    keep = (real.sum(1).double() * (1 - ratio)).floor().long()  # (B,): int() of a positive double
+    rank = torch.argsort(torch.argsort(noise.masked_fill(padding, float("inf")), dim=1, stable=True), dim=1)
+    chosen = real & (rank < keep[:, None])
+    # sort key: chosen words first, then padding, then the removed words; the noise orders each group
+    group = torch.where(chosen, 0, torch.where(padding, 1, 2))
+    key = group * length + torch.argsort(torch.argsort(noise, dim=1, stable=True), dim=1)
+    return random_masking(key, batch, length, int(keep.max()) if batch else 0)

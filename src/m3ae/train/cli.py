@@ -11,7 +11,6 @@ from .. import recipes
 
 def register(subparsers) -> None:
     from ..config import add_config_arguments, add_override_alias
-    from ..data.cli import add_open_clip_aliases
     from .bench import BenchConfig
     from .pretrain import PretrainConfig
 
@@ -25,7 +24,6 @@ def register(subparsers) -> None:
         f"a packaged recipe ({', '.join(recipes.names())}) or a YAML file of config fields; flags apply on top "
         f"(default: {recipes.DEFAULT}; when resuming: the run's own config.yaml)"))
     add_override_alias(p, "--max-steps", "train.max_steps")
-    add_open_clip_aliases(p)
     p.set_defaults(func=pretrain_command)
 
     b = subparsers.add_parser("bench", help="training-step throughput (samples/s, FLOP/s, MFU)",
@@ -78,6 +76,7 @@ def resumed_config(run_dir, overrides: dict, recipe: str | None):
     """The saved run's config with only the flags given now applied. `max_steps` was where the last
     invocation stopped, so it is dropped unless given again; past the schedule's end it becomes the end."""
     from ..config import ConfigError
+    from ..data.config import refuse_stored_commands
     from .pretrain import PretrainConfig
 
     if recipe is not None:
@@ -91,7 +90,9 @@ def resumed_config(run_dir, overrides: dict, recipe: str | None):
         overrides["train.total_steps"] = max_steps
         print(f"m3ae pretrain: --max-steps {max_steps} is past the schedule's end ({total}): the lr schedule now "
               f"ends at step {max_steps}", file=sys.stderr)
-    return run_dir.load_config(PretrainConfig, overrides, FROZEN_ON_RESUME)
+    cfg = run_dir.load_config(PretrainConfig, overrides, FROZEN_ON_RESUME)
+    refuse_stored_commands(cfg.data, str(run_dir.config), typed=overrides)
+    return cfg
 
 
 def pretrain_command(args: argparse.Namespace) -> int:

@@ -4,8 +4,7 @@ captions' masked words and the model's top guesses (`m3ae.viz.reconstruction`)."
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from importlib import resources
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import torch
@@ -15,17 +14,19 @@ from ..viz.plotting import loss_curves_figure, save_figure
 from ..viz.reconstruction import caption_predictions, plot_reconstructions, reconstruct_images
 from ..engine.metrics import read_metrics
 
-VOCAB_ASSET = "assets/bert-base-uncased-vocab.txt"
-
 
 def plot_loss_curves(metrics_path: Path, out_path: Path) -> Path | None:
     fig = loss_curves_figure(read_metrics(metrics_path))
     return save_figure(fig, out_path) if fig is not None else None
 
 
-def _vocabulary(vocab_size: int) -> list[str] | None:
-    words = resources.files("m3ae").joinpath(VOCAB_ASSET).read_text().splitlines()
-    return words if len(words) == vocab_size else None
+def _token_names(config) -> Callable[[int], str]:
+    """id -> token in the model's vocabulary (its compact one, if any); the id itself when the
+    recorded (or default) tokenizer is not the model's."""
+    from ..data.tokenizer import Tokenizer
+
+    tokenizer = Tokenizer.for_model(config)
+    return tokenizer.id_to_token if tokenizer.vocab_size == config.vocab_size else str
 
 
 @torch.no_grad()
@@ -52,10 +53,9 @@ def reconstruction_figures(model, bare_model, batch: dict[str, torch.Tensor], no
                        for k, v in vars(out).items()})
     predictions = None
     if out.text_logits is not None:
-        vocab = _vocabulary(bare_model.config.vocab_size)
         pad = batch.get("text_padding_mask")
         pad = torch.zeros_like(text[:n], dtype=torch.bool) if pad is None else pad[:n]
-        predictions = caption_predictions(text[:n].cpu(), pad.cpu(), out, (lambda i: vocab[i]) if vocab else str)
+        predictions = caption_predictions(text[:n].cpu(), pad.cpu(), out, _token_names(bare_model.config))
     mean, std = normalization if normalization else (None, None)
     written = [plot_reconstructions(reconstruct_images(bare_model, image, out), out_dir / f"recon_{step:08d}.png",
                                     mean, std, title=f"step {step}")]

@@ -11,6 +11,7 @@ from __future__ import annotations
 import importlib.util
 import itertools
 import logging
+import math
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,7 +22,7 @@ import torch
 from ..data import DataConfig
 from ..engine.checkpoint import GeneratorState, ProcessRNG
 from ..engine.distributed import (
-    ParallelName, apply_activation_checkpointing, apply_compile, resolve_parallel, wrap_model,
+    ParallelName, apply_activation_checkpointing, apply_compile, broadcast_object, resolve_parallel, wrap_model,
 )
 from ..engine.flops import measure_peak_flops, training_flops
 from ..engine.loop import RunSettings, Trainer, run_task
@@ -33,14 +34,19 @@ from ..engine.schedule import LRScheduler, WarmupCosine
 from ..engine.step import StatsWindow
 from ..model import ConfigError, M3AE, M3AEConfig
 from ..utils import RunStopped
+from .vocabulary import resumed_checkpoint, settle_vocabulary
 
 
 @dataclass
 class TrainConfig:
     batch_size: int = 64  # global: samples per optimizer step, whatever the number of processes
     micro_batch_size: int | None = None  # per process and forward; null: batch_size / processes
-    total_steps: int = 1000  # length of the lr schedule
+    total_steps: int = 1000  # length of the lr schedule (derived instead when epochs is set)
     max_steps: int | None = None  # stop after this step (resume later); null: total_steps
+    # Passes over the data; with samples_per_epoch it sets total_steps to
+    # ceil(epochs × samples_per_epoch / batch_size) (printed at start). null: total_steps as given.
+    epochs: float | None = None
+    samples_per_epoch: int | None = None  # samples in one pass over data.source (your copy's count)
     unpaired_text_weight: float = 0.0  # w_u: weight of the text-only loss on unpaired text
     seed: int = 0  # seed of initialisation and masking
     precision: PrecisionSetting = "auto"  # auto: bf16 where the device computes it natively and faster
@@ -67,6 +73,19 @@ class TrainConfig:
             raise ConfigError(f"train.device={self.device!r}: must be 'auto', 'cpu', 'cuda' or 'cuda:N'")
         if not self.unpaired_text_weight >= 0:  # NaN included
             raise ConfigError(f"train.unpaired_text_weight={self.unpaired_text_weight!r}: must be >= 0")
+        if self.epochs is not None:
+            if not (self.epochs > 0 and self.samples_per_epoch is not None and self.samples_per_epoch >= 1):
+                raise ConfigError(f"train.epochs={self.epochs:g}: needs epochs > 0 and train.samples_per_epoch >= 1 "
+                                  f"(the number of samples in your data), got {self.samples_per_epoch!r}")
+            # a --max-steps past the derived end stretches the schedule, as for a given total_steps
+            self.total_steps = max(math.ceil(self.epochs * self.samples_per_epoch / self.batch_size),
+                                   self.max_steps or 0)
+
+    def describe_schedule(self) -> str | None:
+        if self.epochs is None:
+            return None
+        return (f"schedule: {self.epochs:g} epochs x {self.samples_per_epoch} samples / batch {self.batch_size} "
+                f"= {self.total_steps} steps")
 
     @property
     def last_step(self) -> int:
@@ -160,6 +179,9 @@ class Pretrainer(Trainer):
         if t.deterministic:
             torch.use_deterministic_algorithms(True)
 
+        if loader is None:  # a loader the caller gives brings its own token ids
+            checkpoint = resumed_checkpoint(self.run_dir.path, self.resuming)
+            cfg.model = broadcast_object(settle_vocabulary(cfg.model, cfg.data, checkpoint) if self.info.is_main else None)
         torch.manual_seed(t.seed)  # same initial weights on every process
         model = M3AE(cfg.model).to(self.info.device)
         exclude = no_decay_names(model, cfg.optim.no_decay)
@@ -193,6 +215,8 @@ class Pretrainer(Trainer):
                 "log.figures_every=%d: figures need matplotlib, which is not installed (pip install 'm3ae[viz]'); "
                 "training without figures", cfg.log.figures_every)
             self.figures_every = 0
+        if self.info.is_main and t.describe_schedule():
+            print(t.describe_schedule(), flush=True)
         self.sample_batch: dict[str, torch.Tensor] = {}  # a few samples of the first batch: figures, FLOPs
         self.flops = None  # per sample; known after the first step, which says which losses ran
         self.window = StatsWindow()  # the steps since the last log
@@ -207,7 +231,6 @@ class Pretrainer(Trainer):
         from ..data import build_pretrain_loader
         from ..data.loader import caption_coverage
 
-        self._check_vocabulary()
         if self.cfg.model.has_text and self.cfg.data.paired_fraction > 0 and self.info.is_main:
             captioned, read = caption_coverage(self.cfg.data)
             if read and not captioned:
@@ -215,19 +238,11 @@ class Pretrainer(Trainer):
                     "%d of %d samples have a caption: training is image-only (data source %r; a caption is x.txt "
                     "beside x.jpg, a .txt shard member or a caption column)", captioned, read, self.cfg.data.source)
         return build_pretrain_loader(self.cfg.data, batch_size=self.micro_batch, rank=self.info.rank,
-                                     world_size=self.info.world_size, pin_memory=self.info.device.type == "cuda")
+                                     world_size=self.info.world_size, pin_memory=self.info.device.type == "cuda",
+                                     vocabulary=self.cfg.model.vocabulary)
 
-    def _check_vocabulary(self) -> None:
-        # Token ids beyond the embedding table would fail in the first forward, deep in torch.
-        from ..data.tokenizer import Tokenizer
-
-        model, data = self.cfg.model, self.cfg.data
-        if not model.has_text:
-            return
-        vocab = Tokenizer.from_name(data.tokenizer).vocab_size
-        if model.vocab_size < vocab:
-            raise ConfigError(f"model.vocab_size={model.vocab_size}: smaller than the {vocab} tokens of "
-                              f"data.tokenizer={data.tokenizer!r}")
+    def model_config(self) -> dict[str, Any]:
+        return {**self.model.config.to_dict(), "preprocessing": self.cfg.data.preprocessing()}
 
     # ------------------------------------------------------------------ one step
     def _draw_noise(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

@@ -56,7 +56,8 @@ def plot_word_attention(
     picture: np.ndarray, words: list[str], maps: dict[int, np.ndarray], path: str | Path, title: str = ""
 ) -> Path:
     """picture (H, W, 3) in [0, 1]; maps {word index: (g, g) attention}. One panel per chosen word:
-    the image with the word's attention over the patches overlaid."""
+    the image with the word's attention over the patches overlaid, its colour bar in attention
+    shares (each panel spans its own minimum to maximum)."""
     plt = pyplot()
     height, width = picture.shape[:2]
     fig, axes = plt.subplots(1, 1 + len(maps), figsize=(2.6 * (1 + len(maps)), 3.0), squeeze=False)
@@ -64,7 +65,11 @@ def plot_word_attention(
     axes[0, 0].set_title("image", fontsize=9)
     for ax, (index, grid) in zip(axes[0, 1:], maps.items()):
         ax.imshow(picture)
-        ax.imshow(_normalise(grid), cmap="jet", alpha=0.5, extent=(0, width, height, 0), interpolation="bilinear")
+        overlay = ax.imshow(grid, cmap="jet", alpha=0.5, extent=(0, width, height, 0), interpolation="bilinear",
+                            vmin=float(np.min(grid)), vmax=float(np.max(grid)))
+        bar = fig.colorbar(overlay, ax=ax, fraction=0.046, pad=0.03)
+        bar.solids.set_alpha(1.0)
+        bar.ax.tick_params(labelsize=7)
         ax.set_title(f"“{words[index]}”", fontsize=9)
     for ax in axes[0]:
         ax.axis("off")
@@ -77,7 +82,9 @@ def plot_patch_attention(
     title: str = "",
 ) -> Path:
     """The image with the chosen patch outlined, and the caption with each word shaded by the
-    patch's attention to it (Fig. 8)."""
+    patch's attention to it (Fig. 8), with a colour bar in attention shares."""
+    from matplotlib.cm import ScalarMappable
+    from matplotlib.colors import ListedColormap, Normalize
     from matplotlib.patches import Rectangle
 
     plt = pyplot()
@@ -87,14 +94,22 @@ def plot_patch_attention(
     row, col = divmod(patch, grid_size)
     fig, (ax_image, ax_text) = plt.subplots(1, 2, figsize=(8.0, 3.0), gridspec_kw={"width_ratios": [1, 2]})
     ax_image.imshow(picture)
-    ax_image.add_patch(Rectangle((col * pw, row * ph), pw, ph, fill=False, edgecolor="red", linewidth=2))
+    # imshow's pixel edges are at -0.5 + k; not clipped at the axes, so that a patch on the image's
+    # right or bottom border keeps its whole outline
+    ax_image.add_patch(Rectangle((col * pw - 0.5, row * ph - 0.5), pw, ph, fill=False, edgecolor="red", linewidth=2,
+                                 clip_on=False))
     ax_image.axis("off")
-    shades = _normalise(np.asarray(weights, dtype=np.float64))
-    cmap = plt.get_cmap("Reds")
+    weights = np.asarray(weights, dtype=np.float64)
+    shades = _normalise(weights)
+    cmap = ListedColormap(plt.get_cmap("Reds")(np.linspace(0.15, 1.0, 256)))  # the palest shade stays visible
+    bar = fig.colorbar(ScalarMappable(Normalize(float(weights.min()), float(weights.max())), cmap), ax=ax_text,
+                       orientation="horizontal", fraction=0.08, pad=0.02)
+    bar.ax.tick_params(labelsize=7)
+    bar.set_label("attention share", fontsize=8)
     x, y = 0.0, 0.8
     for word, shade in zip(words, shades):
         text = ax_text.text(x, y, word, fontsize=11, transform=ax_text.transAxes, color="white" if shade > 0.6 else "black",
-                            bbox=dict(facecolor=cmap(0.15 + 0.85 * shade), edgecolor="none", pad=2))
+                            bbox=dict(facecolor=cmap(shade), edgecolor="none", pad=2))
         fig.canvas.draw()
         extent = text.get_window_extent().transformed(ax_text.transAxes.inverted())
         x = extent.x1 + 0.02

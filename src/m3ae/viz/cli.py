@@ -20,7 +20,8 @@ MODEL_HELP = "a model directory, a checkpoint step directory, a run directory or
 class FigureConfig:
     checkpoint: str  # a model directory, a checkpoint step directory, a run directory or a Hub repo id
     normalization: str | None = None  # input normalisation preset; null: the checkpoint run's, else cc12m
-    tokenizer: str = "bert-base-uncased"  # tokenizer name or tokenizer.json path
+    # tokenizer name or tokenizer.json path; null: the one the model records, else bert-base-uncased
+    tokenizer: str | None = None
     seed: int = 0  # masking noise seed
     threads: ThreadsSetting = "auto"  # CPU threads; auto: the free physical cores
 
@@ -133,7 +134,7 @@ def run_reconstruct(args: argparse.Namespace) -> int:
         if cfg.captions and model.config.has_text:
             text, pad, tokenizer = tokenize(model, cfg.captions, cfg.tokenizer)
             out = model(image, text, pad)
-            predictions = caption_predictions(text, pad, out, tokenizer.backend.id_to_token, cfg.top_k)
+            predictions = caption_predictions(text, pad, out, tokenizer.id_to_token, cfg.top_k)
         else:
             out, predictions = model(image), None
     mean, std = normalization_stats(normalization)
@@ -184,7 +185,7 @@ def run_attention(args: argparse.Namespace) -> int:
     image, picture = load_images([cfg.image], model.config.image_size, normalization)
     text, pad, tokenizer = tokenize(model, [cfg.caption], cfg.tokenizer)
     length = int((~pad[0]).sum())
-    tokens = [tokenizer.backend.id_to_token(int(i)) for i in text[0, :length]]
+    tokens = [tokenizer.id_to_token(int(i)) for i in text[0, :length]]
     attention = attention_matrix(model, image, text, pad, layer=cfg.layer, head=cfg.head)[0]
     N, g = model.config.num_patches, model.config.grid_size
     words = _word_positions(tokens, cfg.words)
@@ -199,12 +200,12 @@ def run_attention(args: argparse.Namespace) -> int:
 
 
 def run_tsne(args: argparse.Namespace) -> int:
-    import dataclasses
-
-    import torch
+    import itertools
+    import math
 
     from ..data import build_eval_loader
-    from ..data.sources import label_names
+    from ..data.factory import label_names
+    from ..eval import api
     from ..model import M3AE
     from .tsne import plot_tsne
 
@@ -215,17 +216,12 @@ def run_tsne(args: argparse.Namespace) -> int:
     for spec in cfg.checkpoint:
         name, sep, directory = spec.rpartition("=")
         name = name if sep else Path(directory).name
-        model = M3AE.from_pretrained(directory).eval()
-        data = dataclasses.replace(cfg.data, image_size=model.config.image_size)
-        features, labels, seen = [], [], 0
-        with torch.no_grad():
-            for batch in build_eval_loader(data, batch_size=cfg.batch_size, split=cfg.split):
-                features.append(model.encode(batch["image"]).cls)
-                labels.append(batch["label"])
-                seen += len(batch["label"])
-                if seen >= cfg.max_samples:
-                    break
-        panels[name] = (torch.cat(features)[: cfg.max_samples].numpy(), torch.cat(labels)[: cfg.max_samples].numpy())
+        model = M3AE.from_pretrained(directory)
+        data = api.data_for_model(cfg.data, model.config, model_field=f"the image_size of {directory}")
+        batches = itertools.islice(build_eval_loader(data, batch_size=cfg.batch_size, split=cfg.split),
+                                   math.ceil(cfg.max_samples / cfg.batch_size))
+        out = api.features(model, batches, ("cls",))["cls"]
+        panels[name] = (out["features"][: cfg.max_samples].numpy(), out["labels"][: cfg.max_samples].numpy())
     class_names = label_names(cfg.data.source, split=cfg.split)
     print(f"wrote {plot_tsne(panels, cfg.out, class_names, seed=cfg.seed)}")
     print(json.dumps({name: int(len(labels)) for name, (_, labels) in panels.items()}))

@@ -37,13 +37,14 @@ def load_images(paths: list[str], size: int, normalization: str) -> tuple[torch.
     return normalize_batch(batch, mean, std), batch.astype(np.float32) / 255.0
 
 
-def tokenize(model: M3AE, captions: list[str], tokenizer_name: str = "bert-base-uncased"):
-    """Captions -> (ids, padding mask, tokenizer); the tokenizer must match the model's vocabulary."""
+def tokenize(model: M3AE, captions: list[str], tokenizer_name: str | None = None):
+    """Captions -> (ids, padding mask, tokenizer) in the model's ids (its compact vocabulary, if it has
+    one). `tokenizer_name` None: the tokenizer the model records, else bert-base-uncased."""
     from ..data.tokenizer import Tokenizer
 
-    tokenizer = Tokenizer.from_name(tokenizer_name, max_length=model.config.text_length)
+    tokenizer = Tokenizer.for_model(model.config, tokenizer_name)
     if tokenizer.vocab_size != model.config.vocab_size:
-        raise ValueError(f"tokenizer {tokenizer_name!r} has {tokenizer.vocab_size} tokens but the model "
+        raise ValueError(f"tokenizer {tokenizer.name!r} has {tokenizer.vocab_size} tokens but the model "
                          f"{model.config.vocab_size}: pass --tokenizer")
     ids, pad = tokenizer(captions)
     return ids, pad, tokenizer
