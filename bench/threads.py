@@ -27,6 +27,7 @@ import argparse
 import contextlib
 import json
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -69,7 +70,7 @@ def main() -> None:
     parser.add_argument("--out", help="also append every result as a JSON line here")
     args = parser.parse_args()
     cores = os.cpu_count() or 1
-    print(f"| condition | wait policy | threads setting | threads used | step s | load before | why |")
+    print("| condition | wait policy | threads setting | threads used | step s | load before | why |")
     print("|---|---|---|---|---|---|---|")
     for condition in args.conditions:
         for policy in args.policies:
@@ -94,6 +95,11 @@ def main() -> None:
                       f"{r['load_before']:.2f} | {r.get('threads_reason', '')} |", flush=True)
 
 
+def _interrupt(signum, frame) -> None:
+    raise KeyboardInterrupt  # a SIGTERM (a `timeout`) unwinds like Ctrl-C: the spinners are stopped too
+
+
 if __name__ == "__main__":
+    signal.signal(signal.SIGTERM, _interrupt)
     with contextlib.suppress(KeyboardInterrupt):
         main()

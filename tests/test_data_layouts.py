@@ -128,6 +128,13 @@ def test_parquet_without_pyarrow_names_the_extra(tmp_path, monkeypatch):
         require("no_such_package_m3ae", "wandb", "log.wandb=true")
 
 
+def test_every_format_a_config_accepts_has_an_opener():
+    from m3ae.data import factory
+    from m3ae.data.config import FORMATS
+
+    assert FORMATS[0] == "auto" and tuple(factory._OPENERS) == FORMATS[1:]
+
+
 def test_inspect_says_which_layout_and_why(tmp_path):
     write_shards(tmp_path / "shards", 3, 3)
     report = inspect_source(str(tmp_path / "shards"))
@@ -153,6 +160,22 @@ def _img2dataset_webdataset_output(root, rows) -> None:
         pq.write_table(pa.table({"url": [f"http://x/{k}" for k, *_ in part], "key": [k for k, *_ in part],
                                  "caption": [c for *_, c, _ in part], "status": ["success"] * len(part)}),
                        root / f"{name}.parquet")
+
+
+def test_img2dataset_files_output_folder_with_its_metadata_is_a_caption_folder(tmp_path):
+    rows = samples(5)
+    folder = tmp_path / "files"
+    _img2dataset_webdataset_output(tmp_path / "meta", rows)  # for its .parquet and _stats.json
+    (folder / "00000").mkdir(parents=True)
+    for name in ("00000.parquet", "00000_stats.json"):
+        (folder / name).write_bytes((tmp_path / "meta" / name).read_bytes())
+    for key, index, caption, _ in rows:
+        (folder / "00000" / f"{key}.jpg").write_bytes(image_bytes(index, fmt="JPEG"))
+        (folder / "00000" / f"{key}.txt").write_text(caption)
+    layout, why = detect_layout(str(folder))
+    assert layout == "flat" and "numbered subfolders" in why and "2 .parquet/_stats.json file(s)" in why
+    ours, _ = _read(_config(str(folder)))
+    assert sorted(ours) == [f"00000/{k}" for k, *_ in rows]
 
 
 def test_img2dataset_webdataset_output_folder_is_read_as_its_shards(tmp_path, capsys):

@@ -207,3 +207,21 @@ def test_scale_study_json_on_a_tiny_configuration(recipe, tmp_path):
         assert read_metrics(run / name / "seed0" / "metrics.jsonl")[-1]["step"] == configs[name]["train"]["total_steps"]
     assert all(set(METRICS) <= set(r["mean"]) and len(r["seeds"]) == 1 for r in rows.values())
     assert set(results["headroom"]) == {"logreg_cls", "logreg_mean"} and (run / "demo_results.png").stat().st_size > 0
+
+
+def test_claim_failures_name_each_seed_where_a_claim_fails():
+    from m3ae.eval.demo import claim_failures, table
+
+    def row(per_seed: list[float], mean_pool: list[float]) -> dict:
+        seeds = [{**dict.fromkeys(METRICS, v), "logreg_mean": w} for v, w in zip(per_seed, mean_pool)]
+        return {"seeds": seeds, "mean": dict(seeds[0]), "std": dict.fromkeys(METRICS, 0.0)}
+
+    # mean-pool: 80, 79 > 70, 69 > 50, 50 on both seeds; elsewhere MAE 59 is at or below random's 60 on seed 1,
+    # and on seed 0 M3AE equals MAE (a tie is no win)
+    results = {"m3ae": row([60, 69], [80, 79]), "mae": row([60, 59], [70, 69]), "random_init": row([50, 60], [50, 50])}
+    failures = claim_failures(results)
+    assert failures["logreg_mean"] == []
+    assert failures["logreg_cls"] == ["m3ae ≤ mae on seed 0", "mae ≤ random_init on seed 1"]
+    text = table(results, 2)
+    assert "M3AE > MAE > random init on every seed: logistic mean-pool\n" in text
+    assert "not on kNN CLS: m3ae ≤ mae on seed 0; mae ≤ random_init on seed 1" in text

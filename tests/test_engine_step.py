@@ -72,3 +72,20 @@ def test_accumulation_scales_each_micro_batch_and_steps_once():
     assert stats["loss"].item() == pytest.approx(reference_loss.item(), rel=1e-6)
     for k, v in model.state_dict().items():
         torch.testing.assert_close(v, expected[k])
+
+
+def test_pretraining_runs_one_engine_step_per_optimizer_step(counted_steps, tmp_path):
+    from m3ae.engine.metrics import LogConfig
+    from m3ae.model import M3AEConfig
+    from m3ae.train.pretrain import PretrainConfig, TrainConfig, run_pretraining
+    from m3ae.train.synthetic import ListLoader, synthetic_batch
+
+    model = M3AEConfig(emb_dim=32, depth=1, num_heads=2, dec_emb_dim=32, dec_depth=1, dec_num_heads=2,
+                       image_size=32, patch_size=8, text_length=8, vocab_size=100)
+    cfg = PretrainConfig(model=model, train=TrainConfig(batch_size=4, micro_batch_size=2, total_steps=3,
+                                                        precision="fp32"),
+                         log=LogConfig(every=1, figures_every=0, progress=False, tensorboard=False),
+                         out_dir=str(tmp_path))
+    loader = ListLoader([synthetic_batch(model, 2, seed=i) for i in range(6)])
+    assert run_pretraining(cfg, loader=loader).step == 3
+    assert len(counted_steps) == 3 and counted_steps[0].accum == 2  # two micro-batches inside each step

@@ -5,16 +5,15 @@ fail in one line naming the file."""
 from __future__ import annotations
 
 import gzip
-import io
 import json
 import os
-import tarfile
 import threading
 import time
 
 import numpy as np
 import pytest
 from data_helpers import image_bytes, write_tar
+from test_reliability_fuzz import member, sparse_member
 
 from m3ae.cli import main
 from m3ae.data import DataConfig, build_pretrain_loader
@@ -33,33 +32,16 @@ def config(source: str, **overrides) -> DataConfig:
                          **overrides})
 
 
-def sparse_member(name: str, real_size: int) -> bytes:
-    """A GNU sparse member storing 512 bytes that expand to `real_size` (holes read as zeros)."""
-    info = tarfile.TarInfo(name)
-    info.type, info.size = tarfile.GNUTYPE_SPARSE, 512
-    header = bytearray(info.tobuf(tarfile.GNU_FORMAT))
-    header[386:410] = tarfile.itn(real_size - 512, 12, tarfile.GNU_FORMAT) + tarfile.itn(512, 12, tarfile.GNU_FORMAT)
-    header[483:495] = tarfile.itn(real_size, 12, tarfile.GNU_FORMAT)
-    header[148:156] = b" " * 8
-    header[148:156] = b"%06o\0 " % tarfile.calc_chksums(bytes(header))[0]
-    return bytes(header) + b"x" * 512
-
-
 def tar_bytes(members: list[tuple[str, bytes]], end: bool = True) -> bytes:
     """Members written one by one (header, data, padding), then the end-of-archive blocks."""
-    out = b""
-    for name, data in members:
-        info = tarfile.TarInfo(name)
-        info.size = len(data)
-        out += info.tobuf(tarfile.USTAR_FORMAT) + data + b"\0" * (-len(data) % tarfile.BLOCKSIZE)
-    return out + (b"\0" * 1024 if end else b"")
+    return b"".join(member(name, data) for name, data in members) + (b"\0" * 1024 if end else b"")
 
 
 def test_a_sparse_member_is_skipped_from_its_header_not_expanded(tmp_path):
     # the report's 2 GB caption in a 20 KB shard aborted the worker; 1 GB here, never read
     shard = tmp_path / "sparse.tar"
     shard.write_bytes(tar_bytes(good("a", 0) + [("b.png", image_bytes(1))], end=False)
-                      + sparse_member("b.txt", 1 << 30) + tar_bytes(good("c", 2)))
+                      + sparse_member("b.txt", b"x" * 512, 1 << 30) + tar_bytes(good("c", 2)))
     assert shard.stat().st_size < 30_000
     start = time.perf_counter()
     report = inspect_source(str(shard))

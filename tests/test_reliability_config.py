@@ -148,3 +148,12 @@ def test_a_stored_command_or_url_source_is_refused_unless_typed_again():
         refuse_stored_commands(stored, "runs/a/config.yaml", typed={"data.source"})
     refuse_stored_commands(stored, "runs/a/config.yaml", typed={"data.source", "data.image_only_sources"})
     refuse_stored_commands(DataConfig(source="data/a.tar"), "runs/a/config.yaml")
+
+
+def test_a_cuda_device_without_cuda_is_one_line(capsys, tmp_path, monkeypatch):
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)  # as on a CPU-only build
+    assert main(["pretrain", "--train.device", "cuda", "--out-dir", str(tmp_path / "run")]) == 2
+    err = capsys.readouterr().err
+    assert "device 'cuda': CUDA is not available here" in err and len(err.strip().splitlines()) == 1

@@ -11,6 +11,7 @@ import numpy as np
 from data_helpers import image_bytes
 
 from m3ae.data.inspect import inspect_source
+from m3ae.data.sources import NoUsableSample
 
 CASES = 300
 
@@ -73,3 +74,116 @@ def test_inspect_survives_random_damage(tmp_path):
     # the mutations reach the decoders and the tar reader, not just one code path
     assert {"truncated_shard", "undecodable_image"} <= outcomes, outcomes
     assert time.perf_counter() - start < 60
+
+
+# ------------------------------------------------------------------ the classes of issue 19
+def sparse_member(name: str, stored: bytes, real_size: int) -> bytes:
+    """A GNU sparse member: `stored` (whole blocks) at the end of `real_size` bytes of holes."""
+    info = tarfile.TarInfo(name)
+    info.type, info.size = tarfile.GNUTYPE_SPARSE, len(stored)
+    header = bytearray(info.tobuf(tarfile.GNU_FORMAT))
+    header[386:410] = (tarfile.itn(real_size - len(stored), 12, tarfile.GNU_FORMAT)
+                       + tarfile.itn(len(stored), 12, tarfile.GNU_FORMAT))
+    header[483:495] = tarfile.itn(real_size, 12, tarfile.GNU_FORMAT)
+    header[148:156] = b" " * 8
+    header[148:156] = b"%06o\0 " % tarfile.calc_chksums(bytes(header))[0]
+    return bytes(header) + stored
+
+
+def test_sparse_and_compressed_shards_are_read_in_bounded_time(tmp_path):
+    import gzip
+
+    start = time.perf_counter()
+    for seed in range(60):
+        rng = np.random.default_rng(seed)
+        good = b"".join(member(f"g{i}.png", image_bytes(i, (32, 32))) + member(f"g{i}.txt", b"caption")
+                        for i in range(2))
+        ext = ["txt", "json", "cls", "png", "jpg"][seed % 5]
+        sparse = sparse_member(f"t.{ext}", b"x" * 512 * int(rng.integers(1, 4)), int(rng.integers(1 << 20, 1 << 40)))
+        partner = member("t.txt", b"caption") if ext in ("png", "jpg") else member("t.png", image_bytes(seed, (32, 32)))
+        hostile = partner + sparse
+        data = good + hostile + member("z.png", image_bytes(99, (32, 32))) + member("z.txt", b"after") + b"\0" * 1024
+        path = tmp_path / (f"f{seed}.tar.gz" if seed % 2 else f"f{seed}.tar")
+        path.write_bytes(damage(gzip.compress(data), rng) if seed % 4 == 1 else gzip.compress(data) if seed % 2 else data)
+        try:
+            report = inspect_source(str(path))
+        except NoUsableSample:  # compressed data damaged before the first sample: one line, like any such source
+            assert seed % 4 == 1
+            continue
+        assert report["records"] == report["samples"] + sum(report["skipped"].values())
+        if seed % 4 != 1:  # intact: the sparse member costs its sample, nothing else
+            assert report["samples"] == 3 and report["skipped"] == {"sparse_member": 1}, (seed, report)
+    assert time.perf_counter() - start < 60
+
+
+def test_class_folders_of_non_regular_files_never_hang(tmp_path):
+    import os
+    import threading
+
+    rng = np.random.default_rng(0)
+    kinds = []
+    for index in range(24):
+        path = tmp_path / f"c{index % 3}" / f"{index}.png"
+        path.parent.mkdir(exist_ok=True)
+        kind = ["regular", "fifo", "zero", "null", "dangling"][int(rng.integers(5))]
+        kinds.append(kind)
+        if kind == "regular":
+            path.write_bytes(image_bytes(index, (32, 32)))
+        elif kind == "fifo":
+            os.mkfifo(path)
+        else:
+            path.symlink_to({"zero": "/dev/zero", "null": "/dev/null", "dangling": tmp_path / "gone"}[kind])
+    timer = threading.Timer(30, lambda: os.kill(os.getpid(), 2))  # a hang fails instead of stalling the suite
+    timer.start()
+    try:
+        report = inspect_source(str(tmp_path), fmt="folder")
+    finally:
+        timer.cancel()
+    assert report["samples"] == kinds.count("regular")
+    assert report["skipped"] == {k: v for k, v in {
+        "not_a_regular_file": sum(k in ("fifo", "zero", "null") for k in kinds),
+        "missing_file": kinds.count("dangling")}.items() if v}
+
+
+def test_yaml_alias_bombs_anywhere_are_refused_fast(tmp_path):
+    from m3ae.config import ConfigError, load
+    from m3ae.train.pretrain import PretrainConfig
+
+    rng = np.random.default_rng(0)
+    fields = ["model.depth", "optim.lr", "data.source", "data.image_only_sources", "train.steps", "log.every"]
+    start = time.perf_counter()
+    for seed in range(40):
+        levels, width = int(rng.integers(2, 10)), int(rng.integers(2, 12))
+        items = ['&a0 ["' + "x" * int(rng.integers(1, 40)) + '"]']
+        items += [f"&a{i} [{', '.join([f'*a{i - 1}'] * width)}]" for i in range(1, levels)]
+        section, name = fields[seed % len(fields)].split(".")
+        path = tmp_path / f"bomb{seed}.yaml"
+        path.write_text(f"{section}:\n  {name}: [{', '.join(items)}]\n")
+        try:
+            load(PretrainConfig, path)
+        except ConfigError as error:
+            assert "alias" in str(error) and len(str(error)) < 1000
+        else:
+            raise AssertionError(f"seed {seed}: an alias bomb loaded")
+    assert time.perf_counter() - start < 10
+
+
+def test_pickles_with_random_memo_indices_fail_small_and_fast():
+    import pickle
+    import struct
+
+    from m3ae.interop.safe_pickle import safe_load
+
+    rng = np.random.default_rng(0)
+    start = time.perf_counter()
+    for seed in range(200):
+        index = int(rng.integers(0, 1 << 31)) if seed % 3 else int(rng.integers(0, 8))
+        op = seed % 3
+        put = (b"r" + struct.pack("<I", index) if op == 0 else b"q" + bytes([index % 256]) if op == 1
+               else b"p%d\n" % index)
+        body = b"\x80\x02" + b"N" + put + b"0" * int(rng.integers(0, 2)) + b"N" * int(rng.integers(0, 2)) + b"."
+        try:
+            safe_load(body)
+        except (pickle.UnpicklingError, IndexError, ValueError, EOFError):
+            pass  # refused (or malformed): either way in microseconds, without allocating the memo
+    assert time.perf_counter() - start < 5

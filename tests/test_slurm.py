@@ -86,10 +86,13 @@ def _sbatch(env, *args, **popen):
 def test_the_sbatch_script_runs_one_torchrun_per_node_with_the_first_node_as_rendezvous(slurm, shards, tmp_path):
     env, log = slurm
     run = tmp_path / "run"
-    proc = _sbatch(env, "--out-dir", str(run), "--data.source", shards, "--max-steps", "3", *SMALL)
+    # the length as a scale recipe gives it: epochs of a known number of samples (printed once, by rank 0)
+    proc = _sbatch(env, "--out-dir", str(run), "--data.source", shards, "--train.epochs", "1.5",
+                   "--train.samples-per-epoch", "8", *SMALL)
     out, _ = proc.communicate(timeout=600)
     assert proc.returncode == 0, out
     assert "2 node(s) x 1 process(es), rendezvous 127.0.0.1:" in out
+    assert out.count("schedule: 1.5 epochs x 8 samples / batch 4 = 3 steps") == 1, out
     assert [m["step"] for m in read_metrics(run / "metrics.jsonl")] == [1, 2, 3]
     (checkpoint,) = (run / "checkpoints").iterdir()
     assert json.loads((checkpoint / "meta.json").read_text())["world_size"] == 2

@@ -60,3 +60,13 @@ def test_resume_does_not_run_a_pipe_command_stored_in_the_run_directory(tmp_path
     err = capsys.readouterr().err
     assert "data.source='pipe:touch" in err and "does not run it unless you type it again (--data.source" in err
     assert not marker.exists()
+
+
+def test_pretrain_takes_the_spelling_every_other_command_uses(capsys):
+    import yaml
+
+    assert main(["pretrain", "--print-config", "--batch-size", "16", "--precision", "fp32", "--threads", "1",
+                 "--seed", "3", "--preset", "tiny", "--device", "cpu"]) == 0
+    cfg = yaml.safe_load(capsys.readouterr().out)
+    assert (cfg["train"]["batch_size"], cfg["train"]["precision"], cfg["train"]["threads"], cfg["train"]["seed"],
+            cfg["train"]["device"], cfg["model"]["preset"]) == (16, "fp32", 1, 3, "cpu", "tiny")

@@ -14,8 +14,8 @@ from .utils import RunStopped
 # Idle OpenMP threads sleep instead of spinning, unless the user chose (OMP_WAIT_POLICY, or libgomp's
 # GOMP_SPINCOUNT; torch's CPU wheels ship GNU libgomp, which ignores Intel's KMP_BLOCKTIME). A
 # spinning thread keeps its core busy between parallel regions: on a machine with other jobs it
-# takes the time slice the straggler of the team needs, and 2 threads ran 8-10x slower than 1
-# (docs/BENCHMARKS.md, "Threads"); sleeping threads made every core the faster choice there too.
+# takes the time slice the straggler of the team needs: 2 threads ran 6-10x slower than 1 on a
+# loaded 2-core machine, and with sleeping threads faster than 1 in 3 of 4 runs (docs/BENCHMARKS.md).
 # Set here, before any command imports torch: the runtime reads it once, when torch loads it.
 if "OMP_WAIT_POLICY" not in os.environ and "GOMP_SPINCOUNT" not in os.environ:
     os.environ["OMP_WAIT_POLICY"] = "PASSIVE"

@@ -116,8 +116,8 @@ class DataConfig:
 
     def __post_init__(self) -> None:
         if self.source is None:  # a recipe that must never fall back to the toy set
-            raise ValueError("data.source: this recipe trains at scale and needs your data: give --data.source "
-                             "(shards, a folder, a table, parquet or HDF5; docs/DATA.md)")
+            raise ValueError("data.source: not given, and this config (a scale recipe) never falls back to the toy set: "
+                             "name your data with --data.source (shards, a folder, a table, parquet or HDF5; docs/DATA.md)")
         self.image_only_sources = [_as_weighted(s, "image_only_sources") for s in self.image_only_sources]
         self.text_only_sources = [_as_weighted(s, "text_only_sources") for s in self.text_only_sources]
         if self.format not in FORMATS:

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Callable
 
 import m3ae.data.synth as synth
-from m3ae.data.config import FORMATS, TableColumns
+from m3ae.data.config import TableColumns
 from m3ae.data.layouts import CaptionFolderSource, ParquetSource, TableSource, _is_image, _parquet_files
 from m3ae.data.sources import (FolderSource, HDF5Source, Source, TextFileSource, WebDatasetSource, _is_remote,
                                decode_caption)
@@ -45,24 +45,22 @@ def detect_layout(spec: str) -> tuple[str, str]:
 
 
 def _detect_directory(spec: str) -> tuple[str, str]:
+    beside = sorted({Path(p).name for pattern in _SHARD_METADATA for p in glob.glob(os.path.join(glob.escape(spec), pattern))})
+    metadata = f"; the {len(beside)} .parquet/_stats.json file(s) beside them are img2dataset's metadata, not read"
     tars = glob.glob(os.path.join(glob.escape(spec), "*.tar"))
     if tars:
-        beside = sorted({Path(p).name for pattern in _SHARD_METADATA
-                         for p in glob.glob(os.path.join(glob.escape(spec), pattern))})
-        note = (f"; the {len(beside)} .parquet/_stats.json file(s) beside them are img2dataset's metadata, "
-                f"not read") if beside else ""
-        return "wds", f"a directory of {len(tars)} .tar shard(s){note}"
-    if _parquet_files(spec):
-        return "parquet", "a directory of parquet files (img2dataset's parquet output: image bytes or paths + caption)"
+        return "wds", f"a directory of {len(tars)} .tar shard(s)" + (metadata if beside else "")
     entries = list(Path(spec).iterdir())
     top_images = sum(1 for p in entries if _is_image(p))
-    folders = [p for p in entries if p.is_dir()]
     if top_images:
         return "flat", (f"a directory with {top_images} image file(s) at its top level: a caption folder "
                         f"(x.jpg + x.txt, read recursively), unlabelled")
+    folders = [p for p in entries if p.is_dir()]
     if folders and all(p.name.isdigit() for p in folders):
         return "flat", ("a directory of numbered subfolders (img2dataset's `files` output): a caption folder "
-                        "(x.jpg + x.txt), unlabelled")
+                        "(x.jpg + x.txt), unlabelled" + (metadata if beside else ""))
+    if _parquet_files(spec):
+        return "parquet", "a directory of parquet files (img2dataset's parquet output: image bytes or paths + caption)"
     return "folder", (f"a directory of {len(folders)} subfolder(s) and no image at its top level: class "
                       f"folders, labelled by sorted subfolder name (x.txt beside an image is its caption)")
 
@@ -73,7 +71,8 @@ def _hdf5(spec: str, role: str, split: str, unit_size: int, columns: TableColumn
     return HDF5Source(spec, "jpg", "caption", unit_size=unit_size)
 
 
-# format -> opener(spec, role, split, unit_size, columns); `FORMATS` in data/config.py lists the keys.
+# format -> opener(spec, role, split, unit_size, columns); `FORMATS` in data/config.py lists the keys
+# (tests/test_data_layouts.py checks that they agree).
 _OPENERS: dict[str, Callable[..., Source]] = {
     "wds": lambda spec, *_: WebDatasetSource(spec),
     "hdf5": _hdf5,
@@ -82,7 +81,6 @@ _OPENERS: dict[str, Callable[..., Source]] = {
     "flat": lambda spec, role, split, unit_size, columns: CaptionFolderSource(spec, unit_size),
     "parquet": lambda spec, role, split, unit_size, columns: ParquetSource(spec, columns),
 }
-assert tuple(_OPENERS) == FORMATS[1:], "data/config.py FORMATS and the openers disagree"
 
 
 def open_source(spec: str, fmt: str = "auto", *, role: str = "pair", split: str = "",

@@ -150,16 +150,17 @@ class WorkerStats:
                 "skipped": dict(sorted(skipped.items()))}
 
 
-# reason -> the (source, key) already reported in this process (at most _LOGGED_SKIPS_PER_REASON + 1)
-_reported: dict[str, set[tuple[str, str]]] = {}
+# (data source of the run, reason) -> the (file, key) already reported, at most _LOGGED_SKIPS_PER_REASON + 1
+_reported: dict[tuple[str, str], set[tuple[str, str]]] = {}
 
 
-def report_skips(events: list[tuple[str, str, str]]) -> None:
-    """Logs each skipped sample once per process, whatever the epoch or loader that meets it again
-    (a probe builds a loader per epoch), and at most _LOGGED_SKIPS_PER_REASON samples per reason;
-    the counts stay complete in the loader's statistics."""
+def report_skips(events: list[tuple[str, str, str]], run_source: str) -> None:
+    """Logs each skipped sample once, whatever the epoch or loader that meets it again (a probe
+    builds a loader per epoch), and at most _LOGGED_SKIPS_PER_REASON samples per reason, for the
+    loaders of one data source (`run_source`, the config's) in this process; the counts stay
+    complete in the loader's statistics."""
     for reason, key, source in events:
-        seen = _reported.setdefault(reason, set())
+        seen = _reported.setdefault((run_source, reason), set())
         if (source, key) in seen or len(seen) > _LOGGED_SKIPS_PER_REASON:
             continue
         seen.add((source, key))
@@ -413,7 +414,7 @@ class PretrainLoader:
             batches = iter(loader)
         for batch in batches:
             self._worker_states[batch.pop("_worker")] = batch.pop("_state")
-            report_skips(batch.pop("_skips"))
+            report_skips(batch.pop("_skips"), self.dataset.cfg.source)
             self._batches += 1
             yield batch
 

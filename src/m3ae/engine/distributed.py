@@ -10,6 +10,9 @@ import contextlib
 import datetime
 import functools
 import os
+import sys
+import threading
+import time
 from dataclasses import dataclass
 from typing import Literal
 
@@ -50,9 +53,30 @@ def init_distributed(device: str = "auto") -> DistInfo:
         dev = torch.device("cuda", local_rank)
         torch.cuda.set_device(dev)
     if world_size > 1 and not dist.is_initialized():
+        exit_with_launcher()
         backend = "nccl" if dev.type == "cuda" else "gloo"
         dist.init_process_group(backend, timeout=datetime.timedelta(minutes=30))
     return DistInfo(rank, world_size, local_rank, dev)
+
+
+def exit_with_launcher(interval_s: float = 1.0) -> None:
+    """Ends this process within `interval_s` once its parent (torchrun's agent, srun's step daemon)
+    is gone. kill -9 of a torchrun process group left the ranks running, reparented, still writing
+    metrics and holding the run directory's lock, so the requeued `--resume auto` found it "in use by
+    another run". The rank exits at once, as if killed with its launcher: the newest checkpoint
+    resumes bit for bit, while a checkpoint now would wait on ranks that may already be gone.
+    A thread polls the parent's pid: Linux's PR_SET_PDEATHSIG would also fire when the launcher
+    thread that started us ends, and does not exist elsewhere."""
+    parent = os.getppid()
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(interval_s)
+        print(f"rank {os.environ.get('RANK', '?')}: its launcher (pid {parent}) is gone; exiting", file=sys.stderr,
+              flush=True)
+        os._exit(1)
+
+    threading.Thread(target=watch, name="m3ae-launcher-watch", daemon=True).start()
 
 
 def shutdown_distributed() -> None:

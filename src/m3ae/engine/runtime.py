@@ -34,7 +34,11 @@ def resolve_device(setting: str = "auto") -> torch.device:
     """`auto`: CUDA when available, else the CPU; anything else as torch spells it ("cuda:1")."""
     if setting == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(setting)
+    device = torch.device(setting)
+    if device.type == "cuda" and not torch.cuda.is_available():  # torch would assert deep inside the first copy
+        raise ValueError(f"device {setting!r}: CUDA is not available here (torch {torch.__version__}, "
+                         f"{'built without CUDA' if torch.version.cuda is None else 'no GPU visible'}); use cpu or auto")
+    return device
 
 
 PrecisionName = Literal["fp32", "bf16", "fp16"]
@@ -166,10 +170,16 @@ def _probe_lock(directory: Path):
 
 
 def _probe(name: PrecisionName) -> float:
-    """Matmul rate of `name` over fp32, with margins against a busy moment: fp32 and `name` timed
-    in alternation (a burst of load hits both), the median of three ratios."""
-    cpu = torch.device("cpu")
-    ratios = sorted(matmul_rate(cpu, name, 512, 3) / matmul_rate(cpu, "fp32", 512, 3) for _ in range(3))
+    """Matmul rate of `name` over fp32, with margins against a busy moment: one thread (the ratio
+    is a property of a core's kernels, and a team of threads on a shared machine waits for its
+    slowest), fp32 and `name` timed in alternation (a burst of load hits both), the median of
+    three ratios."""
+    cpu, threads = torch.device("cpu"), torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        ratios = sorted(matmul_rate(cpu, name, 512, 3) / matmul_rate(cpu, "fp32", 512, 3) for _ in range(3))
+    finally:
+        torch.set_num_threads(threads)
     return ratios[1]
 
 

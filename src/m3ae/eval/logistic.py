@@ -26,9 +26,11 @@ class LogisticProbe:
 
 
 def fit_logistic(features: torch.Tensor, labels: torch.Tensor, num_classes: int | None = None, l2: float = 1e-3,
-                 max_iter: int = 500) -> LogisticProbe:
+                 max_iter: int = 200) -> LogisticProbe:
     """Minimises mean cross-entropy + l2/2 · ‖W‖² (bias not penalised) over standardised features,
-    in float64. Constant features are left at zero rather than divided by a zero spread."""
+    in float64. Constant features are left at zero rather than divided by a zero spread. 200
+    iterations: on the demo's 10,000 × 128 features the loss is then within 3e-6 of 500 iterations'
+    and the held-out accuracy the same, at 2.5-3.5x less time (docs/RESULTS.md)."""
     if features.ndim != 2 or features.shape[0] != labels.shape[0]:
         raise ValueError(f"fit_logistic: features {tuple(features.shape)} and labels {tuple(labels.shape)} do not match")
     if l2 <= 0:

@@ -20,6 +20,7 @@ import numpy as np
 import torch
 
 from ..model import PRESETS, M3AE, M3AEConfig
+from ..model.m3ae import WeightsMismatchError, check_weights
 from .safe_pickle import Opaque, OpaqueMeta, opaque_fields, safe_load
 
 
@@ -260,19 +261,25 @@ def infer_config(flat: Mapping[str, np.ndarray], variant: Mapping[str, Any] | No
     return M3AEConfig(**values)
 
 
+# flax parameters may be stored in any float width; conversion makes them float32
+_FLOAT_NAMES = {np.dtype(np.float16): "F16", np.dtype(np.float32): "F32", np.dtype(np.float64): "F64"}
+
+
 def convert_official(path: str | Path, **overrides: Any) -> M3AE:
     """Loads an official checkpoint (or dict/npz of flax paths) into an `M3AE`."""
     flat, variant = load_official(path)
     config = infer_config(flat, variant, **overrides)
+    try:
+        # shapes inferred from a small file can describe a huge model: compared with the file's
+        # arrays before the model is built (the kernels are stored transposed)
+        header = {torch_name(name, config.output_head_depth):
+                  (_FLOAT_NAMES.get(np.asarray(value).dtype, str(np.asarray(value).dtype)),
+                   np.shape(value)[::-1] if name.endswith("/kernel") else np.shape(value))
+                  for name, value in flat.items()}
+        check_weights(config, header, str(path), dtypes=tuple(_FLOAT_NAMES.values()))
+    except (ConversionError, WeightsMismatchError) as error:
+        message = str(error)
+        raise ConversionError(message if message.startswith(str(path)) else f"{path}: {message}") from None
     model = M3AE(config)
-    state = to_torch_state_dict(flat, config.output_head_depth)
-    expected = model.state_dict()
-    missing = sorted(set(expected) - set(state))
-    unexpected = sorted(set(state) - set(expected))
-    if missing or unexpected:
-        raise ConversionError(f"{path}: parameters missing {missing}, unexpected {unexpected}")
-    for name, tensor in state.items():
-        if tensor.shape != expected[name].shape:
-            raise ConversionError(f"{path}: {name} has shape {tuple(tensor.shape)}, expected {tuple(expected[name].shape)}")
-    model.load_state_dict(state)
+    model.load_state_dict(to_torch_state_dict(flat, config.output_head_depth))
     return model

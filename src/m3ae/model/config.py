@@ -175,17 +175,19 @@ class M3AEConfig:
         Path(path).write_text(json.dumps({**self.to_dict(), **extra}, indent=2, sort_keys=True) + "\n")
 
     @classmethod
-    def load(cls, path: str | Path) -> "M3AEConfig":
-        """A config.json, every field type-checked as the command line's (`"false"` is not false);
-        errors name the file and the field."""
+    def load(cls, path: str | Path, section: str | None = None) -> "M3AEConfig":
+        """A config.json (or its `section`, e.g. a classifier checkpoint's "backbone"), every field
+        type-checked as the command line's (`"false"` is not false); errors name the file and the field."""
         try:
             values = json.loads(Path(path).read_text())
         except (OSError, ValueError) as error:
             raise ConfigError(f"{path}: not a readable JSON file ({error})") from None
+        if section is not None:
+            values = values.get(section) if isinstance(values, dict) else None
         if not isinstance(values, dict):
-            raise ConfigError(f"{path}: expected a JSON object of M3AEConfig fields")
+            raise ConfigError(f"{path}: expected a JSON object of M3AEConfig fields{f' under {section!r}' if section else ''}")
         values.pop(PREPROCESSING_KEY, None)  # the data pipeline's record, not a field of the network
         try:
-            return from_dict(cls, values)
+            return from_dict(cls, values, section or "")
         except ConfigError as error:
             raise ConfigError(f"{path}: {error}") from None

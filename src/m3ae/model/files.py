@@ -108,6 +108,19 @@ def newest_verified(run_dir: str | Path) -> Path | None:
     return None
 
 
+def weights_header(path: Path) -> dict[str, tuple[str, tuple[int, ...]]]:
+    """name -> (dtype, shape) of a safetensors file, read from its header alone (safetensors checks
+    that the header's offsets cover the file exactly, so the shapes are bounded by its size)."""
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            return {name: (handle.get_slice(name).get_dtype(), tuple(handle.get_slice(name).get_shape()))
+                    for name in handle.keys()}
+    except SafetensorError as error:
+        raise ValueError(f"{path}: not a readable safetensors file ({error})") from None
+
+
 def resolve(name_or_path: str | Path, revision: str | None = None, **download) -> Path:
     """The directory holding a model's config.json + model.safetensors, from any of the names users
     give: a `save_pretrained` or checkpoint step directory (as is), a pretraining run directory (its

@@ -9,6 +9,8 @@ length, D / Dd encoder / decoder width, V vocabulary.
 from __future__ import annotations
 
 import json
+import math
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -24,6 +26,71 @@ from .masking import Masking, draw_noise, gather_tokens, random_masking, real_to
 
 # Text positions are fixed sin-cos; a table this long serves captions and unpaired text corpora alike.
 MAX_TEXT_POSITIONS = 512
+# Weights as stored: floating point (an integer or boolean tensor would be cast silently).
+WEIGHT_DTYPES = ("F32", "F16", "BF16")
+_FIRST_BLOCK = re.compile(r"(encoder|decoder)\.blocks\.0\.")
+
+
+class WeightsMismatchError(ValueError):
+    """Weights that a model of the given config would not hold exactly (names, shapes, dtypes)."""
+
+
+def table_elements(config: M3AEConfig) -> int:
+    """Elements of the sin-cos tables a model of `config` computes when built (never saved)."""
+    return (config.num_patches + max(config.text_length, MAX_TEXT_POSITIONS)) * (config.emb_dim + config.dec_emb_dim)
+
+
+def check_weights(config: M3AEConfig, header: dict[str, tuple[str, tuple[int, ...]]], where: str,
+                  encoder_only: bool = False, dtypes: tuple[str, ...] = WEIGHT_DTYPES) -> None:
+    """Refuses, before any model is built, weights (`header`: name -> (dtype, shape), as a
+    safetensors header gives them) that a model of `config` would not hold exactly. What a config
+    costs is then bounded by what the file holds: depth 400 and width 2048 beside a tiny weights file
+    once took 57 s and 5.5 GB to build before failing, emb_dim 10^9 asked for 768 GB.
+    `encoder_only`: the image encoder of a classifier checkpoint."""
+    held = sum(math.prod(shape) for _, shape in header.values())
+    if table_elements(config) > max(held, 1 << 22):  # the fixed tables never outweigh the weights
+        raise WeightsMismatchError(
+            f"{where} does not match its config: a model of image_size {config.image_size}, text_length "
+            f"{config.text_length}, widths {config.emb_dim}/{config.dec_emb_dim} needs more than weights of {held} "
+            f"elements")
+    with torch.device("meta"):  # shapes only: one block per stack, whose names the others repeat
+        small = M3AE(config.replace(depth=1, dec_depth=1), initialize=False)
+        if encoder_only:
+            from .classifier import image_encoder
+
+            small = image_encoder(small)
+    repeats = {"encoder": config.depth, "decoder": config.dec_depth}
+    entries = {name: tuple(t.shape) for name, t in small.state_dict().items()}
+    blocks = {name: _FIRST_BLOCK.match(name) for name in entries}
+    count = sum(repeats[m[1]] if m else 1 for m in blocks.values())
+    if count != len(header):
+        raise WeightsMismatchError(f"{where} does not match its config: {len(header)} tensors, where a model of "
+                                   f"{config.depth} encoder and {config.dec_depth} decoder blocks has {count}")
+    expected: dict[str, tuple[int, ...]] = {}
+    for name, shape in entries.items():
+        match = blocks[name]
+        if match is None:
+            expected[name] = shape
+        else:
+            expected.update({f"{match[1]}.blocks.{i}.{name[match.end():]}": shape for i in range(repeats[match[1]])})
+    missing, unexpected = sorted(set(expected) - set(header)), sorted(set(header) - set(expected))
+    if missing or unexpected:
+        raise WeightsMismatchError(f"{where} does not match its config: missing {missing[:4]}, unexpected "
+                                   f"{[name[:80] for name in unexpected[:4]]}")
+    for name, shape in expected.items():
+        dtype, actual = header[name]
+        if tuple(actual) != shape:
+            raise WeightsMismatchError(f"{where} does not match its config: {name} has shape {tuple(actual)}, "
+                                       f"the config implies {shape}")
+        if dtype not in dtypes:
+            raise WeightsMismatchError(f"{where}: {name} is {dtype}; weights are floating point ({', '.join(dtypes)})")
+
+
+def check_finite(state: dict[str, torch.Tensor], where: str) -> None:
+    """Refuses weights holding NaN or infinities: a model would load and then output NaN everywhere."""
+    for name, tensor in state.items():
+        if not bool(torch.isfinite(tensor).all()):
+            raise WeightsMismatchError(f"{where}: {name} holds NaN or infinite values")
 
 
 @dataclass
@@ -54,7 +121,9 @@ class M3AEEncoding:
 
 
 class M3AE(nn.Module):
-    def __init__(self, config: M3AEConfig) -> None:
+    def __init__(self, config: M3AEConfig, initialize: bool = True) -> None:
+        """`initialize=False` leaves the parameters as allocated: for weights loaded right after, or
+        shapes only (on the meta device, where drawing normal values imports a 6 s, 70 MB decomposition)."""
         super().__init__()
         config.validate()
         self.config = c = config
@@ -68,7 +137,9 @@ class M3AE(nn.Module):
         self.image_embedding = nn.Linear(c.patch_dim, D)
         self.image_mask_embedding = nn.Parameter(torch.zeros(1, 1, Dd))
         if c.has_text:
-            self.text_embedding = nn.Embedding(c.vocab_size, D)
+            # uninitialised, its own normal draw is skipped too (kept otherwise: seeded models stay as they were)
+            self.text_embedding = nn.Embedding(c.vocab_size, D,
+                                               _weight=None if initialize else torch.empty(c.vocab_size, D))
             self.text_mask_embedding = nn.Parameter(torch.zeros(1, 1, Dd))
         if c.use_type_embedding:
             self.encoder_image_type_embedding = nn.Parameter(torch.zeros(1, 1, D))
@@ -91,7 +162,8 @@ class M3AE(nn.Module):
         self.register_buffer("decoder_image_pos", sincos_buffer(sincos_2d(Dd, c.grid_size)), persistent=False)
         self.register_buffer("encoder_text_pos", sincos_buffer(sincos_1d(D, range(n_text))), persistent=False)
         self.register_buffer("decoder_text_pos", sincos_buffer(sincos_1d(Dd, range(n_text))), persistent=False)
-        self.reset_parameters()
+        if initialize:
+            self.reset_parameters()
 
     # ------------------------------------------------------------------ init
     def reset_parameters(self) -> None:
@@ -449,7 +521,7 @@ class M3AE(nn.Module):
         non-structural fields (mask ratios, loss options, attention implementation, image size)."""
         from safetensors.torch import load_file
 
-        from .files import resolve
+        from .files import resolve, weights_header
 
         download = dict(cache_dir=cache_dir, force_download=force_download, local_files_only=local_files_only,
                         token=token)
@@ -463,20 +535,22 @@ class M3AE(nn.Module):
             backbone, preprocessing = stored.get("backbone"), stored.get("preprocessing")
         except (ValueError, AttributeError):
             backbone = preprocessing = None  # M3AEConfig.load below says what is wrong with the file
-        state = load_file(str(weights_path))
-        if backbone is not None:
-            # A linear-probe or fine-tuning checkpoint: its weights are a classifier's, whose backbone
-            # is the image encoder alone, so the model comes back as that encoder (encode(image)).
+        # A linear-probe or fine-tuning checkpoint: its weights are a classifier's, whose backbone is the
+        # image encoder alone, so the model comes back as that encoder (encode(image)).
+        prefix = "backbone." if backbone is not None else ""
+        config = M3AEConfig.load(config_path, section="backbone" if prefix else None)
+        config = config.replace(**config_overrides) if config_overrides else config
+        header = {name.removeprefix(prefix): value for name, value in weights_header(weights_path).items()
+                  if name.startswith(prefix)}
+        check_weights(config, header, f"{weights_path} (with {config_path})", encoder_only=bool(prefix))
+        state = {k.removeprefix(prefix): v for k, v in load_file(str(weights_path)).items() if k.startswith(prefix)}
+        check_finite(state, str(weights_path))
+        if prefix:
             from .classifier import image_encoder
 
-            config = M3AEConfig.from_dict(backbone).replace(**config_overrides)
             model = image_encoder(cls(config))
-            state = {k.removeprefix("backbone."): v for k, v in state.items() if k.startswith("backbone.")}
         else:
-            config = M3AEConfig.load(config_path)
-            model = cls(config.replace(**config_overrides) if config_overrides else config)
-        missing, unexpected = model.load_state_dict(state, strict=False)
-        if missing or unexpected:
-            raise ValueError(f"{weights_path} does not match {config_path}: missing {missing}, unexpected {unexpected}")
+            model = cls(config)
+        model.load_state_dict(state)
         model.preprocessing = preprocessing if isinstance(preprocessing, dict) else None
         return model

@@ -23,7 +23,12 @@ def register(subparsers) -> None:
     add_config_arguments(p, PretrainConfig, config_help=(
         f"a packaged recipe ({', '.join(recipes.names())}) or a YAML file of config fields; flags apply on top "
         f"(default: {recipes.DEFAULT}; when resuming: the run's own config.yaml)"))
-    add_override_alias(p, "--max-steps", "train.max_steps")
+    # The spelling the evaluation commands and bench use for the same settings, so that one flag
+    # means one thing in every command (the sectioned names stay the ones --print-config writes).
+    for flag, dotted in (("--max-steps", "train.max_steps"), ("--batch-size", "train.batch_size"),
+                         ("--precision", "train.precision"), ("--threads", "train.threads"),
+                         ("--device", "train.device"), ("--seed", "train.seed"), ("--preset", "model.preset")):
+        add_override_alias(p, flag, dotted)
     p.set_defaults(func=pretrain_command)
 
     b = subparsers.add_parser("bench", help="training-step throughput (samples/s, FLOP/s, MFU)",
