@@ -108,14 +108,16 @@ class Trainer:
             self.checkpoints.register("scaler", self.train_step.scaler)
 
     def resume(self) -> Path | None:
-        """`auto`: the newest checkpoint that verifies (none: a fresh start); else a step directory."""
+        """`auto`: the newest checkpoint that verifies and reads (none: a fresh start); else a step directory."""
         if not self.resuming:
             return None
-        path = self.checkpoints.latest_good() if self.resuming == "auto" else Path(self.resuming)
-        if path is not None:
+        if self.resuming == "auto":
+            path = self.checkpoints.load_latest(self.wrapped, self.optimizer)
+        else:
+            path = Path(self.resuming)
             self.checkpoints.load(path, self.wrapped, self.optimizer)
-            if self.info.is_main:  # one line, so that a requeued job's log says where it went on from
-                print(f"resumed from {path} at step {self.step}", flush=True)
+        if path is not None and self.info.is_main:  # one line, so that a requeued job's log says where it went on from
+            print(f"resumed from {path} at step {self.step}", flush=True)
         return path
 
     def save_checkpoint(self) -> Path:

@@ -3,7 +3,8 @@
     <dir>/config.json + model.safetensors         a model (save_pretrained, a Hub repo)
     <run>/checkpoints/step_XXXXXXXX/              the same two files, plus meta.json (written last:
                                                   step and the SHA-256 of every file) and the
-                                                  trainer's state (train_state.pt, rank_<r>.pt)
+                                                  trainer's state (train_state.pt, rank_<r>.pt, the
+                                                  sharded optimizer/; see m3ae.engine.checkpoint)
 
 `resolve` turns any of the names users give into such a directory. It lives beside the model, not in
 the trainer, because `M3AE.from_pretrained` needs it and the model must not depend on the trainer.
@@ -21,14 +22,16 @@ CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
 META_NAME = "meta.json"
 STATE_NAME = "train_state.pt"
+OPTIMIZER_DIRNAME = "optimizer"  # the optimizer's shards, one or more files per process (DCP)
 CHECKPOINT_DIRNAME = "checkpoints"
 HUB_FILES = [CONFIG_NAME, WEIGHTS_NAME, "README.md"]
 _STEP_DIR = re.compile(r"^step_(\d{8})$")
 _REPO_ID = re.compile(r"^[\w.-]+/[\w.-]+$")
 
 
-class CheckpointError(RuntimeError):
-    pass
+class CheckpointError(ValueError):
+    """A checkpoint that is damaged, unreadable or cannot be resumed as asked: bad input, so every
+    command reports it in one line (exit status 2)."""
 
 
 def step_dir_name(step: int) -> str:
@@ -52,31 +55,45 @@ def step_dirs(run_dir: str | Path) -> list[Path]:
     return sorted(found, key=lambda p: p.name, reverse=True)
 
 
-def verify(path: Path) -> int:
-    """The step of a complete, uncorrupted checkpoint; raises CheckpointError otherwise."""
+def _listed_name(meta_path: Path, name: object) -> str:
+    # A manifest's names are data: a relative path below the step directory, nothing else (not
+    # `/proc/self/pagemap`, not `../other_run/model.safetensors`).
+    parts = name.split("/") if isinstance(name, str) else []
+    if not parts or any(part in ("", ".", "..") for part in parts) or "\\" in name or "\0" in name:
+        raise CheckpointError(f"{meta_path}: lists {str(name)[:80]!r}, not a file name inside the checkpoint")
+    return name
+
+
+def verify_meta(path: Path, share: tuple[int, int] = (0, 1)) -> dict:
+    """meta.json of a complete, uncorrupted checkpoint; raises CheckpointError otherwise. `share`
+    (index, count): hash only every count-th listed file from the index-th, so that the processes of
+    a run verify a checkpoint together, each reading its share."""
     meta_path = path / META_NAME
     try:
         meta = json.loads(meta_path.read_text())
-        files = meta["files"]
-        step = int(meta["step"])
+        listed = meta["files"]
+        int(meta["step"]), int(meta.get("world_size", 1))
     except (OSError, ValueError, KeyError, TypeError) as e:
         raise CheckpointError(f"{meta_path}: unreadable ({e})") from e
-    if not isinstance(files, dict) or not all(isinstance(v, str) for v in [*files, *files.values()]):
+    if not isinstance(listed, dict) or not all(isinstance(v, str) for v in [*listed, *listed.values()]):
         raise CheckpointError(f"{meta_path}: 'files' is not a mapping of file names to SHA-256 digests")
     for name in (WEIGHTS_NAME, CONFIG_NAME, STATE_NAME):
-        if name not in files:
+        if name not in listed:
             raise CheckpointError(f"{meta_path}: does not list {name}")
-    for name, digest in files.items():
-        file = path / name
-        # names are data: only plain files of this directory are hashed (a name such as
-        # /proc/self/pagemap, ../x or a symlink out of it would be read wherever it points)
-        if Path(name).name != name or name in ("", ".", "..") or file.resolve().parent != path.resolve():
-            raise CheckpointError(f"{meta_path}: lists {name[:80]!r}, which is not a file of {path}")
-        if not file.is_file():
-            raise CheckpointError(f"{file}: missing")
+    index, count = share
+    inside = path.resolve()
+    for name, digest in sorted(listed.items())[index::count]:
+        file = path / _listed_name(meta_path, name)
+        if not file.is_file() or not file.resolve().is_relative_to(inside):  # symlinks out of it included
+            raise CheckpointError(f"{file}: missing, or not a file inside the checkpoint")
         if sha256(file) != digest:
             raise CheckpointError(f"{file}: content does not match its SHA-256 in {META_NAME} (corrupted)")
-    return step
+    return meta
+
+
+def verify(path: Path) -> int:
+    """The step of a complete, uncorrupted checkpoint; raises CheckpointError otherwise."""
+    return int(verify_meta(path)["step"])
 
 
 def newest_verified(run_dir: str | Path) -> Path | None:

@@ -21,7 +21,7 @@ from typing import Any
 import torch
 
 from ..data import DataConfig
-from ..engine.checkpoint import GeneratorState
+from ..engine.checkpoint import GeneratorState, ProcessRNG
 from ..engine.distributed import (
     ParallelName, apply_activation_checkpointing, apply_compile, broadcast_object, resolve_parallel, wrap_model,
 )
@@ -202,7 +202,11 @@ class Pretrainer(Trainer):
         )
         self.attach(model, wrapped, optimizer, scheduler, self.accum, cfg.optim.clip_grad_norm)
         self.noise = torch.Generator().manual_seed(t.seed + 1)
-        self.checkpoints.register("noise", GeneratorState(self.noise), per_rank=True)
+        # Every process draws the whole global batch's noise: the same state everywhere, so it carries
+        # over to another number of processes. The process RNG feeds only stochastic depth here.
+        self.checkpoints.register("noise", GeneratorState(self.noise, replicated=True), per_rank=True)
+        drawn_by = f"model.drop_path={cfg.model.drop_path}" if cfg.model.drop_path > 0 else None
+        self.checkpoints.register("rng", ProcessRNG(self.info.device, drawn_by), per_rank=True)
         self.loader = loader if loader is not None else self._build_loader()
         if hasattr(self.loader, "state_dict"):
             self.checkpoints.register("data", self.loader, per_rank=True)

@@ -34,7 +34,23 @@ class ListLoader:
         self.position = 0
 
     def state_dict(self) -> dict[str, int]:
-        return {"position": self.position}
+        rows = next(iter(self.batches[0].values())).shape[0] if self.batches else 0
+        return {"position": self.position, "batch_size": rows}
 
     def load_state_dict(self, state: dict[str, int]) -> None:
         self.position = int(state["position"])
+
+    def reshard(self, states: list[dict[str, int]], rank: int, world_size: int) -> dict[str, int]:
+        """The state of process `rank` of `world_size` from those of the processes that wrote it. The
+        rule, exact for lists that hold on process r of W rows [r·b, (r+1)·b) of each global batch (the
+        split pretraining expects): the samples all processes consumed together, re-split evenly."""
+        from ..engine.checkpoint import ReshardError
+
+        if len({s["position"] for s in states}) != 1:
+            raise ReshardError("the processes' data positions differ")
+        consumed = sum(s["position"] * s["batch_size"] for s in states)
+        rows = self.state_dict()["batch_size"]
+        if consumed % (world_size * rows):
+            raise ReshardError(f"{consumed} samples consumed do not split into batches of {rows} on {world_size} "
+                               f"processes")
+        return {"position": consumed // (world_size * rows), "batch_size": rows}
