@@ -95,7 +95,7 @@ def check_parity(s: dict, device: torch.device) -> dict:
 def bench(s: dict, device: str, batch: int, *extra: str) -> dict:
     start = time.perf_counter()
     done = m3ae_cli("bench", "--preset", s["preset"], "--image-size", str(s["image_size"]), "--text-length",
-                    str(s["text_length"]), "--batch-size", str(batch), "--dtype", "bf16", "--device", device,
+                    str(s["text_length"]), "--batch-size", str(batch), "--precision", "bf16", "--device", device,
                     "--steps", str(s["steps"] // 2), "--warmup", "2", "--json", *extra)
     wall = time.perf_counter() - start
     if done.returncode:

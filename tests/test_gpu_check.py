@@ -26,7 +26,7 @@ def test_gpu_check_smoke_on_cpu_writes_every_section(tmp_path):
     assert parity["ok"] and parity["loss_relative_difference"] == 0.0 and parity["gradients_compared"] > 10
     mfu = sections["mfu"]
     assert [r["batch_size"] for r in mfu["runs"]] == [2, 4][:len(mfu["runs"])] and mfu["largest_batch"] in (2, 4)
-    assert 0 < mfu["mfu"] <= 1 and mfu["best"]["dtype"] == "bf16" and mfu["peak_bf16_flops_per_s"] > 0
+    assert 0 < mfu["mfu"] <= 1 and mfu["best"]["precision"] == "bf16" and mfu["peak_bf16_flops_per_s"] > 0
     assert "skipped" in sections["compile"]
     data = sections["data"]
     assert data["pictures"] == 24 and data["shard_bytes"] > 24 * 500  # JPEGs, not empty members
