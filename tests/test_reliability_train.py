@@ -342,3 +342,20 @@ def test_a_sigterm_during_teardown_after_the_last_checkpoint_still_exits_cleanly
         m3ae.train.pretrain.Pretrainer.teardown = real_teardown
     assert result.step == 2 and not result.interrupted
     assert signal.getsignal(signal.SIGTERM) == previous  # the handler is restored once the run is over
+
+
+def test_a_full_disk_while_writing_metrics_names_the_file(tmp_path):
+    from m3ae.engine.metrics import MetricsLogger
+
+    logger = MetricsLogger(tmp_path, LogConfig(tensorboard=False), True, {}, None)
+
+    class FullDisk:
+        def write(self, text):
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+        def close(self):
+            pass
+
+    logger._file = FullDisk()
+    with pytest.raises(DiskFullError, match=r"no space left on device while writing .*metrics\.jsonl"):
+        logger.log(1, {"loss": 1.0})

@@ -334,3 +334,17 @@ def test_a_run_too_short_to_train_says_so_in_one_line_and_the_headline_is_the_la
     headline = next(line for line in out.splitlines() if line.startswith("epoch "))
     assert headline == f"epoch 2: top-1 {results['last']['top1']:.2f}%  top-5 {results['last']['top5']:.2f}%"
     assert "chosen on that split, optimistic" in out
+
+
+def test_knn_names_the_split_whose_labels_are_missing(setup, tmp_path, capsys):
+    from PIL import Image
+
+    root, data = setup
+    flat = tmp_path / "unlabelled"
+    flat.mkdir()
+    for i in range(4):  # a flat folder: images without class folders, so without labels
+        Image.fromarray(np.full((32, 32, 3), 40 * i, dtype=np.uint8)).save(flat / f"{i}.png")
+    assert main(["knn", "--checkpoint", str(root / "model"), "--data.source", f"{data}/val-*.tar", "--train-data",
+                 str(flat), "--val-data", f"{data}/val-*.tar", "--precision", "fp32"]) == 2
+    err = capsys.readouterr().err
+    assert f"data source {str(flat)!r} (--data.eval-train-source): 4 of 4 samples have no label" in err

@@ -5,6 +5,7 @@ lr, samples/s in total and per process, data-wait share, MFU and ETA."""
 
 from __future__ import annotations
 
+import errno
 import importlib.util
 import json
 import math
@@ -15,7 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..utils import atomic_path, require
+from ..utils import DiskFullError, atomic_path, require
 
 METRICS_FILE = "metrics.jsonl"
 WANDB_ID_FILE = "wandb_id.txt"  # the W&B run id: drawn once per run directory, reused on resume
@@ -119,7 +120,12 @@ class MetricsLogger:
         if not self.enabled:
             return
         record = {"step": step, **{k: v for k, v in metrics.items() if v is not None}}
-        self._file.write(json.dumps(record) + "\n")
+        try:
+            self._file.write(json.dumps(record) + "\n")
+        except OSError as error:  # a full disk says which file, like every other write of a run
+            if error.errno != errno.ENOSPC:
+                raise
+            raise DiskFullError(errno.ENOSPC, f"no space left on device while writing {self.path}") from error
         scalars = {k: v for k, v in record.items()
                    if k != "step" and isinstance(v, (int, float)) and math.isfinite(v)}
         if self._tb is not None:
