@@ -41,12 +41,6 @@ class RunDir:
     def __init__(self, path: str | Path) -> None:
         self.path = Path(path)
 
-    def __fspath__(self) -> str:
-        return str(self.path)
-
-    def __truediv__(self, name: str) -> Path:
-        return self.path / name
-
     def __repr__(self) -> str:
         return f"RunDir({str(self.path)!r})"
 
@@ -98,12 +92,14 @@ class RunDir:
         return None
 
     def read_config(self) -> dict[str, Any]:
-        """config.yaml as a plain mapping ({} when absent)."""
-        import yaml
+        """config.yaml as a plain mapping ({} when absent), read like every config: a run directory
+        from someone else gets no aliases and no duplicate keys."""
+        from .. import config as config_io
 
         if not self.config.is_file():
             return {}
-        return yaml.safe_load(self.config.read_text()) or {}
+        loaded = config_io.read_yaml(self.config)
+        return loaded if isinstance(loaded, dict) else {}
 
     def holds_run(self) -> bool:
         """Whether a run already wrote here (checkpoints, or metrics from a run killed before its first
