@@ -101,6 +101,7 @@ def test_the_probe_takes_the_median_of_alternating_timings(monkeypatch):
 
 def test_the_precision_decision_is_measured_once_per_machine_and_kept(tmp_path, monkeypatch):
     monkeypatch.setenv("M3AE_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.delenv("ONEDNN_MAX_CPU_ISA", raising=False)  # the test sets it below: start without (CI's AVX2 pass sets it)
     monkeypatch.setattr(precision, "cpu_bf16_support", lambda: "AVX-512 BF16")
     calls = rates_in_turn(monkeypatch, [4.0] * 3 + [0.5] * 6)
     first = precision.resolve_precision("auto", CPU)

@@ -47,6 +47,9 @@ def data(tmp_path_factory):
 def pretrain_args(data: str, run: Path, workers: int) -> list[str]:
     return ["pretrain", "--out-dir", str(run), "--data.source", data, "--data.num_workers", str(workers),
             "--train.batch_size", "4", "--train.total_steps", "100000", "--train.deterministic", "true",
+            # one thread in every run: the spawned run and the in-process ones must split GEMMs alike
+            # (threads auto takes every core, and fp32 sums can round differently over 1 or 2 threads)
+            "--train.threads", "1",
             "--checkpoint.every", "100000", "--log.every", "1", "--log.progress", "false",
             "--log.figures_every", "0", "--log.tensorboard", "false", *SMALL_MODEL]
 
