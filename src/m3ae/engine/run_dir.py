@@ -21,6 +21,7 @@ from typing import Any
 from ..config import ConfigError
 from ..model import files as model_files
 from ..utils import DiskFullError
+from .metrics import METRICS_FILE, WANDB_ID_FILE
 
 
 def default_run_dir(name: str) -> Path:
@@ -32,7 +33,8 @@ class RunDir:
 
     CONFIG = "config.yaml"  # the command's resolved config, as --print-config writes it
     RUN_INFO = "run_info.json"  # what the run resolved (device, precision, threads, processes)
-    METRICS = "metrics.jsonl"  # one JSON record per log step
+    METRICS = METRICS_FILE  # one JSON record per log step (named where the logger writes it)
+    WANDB_ID = WANDB_ID_FILE  # the W&B run id, drawn once per run directory
     RESULTS = "results.json"  # an evaluation's final scores
     FIGURES = "figures"
     FIGURE_SAMPLES = "figures/samples.safetensors"  # the samples every training figure shows, kept for resumes
