@@ -13,7 +13,8 @@ wheels ship; KMP_BLOCKTIME is Intel's and libgomp ignores it):
 - passive: OMP_WAIT_POLICY=PASSIVE, idle threads sleep at once (what `m3ae` sets when neither
   OMP_WAIT_POLICY nor GOMP_SPINCOUNT is set);
 - gomp-default: GOMP_SPINCOUNT=300000, libgomp's own default (spin a while, then sleep);
-- active: OMP_WAIT_POLICY=ACTIVE, idle threads spin.
+- active: OMP_WAIT_POLICY=ACTIVE, idle threads spin;
+- spin-1k … spin-100k: GOMP_SPINCOUNT=1000 … 100000, a bounded spin before sleeping.
 
     python bench/threads.py [--conditions quiet after-busy one-core-busy] [--policies passive gomp-default]
                             [--dtype fp32] [--steps 5] [--busy-seconds 60] [--out results.jsonl]
@@ -34,7 +35,8 @@ import time
 
 CASE = ["--preset", "tiny", "--image-size", "64", "--batch-size", "32", "--text-length", "32", "--vocab-size", "1000"]
 POLICIES = {"passive": {"OMP_WAIT_POLICY": "PASSIVE"}, "gomp-default": {"GOMP_SPINCOUNT": "300000"},
-            "active": {"OMP_WAIT_POLICY": "ACTIVE"}}
+            "active": {"OMP_WAIT_POLICY": "ACTIVE"},
+            **{f"spin-{n // 1000}k": {"GOMP_SPINCOUNT": str(n)} for n in (1000, 10000, 30000, 100000)}}
 SPIN = "while True: pass"
 
 
