@@ -64,7 +64,7 @@ def _around(x: float, y: float, dx: float = 0.03, dy: float = 0.06):
 
 def test_reconstruct_with_captions(model_dir, pictures, tmp_path, capsys):
     out = tmp_path / "rec.png"
-    assert main(["reconstruct", "--checkpoint", str(model_dir), "--images", *pictures, "--captions", "a red dog", "two blue birds",
+    assert main(["reconstruct", "--checkpoint", str(model_dir), "--image", *pictures, "--caption", "a red dog", "two blue birds",
                  "--out", str(out)]) == 0
     printed = capsys.readouterr().out
     assert "->" in printed and f"wrote {out}" in printed  # masked words with guesses
@@ -81,15 +81,15 @@ def test_reconstruct_with_captions(model_dir, pictures, tmp_path, capsys):
 
 
 def test_reconstruct_refuses_mismatched_captions(model_dir, pictures, tmp_path, capsys):
-    assert main(["reconstruct", "--checkpoint", str(model_dir), "--images", *pictures, "--captions", "one",
+    assert main(["reconstruct", "--checkpoint", str(model_dir), "--image", *pictures, "--caption", "one",
                  "--out", str(tmp_path / "x.png")]) == 2
-    assert "m3ae reconstruct: config error: --captions: 1 given for 2 images" in capsys.readouterr().err
+    assert "m3ae reconstruct: config error: --caption: 1 given for 2 images" in capsys.readouterr().err
 
 
 def test_attention_maps(model_dir, pictures, tmp_path, capsys):
     prefix = tmp_path / "att"
     assert main(["attention", "--checkpoint", str(model_dir), "--image", pictures[0], "--caption", "a red dog on grass",
-                 "--words", "red", "dog", "--layer", "mean", "--patch", "0,3", "--out-prefix", str(prefix)]) == 0
+                 "--words", "red", "dog", "--layer", "mean", "--patch", "0,3", "--out", str(prefix)]) == 0
     words, patch = f"{prefix}_words.png", f"{prefix}_patch.png"
     assert _size(words) == (780, 300) and _size(patch) == (800, 300)
     # the words figure: the picture, then one overlay per word, and the two words' maps differ
@@ -105,12 +105,12 @@ def test_attention_maps(model_dir, pictures, tmp_path, capsys):
     shaded = _region(patch, (0.4, 0.7), (0.15, 0.4))
     assert ((shaded[..., 0] - shaded[..., 1:].max(-1)) > 40).sum() > 100
     assert main(["attention", "--checkpoint", str(model_dir), "--image", pictures[0], "--caption", "a red dog",
-                 "--words", "cat", "--out-prefix", str(prefix)]) == 2
+                 "--words", "cat", "--out", str(prefix)]) == 2
     assert "config error: --words: 'cat' is not a token" in capsys.readouterr().err
 
 
 def test_missing_image_is_named(model_dir, tmp_path, capsys):
-    assert main(["reconstruct", "--checkpoint", str(model_dir), "--images", str(tmp_path / "nope.png"),
+    assert main(["reconstruct", "--checkpoint", str(model_dir), "--image", str(tmp_path / "nope.png"),
                  "--out", str(tmp_path / "x.png")]) == 2
     err = capsys.readouterr().err
     errors = [line for line in err.splitlines() if ": error: " in line]  # beside what it chose (threads)

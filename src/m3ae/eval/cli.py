@@ -52,15 +52,6 @@ class OodConfig(FeatureCommandConfig):
     out_format: str = "auto"  # the out-of-distribution source's format
 
 
-def _add_eval_split_aliases(p: argparse.ArgumentParser) -> None:
-    """The short names of the evaluation-split fields, the same in every command that takes them."""
-    from ..config import add_override_alias
-
-    add_override_alias(p, "--train-data", "data.eval_train_source")
-    add_override_alias(p, "--val-data", "data.eval_val_source")
-    add_override_alias(p, "--val-fraction", "data.eval_val_fraction")
-
-
 def register(subparsers) -> None:
     from ..config import add_config_arguments
     from .probe import FinetuneConfig, LinearProbeConfig
@@ -74,7 +65,6 @@ def register(subparsers) -> None:
         p = subparsers.add_parser(name, help=help_text, description=f"{help_text}. The model: --checkpoint MODEL "
                                   f"({MODEL_HELP}).")
         add_config_arguments(p, cls)
-        _add_eval_split_aliases(p)
         p.set_defaults(func=func)
 
     for name, cls, help_text in (
@@ -84,7 +74,6 @@ def register(subparsers) -> None:
         p = subparsers.add_parser(name, help=help_text, description=f"{help_text}. Any config field is a "
                                   f"flag, e.g. --checkpoint RUN --data.source DIR --epochs 10.")
         add_config_arguments(p, cls)
-        _add_eval_split_aliases(p)
         p.set_defaults(func=transfer_command, config_cls=cls, command_name=name)
 
     from .demo import register as register_demo
