@@ -348,3 +348,33 @@ def test_knn_names_the_split_whose_labels_are_missing(setup, tmp_path, capsys):
                  str(flat), "--val-data", f"{data}/val-*.tar", "--precision", "fp32"]) == 2
     err = capsys.readouterr().err
     assert f"data source {str(flat)!r} (--data.eval-train-source): 4 of 4 samples have no label" in err
+
+
+def test_embed_reads_a_whole_unlabelled_folder_by_default_and_says_so(setup, tmp_path, capsys):
+    """Issue 18 (why 8): `m3ae embed` on a folder of images refused it (the default split was the
+    scoring side, which repeated the train side); embedding is not scoring: every image is embedded."""
+    from PIL import Image
+
+    root, _ = setup
+    (tmp_path / "flat").mkdir()
+    for i in range(7):
+        Image.new("RGB", (40, 30), (30 * i, 10, 200)).save(tmp_path / "flat" / f"{i}.png")
+    out = tmp_path / "f.npz"
+    assert main(["embed", "--checkpoint", str(root / "model"), "--data.source", str(tmp_path / "flat"),
+                 "--out", str(out), "--precision", "fp32"]) == 0
+    line = capsys.readouterr().out.strip().splitlines()[-1]
+    assert line.startswith("7 image features of dimension 32, every sample of ") and "(--split all)" in line
+    with np.load(out, allow_pickle=False) as f:
+        assert f["features"].shape == (7, 32) and len(set(f["keys"].tolist())) == 7
+    # a root of train/ and val/: both, the val folders numbered as the train ones
+    red, blue = (220, 30, 30), (30, 30, 220)
+    _colour_folders(tmp_path / "split", "train", {"a": [red] * 3, "b": [blue] * 2})
+    _colour_folders(tmp_path / "split", "val", {"b": [blue]})
+    assert main(["embed", "--checkpoint", str(root / "model"), "--data.source", str(tmp_path / "split"),
+                 "--out", str(out), "--precision", "fp32"]) == 0
+    with np.load(out, allow_pickle=False) as f:
+        assert f["labels"].tolist() == [0, 0, 0, 1, 1, 1]
+    # asking for the scoring side of a source without one is still the one-line refusal
+    assert main(["embed", "--checkpoint", str(root / "model"), "--data.source", str(tmp_path / "flat"),
+                 "--out", str(out), "--split", "val", "--precision", "fp32"]) == 2
+    assert "--val-fraction" in capsys.readouterr().err

@@ -117,7 +117,7 @@ def test_missing_image_is_named(model_dir, tmp_path, capsys):
     assert len(errors) == 1 and "nope.png" in errors[0] and "Traceback" not in err
 
 
-def test_tsne_of_two_models_on_a_labelled_folder(model_dir, tmp_path):
+def test_tsne_of_two_models_on_a_labelled_folder(model_dir, tmp_path, capsys):
     rng = np.random.default_rng(0)
     for label, colour in (("red", (220, 30, 30)), ("blue", (30, 30, 220))):
         folder = tmp_path / "data" / "val" / label
@@ -128,6 +128,8 @@ def test_tsne_of_two_models_on_a_labelled_folder(model_dir, tmp_path):
     out = tmp_path / "tsne.png"
     assert main(["tsne", "--checkpoint", f"M3AE={model_dir}", f"MAE={model_dir}", "--data.source",
                  str(tmp_path / "data"), "--out", str(out)]) == 0
+    # what was embedded, in one line: by default every sample of the source, as `m3ae embed`
+    assert f"t-SNE of up to 1000 images per panel, every sample of {str(tmp_path / 'data')!r}" in capsys.readouterr().out
     assert _size(out) == (1000, 500)
     # each panel shows both classes in their colours (tab10's first two), as two separate clusters:
     # red and blue pictures are far apart in any encoder's features

@@ -34,7 +34,9 @@ class FeatureCommandConfig:
 @dataclass(kw_only=True)
 class EmbedConfig(FeatureCommandConfig):
     out: str  # output file: .safetensors or .npz
-    split: Literal["train", "val"] = "val"  # which evaluation split of the source
+    # all: every sample of --data.source (labels where it has them); train or val: that evaluation
+    # split (--train-data, --val-data, --val-fraction; val is refused when it repeats train)
+    split: Literal["all", "train", "val"] = "all"
     # text and pair read captions from the pair source (--data.source), in its streaming order
     modality: Literal["image", "text", "pair"] = "image"
     layer: int | None = None  # block 1..depth (before the final norm); null: the encoder output
@@ -132,12 +134,13 @@ def embed_command(args: argparse.Namespace) -> int:
     if cfg is None:
         return 0
     data = api.data_for_model(cfg.data, model.config)
-    if cfg.modality == "image" and cfg.split == "val":  # the scoring side: it must not repeat the training side
-        _checked_split(data)
+    read = api.embedded_split(data, cfg.split) if cfg.modality == "image" else \
+        f"the pair source {data.source!r}, one pass"
     out = api.embed(model, data, cfg.split, modality=cfg.modality, pool=cfg.pool, layer=cfg.layer,
                     batch_size=cfg.batch_size, device=_device(cfg), precision=cfg.precision, progress=True)
     path = save_features(out, cfg.out)
-    print(f"{out['features'].shape[0]} features of dimension {out['features'].shape[1]} -> {path}")
+    print(f"{out['features'].shape[0]} {cfg.modality} features of dimension {out['features'].shape[1]}, "
+          f"{read} -> {path}")
     return 0
 
 

@@ -58,7 +58,9 @@ class TsneConfig:
     # --checkpoint M3AE=runs/a MAE=runs/b
     checkpoint: list[str]
     data: DataConfig = field(default_factory=DataConfig)  # the labelled source; image_size follows the model
-    split: Literal["train", "val"] = "val"  # which evaluation split of the source
+    # all: every sample of --data.source; train or val: that evaluation split (--train-data,
+    # --val-data, --val-fraction; val is refused when it repeats train), as in `m3ae embed`
+    split: Literal["all", "train", "val"] = "all"
     max_samples: int = 1000  # samples per panel
     batch_size: int = 128  # images per forward pass
     out: str = "tsne.png"  # output figure
@@ -214,17 +216,19 @@ def run_tsne(args: argparse.Namespace) -> int:
     cfg = _config(args)
     if cfg is None:
         return 0
-    panels = {}
+    panels, read = {}, ""
     for spec in cfg.checkpoint:
         name, sep, directory = spec.rpartition("=")
         name = name if sep else Path(directory).name
         model = M3AE.from_pretrained(directory)
         data = api.data_for_model(cfg.data, model.config, model_field=f"the image_size of {directory}")
+        read = read or api.embedded_split(data, cfg.split)
         batches = itertools.islice(build_eval_loader(data, batch_size=cfg.batch_size, split=cfg.split),
                                    math.ceil(cfg.max_samples / cfg.batch_size))
         out = api.features(model, batches, ("cls",))["cls"]
         panels[name] = (out["features"][: cfg.max_samples].numpy(), out["labels"][: cfg.max_samples].numpy())
     class_names = label_names(cfg.data.source, split=cfg.split)
+    print(f"t-SNE of up to {cfg.max_samples} images per panel, {read}")
     print(f"wrote {plot_tsne(panels, cfg.out, class_names, seed=cfg.seed)}")
     print(json.dumps({name: int(len(labels)) for name, (_, labels) in panels.items()}))
     return 0
