@@ -378,3 +378,41 @@ def test_embed_reads_a_whole_unlabelled_folder_by_default_and_says_so(setup, tmp
     assert main(["embed", "--checkpoint", str(root / "model"), "--data.source", str(tmp_path / "flat"),
                  "--out", str(out), "--split", "val", "--precision", "fp32"]) == 2
     assert "--val-fraction" in capsys.readouterr().err
+
+
+def test_the_probe_is_cached_by_default_exactly_when_it_does_not_augment(capsys):
+    """Issue 18 item 6: caching gives the same protocol as the uncached probe only without
+    augmentation; there it is the default, with augmentation (MAE's protocol, the default) it cannot be."""
+    import yaml
+
+    def resolved(*flags):
+        assert main(["linear-probe", "--checkpoint", "m", *flags, "--print-config"]) == 0
+        cfg = yaml.safe_load(capsys.readouterr().out)
+        return cfg["augment"], cfg["cached"]
+
+    assert resolved() == (True, False)
+    assert resolved("--augment", "false") == (False, True)
+    assert resolved("--cached", "true") == (False, True)
+    assert resolved("--augment", "false", "--cached", "false") == (False, False)
+    assert main(["linear-probe", "--checkpoint", "m", "--augment", "true", "--cached", "true"]) == 2
+    assert "cached=true with augment=true" in capsys.readouterr().err
+    assert main(["finetune", "--checkpoint", "m", "--augment", "false", "--print-config"]) == 0
+    assert "cached: false" in capsys.readouterr().out  # fine-tuning trains the encoder: never cached
+
+
+def test_an_uncached_probe_without_augmentation_reads_the_evaluation_transform(setup, tmp_path, monkeypatch):
+    from m3ae.eval import probe
+
+    seen = []
+    real = probe.TransferTrainer._loader
+
+    def spy(self, split, augment, epoch):
+        seen.append((split, augment))
+        return real(self, split, augment, epoch)
+
+    monkeypatch.setattr(probe.TransferTrainer, "_loader", spy)
+    root, data = setup
+    assert main(["linear-probe", "--checkpoint", str(root / "model"), "--data.source", f"{data}/train-*.tar",
+                 "--val-data", f"{data}/val-*.tar", "--augment", "false", "--cached", "false", "--epochs", "1",
+                 "--batch-size", "16", "--precision", "fp32", "--out-dir", str(tmp_path / "lp")]) == 0
+    assert ("train", False) in seen and ("train", True) not in seen
