@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from m3ae.cli import _subparsers, build_parser, main
+from m3ae.cli import build_parser, main
 
 ROOT = Path(__file__).resolve().parents[1]
 FILES = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md")), *sorted((ROOT / "scripts").glob("*.sh"))]
@@ -20,7 +20,7 @@ FENCE = re.compile(r"^```(\w*)[^\n]*\n(.*?)^```", re.S | re.M)
 SHELL_FENCES = {"", "bash", "sh", "shell", "console"}
 INLINE = re.compile(r"`((?:\S*/)?m3ae [a-z][^`]*)`")
 SHELL = set("();<>|&")
-WRAPPERS = {"srun", "exec", "time", "nohup", "then", "do"}
+WRAPPERS = {"$", "srun", "exec", "time", "nohup", "then", "do"}  # `$`: a shell prompt
 # other tools' spellings, accepted (and shown where the docs explain them), never listed in --help
 OTHER_TOOLS = {"--csv-img-key", "--csv-caption-key", "--csv-separator"}
 
@@ -28,6 +28,7 @@ OTHER_TOOLS = {"--csv-img-key", "--csv-caption-key", "--csv-separator"}
 def _argv(line: str) -> list[str] | None:
     """The arguments after `m3ae` (or `python -m m3ae`, `torchrun ... -m m3ae.cli`) on a shell line,
     cut at the first shell operator; None where the line runs no m3ae command."""
+    line = re.sub(r"(?<!\S)\d+>", ">", line)  # `2>&1`, `2> err`: the descriptor is no argument
     lexer = shlex.shlex(line, posix=True, punctuation_chars=True)
     lexer.whitespace_split, lexer.commenters = True, "#"
     try:
@@ -40,10 +41,7 @@ def _argv(line: str) -> list[str] | None:
             not i or set(before) <= SHELL or before in WRAPPERS or re.match(r"^\w+=", before))
         if command or (before == "-m" and word in ("m3ae", "m3ae.cli")):
             rest = words[i + 1:]
-            cut = next((j for j, w in enumerate(rest) if set(w) <= SHELL), len(rest))
-            if cut and rest[cut - 1].isdigit() and cut < len(rest) and rest[cut].startswith(">"):
-                cut -= 1  # `2> file`
-            return rest[:cut]
+            return rest[:next((j for j, w in enumerate(rest) if set(w) <= SHELL), len(rest))]
     return None
 
 
