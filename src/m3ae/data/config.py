@@ -164,10 +164,11 @@ class DataConfig:
                 raise ValueError(f"DataConfig.{name}={values!r}: must be finite")
 
     def preprocessing(self) -> dict:
-        """How this pipeline prepares inputs, as config.json records it beside the model's fields
-        (`m3ae.create_model_and_transforms` and the HF export read it back)."""
+        """How this pipeline prepares images, as config.json records it beside the model's fields
+        (`m3ae.create_model_and_transforms` and the HF export read it back). The tokenizer is not
+        here: it is the model's own field (`M3AEConfig.tokenizer`), recorded once."""
         mean, std = self.normalization_stats()
-        return {"tokenizer": self.tokenizer, "image_mean": list(mean), "image_std": list(std),
+        return {"image_mean": list(mean), "image_std": list(std),
                 "crop_scale": list(self.crop_scale), "horizontal_flip": self.horizontal_flip}
 
     def normalization_stats(self) -> tuple[tuple[float, ...], tuple[float, ...]]:
