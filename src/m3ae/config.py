@@ -313,9 +313,11 @@ def _own_field_help(cls: type) -> dict[str, str]:
     return out
 
 
-def flag_name(dotted: str) -> str:
-    """The one spelling of a field's flag: kebab-case words, dotted sections (`--optim.base-lr`)."""
-    return "--" + dotted.replace("_", "-")
+def flag_name(dotted: str, cls: type | None = None) -> str:
+    """The spelling `--help` lists for the field `dotted`: kebab-case words, dotted sections
+    (`--optim.base-lr`), or the shared one its metadata names in `cls` (train.batch_size: `--batch-size`)."""
+    listed = _field_metadata(cls).get(dotted, {}).get("flag") if cls is not None else None
+    return listed or "--" + dotted.replace("_", "-")
 
 
 def add_override_arguments(parser: argparse.ArgumentParser, cls: type, defaults: Any = None) -> None:
