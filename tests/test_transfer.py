@@ -347,7 +347,7 @@ def test_knn_names_the_split_whose_labels_are_missing(setup, tmp_path, capsys):
     assert main(["knn", "--checkpoint", str(root / "model"), "--data.source", f"{data}/val-*.tar", "--train-data",
                  str(flat), "--val-data", f"{data}/val-*.tar", "--precision", "fp32"]) == 2
     err = capsys.readouterr().err
-    assert f"data source {str(flat)!r} (--data.eval-train-source): 4 of 4 samples have no label" in err
+    assert f"data source {str(flat)!r} (--train-data): 4 of 4 samples have no label" in err
 
 
 def test_embed_reads_a_whole_unlabelled_folder_by_default_and_says_so(setup, tmp_path, capsys):

@@ -131,6 +131,10 @@ def test_tsne_of_two_models_on_a_labelled_folder(model_dir, tmp_path, capsys):
     # what was embedded, in one line: by default every sample of the source, as `m3ae embed`
     assert f"t-SNE of up to 1000 images per panel, every sample of {str(tmp_path / 'data')!r}" in capsys.readouterr().out
     assert _size(out) == (1000, 500)
+    # the held-out split of a source without one: refused in one line, as in `m3ae embed` and knn
+    flat = tmp_path / "data" / "val" / "red"
+    assert main(["tsne", "--checkpoint", str(model_dir), "--data.source", str(flat), "--split", "val"]) == 2
+    assert "--val-fraction" in capsys.readouterr().err
     # each panel shows both classes in their colours (tab10's first two), as two separate clusters:
     # red and blue pictures are far apart in any encoder's features
     tab_blue, tab_orange = np.array([31, 119, 180]), np.array([255, 127, 14])

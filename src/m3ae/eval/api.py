@@ -49,12 +49,13 @@ def features(model: M3AE, batches: Iterable[dict], pools: Sequence[Pool] = ("cls
 def embedded_split(data: DataConfig, split: str) -> str:
     """What embedding `split` of `data` reads, in words (the line `m3ae embed` and `tsne` print). "all":
     every sample of the source, no split; "val": the scoring side, refused when it repeats the train
-    split (as in knn), so that features kept "for scoring" never include the training data."""
-    from ..data.splits import check_eval_split, open_eval_split
+    split (as in knn), so that features kept "for scoring" never include the training data. A val/
+    folder of the source's own is held out by construction (its root without train/ is no train split)."""
+    from ..data.splits import check_eval_split, has_split, open_eval_split
 
     if split == "all":
         return f"every sample of {data.source!r} (--split all)"
-    if split == "val":
+    if split == "val" and (data.eval_val_source or not has_split(data.source, "val")):
         check_eval_split(data)
     return f"the {split} split, {open_eval_split(data, split).name}"
 

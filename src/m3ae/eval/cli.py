@@ -112,7 +112,7 @@ def _features(cfg: FeatureCommandConfig, model, data, split: str, labelled: bool
 
     # name the source this split is read from (--train-data / --val-data when given), not data.source
     given = getattr(data, f"eval_{split}_source") if not data.eval_val_fraction else None
-    where = (f"data source {given!r} (--data.eval-{split}-source)" if given
+    where = (f"data source {given!r} (--{split}-data)" if given
              else f"data source {data.source!r} ({split} split)")
     return api.features(model, build_eval_loader(data, cfg.batch_size, split=split), (cfg.pool,), device=_device(cfg),
                         precision=cfg.precision, progress=True, labelled=where if labelled else None)[cfg.pool]

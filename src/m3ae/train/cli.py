@@ -17,7 +17,7 @@ def register(subparsers) -> None:
     p = subparsers.add_parser(
         "pretrain", help="pretrain M3AE / MAE (single process, or under torchrun)",
         description="Pretrain from a YAML recipe with dotted overrides, e.g. "
-        "`m3ae pretrain --config cc12m_m3ae --model.preset base --optim.base-lr 1.5e-4`. "
+        "`m3ae pretrain --config cc12m_m3ae --preset base --optim.base-lr 1.5e-4`. "
         "With no arguments: the tiny model on the embedded dataset, on CPU, in a few minutes.",
     )
     add_config_arguments(p, PretrainConfig, config_help=(

@@ -131,7 +131,7 @@ class PretrainConfig:
     overwrite: bool = False  # a fresh run into an out_dir holding another run moves that run aside (never deletes)
 
     def __post_init__(self) -> None:
-        # The model is the source of truth for shapes: `--model.preset base` alone must give 256 px
+        # The model is the source of truth for shapes: `--preset base` alone must give 256 px
         # images and 64-token captions, so the data section follows it.
         self.data.follow_model(self.model.image_size)
         self.data.text_length = self.model.text_length
