@@ -200,6 +200,9 @@ def test_a_bare_boolean_flag_turns_it_on(capsys):
     assert yaml.safe_load(capsys.readouterr().out)["private"] is True
     assert main(["push-to-hub", "--checkpoint", "m", "--repo-id", "me/m", "--private", "false", "--print-config"]) == 0
     assert yaml.safe_load(capsys.readouterr().out)["private"] is False
+    # a setting that may also be null (decided from others) too
+    assert main(["linear-probe", "--checkpoint", "m", "--cached", "--print-config"]) == 0
+    assert yaml.safe_load(capsys.readouterr().out)["cached"] is True
 
 
 def _one_error_line(err: str, kind: str) -> str:

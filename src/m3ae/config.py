@@ -339,7 +339,7 @@ def add_override_arguments(parser: argparse.ArgumentParser, cls: type, defaults:
                       type=parse_value)
         if _is_list(tp):
             common.update(nargs="+", action=_ListValue)
-        elif tp is bool:  # a bare `--flag` turns it on
+        elif tp is bool or set(get_args(tp)) == {bool, type(None)}:  # a bare `--flag` turns it on
             common.update(nargs="?", const=True)
         text = doc or dotted.rsplit(".", 1)[-1].replace("_", " ")
         shown = f"default: {_yaml_scalar(values[dotted])}" if dotted in values else "required"
