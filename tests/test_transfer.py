@@ -374,6 +374,7 @@ def test_embed_reads_a_whole_unlabelled_folder_by_default_and_says_so(setup, tmp
                  "--out", str(out), "--precision", "fp32"]) == 0
     with np.load(out, allow_pickle=False) as f:
         assert f["labels"].tolist() == [0, 0, 0, 1, 1, 1]
+        assert f["keys"].tolist() == ["train/a/0", "train/a/1", "train/a/2", "train/b/0", "train/b/1", "val/b/0"]
     # asking for the scoring side of a source without one is still the one-line refusal
     assert main(["embed", "--checkpoint", str(root / "model"), "--data.source", str(tmp_path / "flat"),
                  "--out", str(out), "--split", "val", "--precision", "fp32"]) == 2

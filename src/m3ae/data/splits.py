@@ -52,8 +52,8 @@ class HashSplitSource(Source):
 class JoinedSource(Source):
     """Sources read one after the other, as one: every sample of a root holding train/ and val/."""
 
-    def __init__(self, parts: Sequence[Source]) -> None:
-        self.parts = list(parts)
+    def __init__(self, parts: Sequence[Source], key_prefixes: Sequence[str] | None = None) -> None:
+        self.parts, self.key_prefixes = list(parts), key_prefixes
         self.name = " + ".join(part.name for part in self.parts)
         self._units = [(i, unit) for i, part in enumerate(self.parts) for unit in part.units()]
 
@@ -62,7 +62,10 @@ class JoinedSource(Source):
 
     def read_unit(self, unit: int) -> Iterator[RawRecord]:
         part, inner = self._units[unit]
-        return self.parts[part].read_unit(inner)
+        records = self.parts[part].read_unit(inner)
+        if self.key_prefixes is None:
+            return records
+        return (replace(r, key=self.key_prefixes[part] + r.key) for r in records)
 
 
 def has_split(spec: str | None, split: str) -> bool:
@@ -95,10 +98,14 @@ def open_eval_split(cfg: DataConfig, split: str) -> Source:
                   columns=cfg.columns)
     if split == "all":  # a root of train/ and val/ (or the embedded set): both, val numbered as train
         whole = replace(cfg, eval_train_source="", eval_val_source="", eval_val_fraction=0.0)
-        parts = [open_eval_split(whole, s) for s in ("train", "val") if has_split(cfg.source, s)]
-        if not parts:
+        splits = [s for s in ("train", "val") if has_split(cfg.source, s)]
+        if not splits:
             return open_source(cfg.source, cfg.format, **kwargs)
-        return parts[0] if len(parts) == 1 else JoinedSource(parts)
+        parts = [open_eval_split(whole, s) for s in splits]
+        if len(parts) == 1:
+            return parts[0]
+        # keys relative to the root (train/cat/1, val/cat/1): each split's own keys may repeat
+        return JoinedSource(parts, None if cfg.source == "embedded" else [f"{s}/" for s in splits])
     if cfg.eval_val_fraction > 0:
         base = open_source(cfg.eval_train_source or cfg.source, cfg.format, split="train", **kwargs)
         return HashSplitSource(base, cfg.eval_val_fraction, val=split == "val")
