@@ -163,10 +163,10 @@ def check_data(s: dict, device: str, work: Path) -> dict:
               "shard_bytes": sum(p.stat().st_size for p in (work / "shards").glob("*.tar")), "runs": []}
     for workers in s["workers"]:
         run = work / f"run-{workers}"
-        done = m3ae_cli("pretrain", "--model.preset", s["preset"], "--model.image_size", str(s["image_size"]),
+        done = m3ae_cli("pretrain", "--preset", s["preset"], "--model.image_size", str(s["image_size"]),
                         "--data.source", str(work / "shards" / "*.tar"), "--data.num_workers", str(workers),
-                        "--train.batch_size", str(s["train_batch"]), "--train.total_steps", str(3 * s["steps"]),
-                        "--train.precision", "bf16", "--train.device", device, "--log.every", str(max(s["steps"] // 2, 1)),
+                        "--batch-size", str(s["train_batch"]), "--train.total_steps", str(3 * s["steps"]),
+                        "--precision", "bf16", "--device", device, "--log.every", str(max(s["steps"] // 2, 1)),
                         "--log.progress", "false", "--checkpoint.every", "1000000", "--out-dir", str(run))
         if done.returncode:
             result["runs"].append({"workers": workers, "failed": done.stderr.strip()[-500:]})

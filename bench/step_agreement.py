@@ -30,8 +30,8 @@ def main() -> None:
     env = {**os.environ, "OMP_NUM_THREADS": args.threads}
     with tempfile.TemporaryDirectory() as tmp:
         run = Path(tmp) / "run"
-        subprocess.run([sys.executable, "-m", "m3ae.cli", "pretrain", "--out-dir", str(run), "--train.max-steps",
-                        str(args.steps), "--train.precision", args.precision, "--train.threads", args.threads,
+        subprocess.run([sys.executable, "-m", "m3ae.cli", "pretrain", "--out-dir", str(run), "--max-steps",
+                        str(args.steps), "--precision", args.precision, "--threads", args.threads,
                         "--log.every", "10", "--log.progress", "false", "--log.figures-every", "0",
                         "--checkpoint.every", "100000"], check=True, env=env, capture_output=True)
         records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()][1:]

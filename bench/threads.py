@@ -51,7 +51,7 @@ def stop(processes: list[subprocess.Popen]) -> None:
 
 
 def bench(threads: str, policy: str, dtype: str, steps: int) -> dict:
-    cmd = [sys.executable, "-m", "m3ae.cli", "bench", *CASE, "--dtype", dtype, "--threads", threads,
+    cmd = [sys.executable, "-m", "m3ae.cli", "bench", *CASE, "--precision", dtype, "--threads", threads,
            "--steps", str(steps), "--warmup", "1", "--json"]
     env = {k: v for k, v in os.environ.items() if k not in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT", "OMP_NUM_THREADS")}
     env.update(POLICIES[policy])

@@ -14,9 +14,9 @@ CKPT=$(ls -d "$RUN"/checkpoints/step_* | sort | tail -n 1)
 SAMPLES="$RUN/samples"
 mkdir -p "$SAMPLES"
 tar -xf data/embedded/val-0000.tar -C "$SAMPLES" 100000000.jpg 100000000.txt 100000001.jpg 100000001.txt
-"$BIN/m3ae" reconstruct --checkpoint "$CKPT" --tokenizer m3ae-embedded --images "$SAMPLES"/100000000.jpg "$SAMPLES"/100000001.jpg \
-    --captions "$(head -n 1 "$SAMPLES"/100000000.txt)" "$(head -n 1 "$SAMPLES"/100000001.txt)" \
+"$BIN/m3ae" reconstruct --checkpoint "$CKPT" --tokenizer m3ae-embedded --image "$SAMPLES"/100000000.jpg "$SAMPLES"/100000001.jpg \
+    --caption "$(head -n 1 "$SAMPLES"/100000000.txt)" "$(head -n 1 "$SAMPLES"/100000001.txt)" \
     --out "$RUN/figures/reconstruct_samples.png"
 "$BIN/m3ae" attention --checkpoint "$CKPT" --tokenizer m3ae-embedded --image "$SAMPLES"/100000000.jpg \
-    --caption "$(head -n 1 "$SAMPLES"/100000000.txt)" --layer mean --out-prefix "$RUN/figures/attention"
+    --caption "$(head -n 1 "$SAMPLES"/100000000.txt)" --layer mean --out "$RUN/figures/attention"
 "$BIN/m3ae" report --run-dir "$RUN"

@@ -30,7 +30,7 @@ def saved(tmp_path_factory):
     the shipped embedded vocabulary and its own crop scale."""
     torch.manual_seed(0)
     model = M3AE(M3AEConfig(image_size=32, patch_size=8, text_length=12, vocab_size=200, emb_dim=48, depth=2,
-                            num_heads=4, dec_emb_dim=32, dec_depth=1, dec_num_heads=2))
+                            num_heads=4, dec_emb_dim=32, dec_depth=1, dec_num_heads=2, tokenizer="m3ae-embedded"))
     with torch.no_grad():
         for p in model.parameters():
             p.add_(0.05 * torch.randn_like(p))
@@ -43,9 +43,12 @@ def saved(tmp_path_factory):
 
 def test_config_json_records_the_tokenizer_and_the_normalisation_and_reads_back(saved):
     model, directory, data = saved
-    stored = json.loads((directory / "config.json").read_text())["preprocessing"]
-    assert stored == {"tokenizer": "m3ae-embedded", "image_mean": [0.485, 0.456, 0.406],
-                      "image_std": [0.229, 0.224, 0.225], "crop_scale": [0.5, 0.9], "horizontal_flip": False}
+    config = json.loads((directory / "config.json").read_text())
+    stored = config["preprocessing"]
+    # the tokenizer once, as the model's field (issue 18: it was also in the record)
+    assert config["tokenizer"] == "m3ae-embedded"
+    assert stored == {"image_mean": [0.485, 0.456, 0.406], "image_std": [0.229, 0.224, 0.225],
+                      "crop_scale": [0.5, 0.9], "horizontal_flip": False}
     assert M3AE.from_pretrained(directory).preprocessing == stored
     assert M3AE.from_pretrained(directory).config == model.config  # the record is not a model field
 
@@ -77,6 +80,23 @@ def test_the_tokenizer_is_the_recorded_one_at_the_models_caption_length(saved):
     expected = Tokenizer.from_name("m3ae-embedded", 12)(["a red circle", "a blue square on a striped background"])
     assert torch.equal(ids, expected[0]) and torch.equal(padding, expected[1]) and ids.shape == (2, 12)
     assert tokenizer.name == "m3ae-embedded"
+
+
+def test_a_config_json_with_the_tokenizer_in_the_record_still_reads(saved, tmp_path):
+    """Files written before the tokenizer was recorded once: in the record only, or in both."""
+    import shutil
+
+    _, directory, _ = saved
+    for field in (None, "m3ae-embedded"):
+        old = tmp_path / f"old-{field}"
+        shutil.copytree(directory, old)
+        config = json.loads((old / "config.json").read_text())
+        config["tokenizer"] = field
+        config["preprocessing"]["tokenizer"] = "m3ae-embedded"
+        (old / "config.json").write_text(json.dumps(config))
+        assert m3ae.get_tokenizer(str(old)).name == "m3ae-embedded"
+        assert M3AE.from_pretrained(old).config.tokenizer == field
+        m3ae.create_model_and_transforms(str(old))
 
 
 def test_a_model_without_a_record_gets_the_defaults_with_a_warning_and_a_preset_builds_one(tmp_path):

@@ -17,7 +17,7 @@ def test_version(capsys):
 
 @pytest.mark.parametrize("argv", [
     ["knn", "--checkpoint", "no/such/run-dir", "--data.source", "embedded"],
-    ["reconstruct", "--checkpoint", "no-such-model", "--images", "no-such.jpg"],
+    ["reconstruct", "--checkpoint", "no-such-model", "--image", "no-such.jpg"],
 ])
 def test_missing_path_is_one_line_and_exit_2(argv, capsys, monkeypatch, tmp_path):
     monkeypatch.chdir(tmp_path)
@@ -34,7 +34,7 @@ def test_debug_shows_the_traceback(capsys, monkeypatch, tmp_path):
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("M3AE_DEBUG", "1")
     with pytest.raises((ValueError, OSError)):
-        main(["reconstruct", "--checkpoint", "no-such-model", "--images", "no-such.jpg"])
+        main(["reconstruct", "--checkpoint", "no-such-model", "--image", "no-such.jpg"])
 
 
 def test_missing_optional_package_names_it():

@@ -59,12 +59,93 @@ def test_one_kebab_spelling_and_the_shared_flags_spelled_the_same_everywhere():
             assert "--checkpoint" in listed, prog
 
 
+# One spelling per concept (docs/ARCHITECTURE.md, "The command line"): the canonical flag of each
+# concept, and the config fields that set it, named by their last part. Fields of the data section
+# are the source's own (data.seed shuffles it, data.columns.image names a column): listed by full
+# path where they are one of these concepts.
+CONCEPTS = {
+    "--batch-size": {"batch_size"},
+    "--precision": {"precision", "dtype"},
+    "--preset": {"preset"},
+    "--seed": {"seed"},
+    "--threads": {"threads"},
+    "--device": {"device"},
+    "--max-steps": {"max_steps"},
+    "--checkpoint": {"checkpoint"},
+    "--out": {"out", "out_prefix", "out_file", "output"},  # the file (or file-name prefix) a command writes
+    "--out-dir": {"out_dir", "output_dir"},  # the directory a command writes
+    "--image": {"image", "images"},
+    "--caption": {"caption", "captions"},
+    "--train-data": {"data.eval_train_source"},
+    "--val-data": {"data.eval_val_source"},
+    "--val-fraction": {"data.eval_val_fraction", "val_fraction"},
+    "--data.columns.image": {"data.columns.image"},  # open_clip's --csv-img-key: a hidden alias
+    "--data.columns.caption": {"data.columns.caption"},
+    "--data.columns.separator": {"data.columns.separator"},
+}
+
+
+def _concept(dotted: str) -> str | None:
+    """The canonical flag of the concept the config field `dotted` sets, or None."""
+    keys = (dotted,) if dotted.startswith("data.") else (dotted, dotted.rsplit(".", 1)[-1])
+    return next((flag for flag, names in CONCEPTS.items() if names & set(keys)), None)
+
+
+def test_each_concept_is_listed_under_its_one_spelling_in_every_command():
+    seen = set()
+    for prog, parser in _commands().items():
+        for action in _options(parser):
+            if not action.dest.startswith("config_overrides:"):
+                continue
+            canonical = _concept(action.dest.split(":", 1)[1])
+            if canonical is not None:
+                assert action.option_strings == [canonical], f"{prog}: {action.option_strings} instead of {canonical}"
+                seen.add(canonical)
+    assert seen == set(CONCEPTS), f"concepts no command has (a stale table?): {set(CONCEPTS) - seen}"
+
+
+# old spelling -> the canonical one, each still accepted (not listed) for one release
+OLD_SPELLINGS = [
+    (["pretrain"], "--train.batch-size", "--batch-size", "8"),
+    (["pretrain"], "--train.precision", "--precision", "fp32"),
+    (["pretrain"], "--model.preset", "--preset", "small"),
+    (["pretrain"], "--train.seed", "--seed", "3"),
+    (["pretrain"], "--train.max-steps", "--max-steps", "3"),
+    (["bench"], "--dtype", "--precision", "fp32"),
+    (["tsne", "--checkpoint", "m"], "--data.eval-val-fraction", "--val-fraction", "0.25"),
+    (["knn", "--checkpoint", "m"], "--csv-img-key", "--data.columns.image", "filepath"),
+    (["attention", "--checkpoint", "m", "--image", "a.png", "--caption", "a"], "--out-prefix", "--out", "x/att"),
+    (["reconstruct", "--checkpoint", "m", "--caption", "a", "b"], "--images", "--image", "a.png b.png"),
+    (["reconstruct", "--checkpoint", "m", "--image", "a.png"], "--captions", "--caption", "a b"),
+]
+
+
+@pytest.mark.parametrize("command, old, new, value", OLD_SPELLINGS, ids=[case[1] for case in OLD_SPELLINGS])
+def test_an_old_spelling_is_a_hidden_alias_of_the_canonical_one(command, old, new, value, capsys):
+    printed = []
+    for flag in (old, new):
+        assert main([*command, flag, *value.split(), "--print-config"]) == 0, flag
+        printed.append(capsys.readouterr().out)
+    assert printed[0] == printed[1]
+    assert old not in _options_listed(_commands()[f"m3ae {command[0]}"])
+
+
+def _options_listed(parser: argparse.ArgumentParser) -> list[str]:
+    return [flag for action in _options(parser) for flag in action.option_strings]
+
+
+def test_a_typo_of_an_old_spelling_points_to_the_canonical_flag(capsys):
+    with pytest.raises(SystemExit):
+        main(["pretrain", "--train.batch-sise", "8"])
+    assert "(did you mean --batch-size?)" in capsys.readouterr().err
+
+
 def test_every_option_has_its_own_help_line_and_config_fields_show_their_default():
     for prog, parser in _commands().items():
         for action in _options(parser):
             flag = action.option_strings[-1]
             assert action.help and action.help.strip(), f"{prog} {flag}: no help"
-            if action.dest.startswith("config_overrides:") and not action.help.startswith("alias of"):
+            if action.dest.startswith("config_overrides:"):
                 field = action.dest.split(":", 1)[1].rsplit(".", 1)[-1]
                 # the fallback when a field has no comment is its own name: not a help line
                 assert not action.help.startswith(f"{field.replace('_', ' ')} (default"), f"{prog} {flag}"
@@ -119,6 +200,9 @@ def test_a_bare_boolean_flag_turns_it_on(capsys):
     assert yaml.safe_load(capsys.readouterr().out)["private"] is True
     assert main(["push-to-hub", "--checkpoint", "m", "--repo-id", "me/m", "--private", "false", "--print-config"]) == 0
     assert yaml.safe_load(capsys.readouterr().out)["private"] is False
+    # a setting that may also be null (decided from others) too
+    assert main(["linear-probe", "--checkpoint", "m", "--cached", "--print-config"]) == 0
+    assert yaml.safe_load(capsys.readouterr().out)["cached"] is True
 
 
 def _one_error_line(err: str, kind: str) -> str:
@@ -137,8 +221,8 @@ FAMILIES = {
     "transfer": (["knn", "--checkpoint", "{tmp}/m", "--temprature", "0.1"],
                  ["knn", "--checkpoint", "{tmp}/no-such-run"],
                  ["knn", "--checkpoint", "{tmp}/m", "--k", "many"]),
-    "viz": (["reconstruct", "--checkpoint", "{tmp}/m", "--image", "a.png"],
-            ["reconstruct", "--checkpoint", "{tmp}/no-such-run", "--images", "a.png"],
+    "viz": (["reconstruct", "--checkpoint", "{tmp}/m", "--imag", "a.png"],
+            ["reconstruct", "--checkpoint", "{tmp}/no-such-run", "--image", "a.png"],
             ["attention", "--checkpoint", "{tmp}/m", "--image", "a.png", "--caption", "a", "--layer", "middle"]),
     "data": (["data", "inspect", "--data.sorce", "x"],
              ["data", "inspect", "--data.source", "{tmp}/no-such.tar"],

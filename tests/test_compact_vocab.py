@@ -145,8 +145,8 @@ def test_pretraining_on_captions_trains_a_compact_model_that_resumes_and_draws_w
     assert "kangaroo" in guesses or "zebra" in guesses
     # viz reads the tokenizer and vocabulary from the model: no --tokenizer
     Image.fromarray(np.zeros((32, 32, 3), dtype=np.uint8)).save(tmp_path / "x.png")
-    assert main(["reconstruct", "--checkpoint", str(run), "--images", str(tmp_path / "x.png"),
-                 "--captions", "a red kangaroo.", "--out", str(tmp_path / "r.png"), "--text-mask-ratio", "0.5"]) == 0
+    assert main(["reconstruct", "--checkpoint", str(run), "--image", str(tmp_path / "x.png"),
+                 "--caption", "a red kangaroo.", "--out", str(tmp_path / "r.png"), "--text-mask-ratio", "0.5"]) == 0
     assert (tmp_path / "r.png").is_file()
     # caption features read the captions in the model's ids ("purple" and "wombat" as [UNK])
     assert main(["embed", "--checkpoint", str(run), "--data.source", str(data), "--modality", "text",

@@ -252,3 +252,25 @@ def test_a_probe_report_plots_train_loss_top1_and_top5(data, tmp_path, capsys):
     for ax in figure.axes:
         [line] = ax.get_lines()
         assert list(line.get_ydata()) == [r[ax.get_title()] for r in records]
+
+
+def test_no_command_writes_progress_frames_into_a_log(tmp_path):
+    """Issue 18 why 3: `m3ae data synth` and feature extraction wrote tqdm's carriage-return frames
+    into a non-terminal stderr (a Slurm log); every command now follows pretraining's rule."""
+    from m3ae import M3AE, M3AEConfig
+
+    M3AE(M3AEConfig(emb_dim=32, depth=1, num_heads=2, dec_emb_dim=16, dec_depth=1, dec_num_heads=2, image_size=32,
+                    patch_size=8, text_length=16)).save_pretrained(tmp_path / "model")
+    env = {**os.environ, "PYTHONPATH": str(SRC)}
+    for argv in (["data", "synth", "--out-dir", "set", "--train", "16", "--val", "8", "--image-size", "32",
+                  "--shard-size", "8"],
+                 ["embed", "--checkpoint", "model", "--data.source", "set/train-*.tar", "--out", "f.npz",
+                  "--batch-size", "4", "--precision", "fp32"]):
+        with open(tmp_path / "log.txt", "w+b") as log:
+            done = subprocess.run([sys.executable, "-m", "m3ae", *argv], cwd=tmp_path, env=env, stdout=log,
+                                  stderr=log, timeout=300)
+            log.seek(0)
+            text = log.read()
+        assert done.returncode == 0, text
+        assert b"\r" not in text, f"m3ae {argv[0]}: {text[-300:]!r}"
+    assert (tmp_path / "f.npz").is_file()

@@ -34,7 +34,7 @@ def test_resume_reloads_the_run_config_and_max_steps_is_the_new_stopping_point(t
     capsys.readouterr()
     # a shape or data-order change is refused before any work, naming the field
     assert main(["pretrain", "--out-dir", str(run), "--resume", "auto", "--train.batch_size", "8"]) == 2
-    assert "--train.batch-size: 4 -> 8 would change the shapes" in capsys.readouterr().err
+    assert "--batch-size: 4 -> 8 would change the shapes" in capsys.readouterr().err  # the spelling --help lists
     # only the run directory and the new stopping point, past the old schedule's end
     assert main(["pretrain", "--out-dir", str(run), "--resume", "auto", "--max-steps", "5"]) == 0
     assert f"run finished at step 5: {run}" in capsys.readouterr().out

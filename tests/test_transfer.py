@@ -347,4 +347,73 @@ def test_knn_names_the_split_whose_labels_are_missing(setup, tmp_path, capsys):
     assert main(["knn", "--checkpoint", str(root / "model"), "--data.source", f"{data}/val-*.tar", "--train-data",
                  str(flat), "--val-data", f"{data}/val-*.tar", "--precision", "fp32"]) == 2
     err = capsys.readouterr().err
-    assert f"data source {str(flat)!r} (--data.eval-train-source): 4 of 4 samples have no label" in err
+    assert f"data source {str(flat)!r} (--train-data): 4 of 4 samples have no label" in err
+
+
+def test_embed_reads_a_whole_unlabelled_folder_by_default_and_says_so(setup, tmp_path, capsys):
+    """Issue 18 (why 8): `m3ae embed` on a folder of images refused it (the default split was the
+    scoring side, which repeated the train side); embedding is not scoring: every image is embedded."""
+    from PIL import Image
+
+    root, _ = setup
+    (tmp_path / "flat").mkdir()
+    for i in range(7):
+        Image.new("RGB", (40, 30), (30 * i, 10, 200)).save(tmp_path / "flat" / f"{i}.png")
+    out = tmp_path / "f.npz"
+    assert main(["embed", "--checkpoint", str(root / "model"), "--data.source", str(tmp_path / "flat"),
+                 "--out", str(out), "--precision", "fp32"]) == 0
+    line = capsys.readouterr().out.strip().splitlines()[-1]
+    assert line.startswith("7 image features of dimension 32, every sample of ") and "(--split all)" in line
+    with np.load(out, allow_pickle=False) as f:
+        assert f["features"].shape == (7, 32) and len(set(f["keys"].tolist())) == 7
+    # a root of train/ and val/: both, the val folders numbered as the train ones
+    red, blue = (220, 30, 30), (30, 30, 220)
+    _colour_folders(tmp_path / "split", "train", {"a": [red] * 3, "b": [blue] * 2})
+    _colour_folders(tmp_path / "split", "val", {"b": [blue]})
+    assert main(["embed", "--checkpoint", str(root / "model"), "--data.source", str(tmp_path / "split"),
+                 "--out", str(out), "--precision", "fp32"]) == 0
+    with np.load(out, allow_pickle=False) as f:
+        assert f["labels"].tolist() == [0, 0, 0, 1, 1, 1]
+        assert f["keys"].tolist() == ["train/a/0", "train/a/1", "train/a/2", "train/b/0", "train/b/1", "val/b/0"]
+    # asking for the scoring side of a source without one is still the one-line refusal
+    assert main(["embed", "--checkpoint", str(root / "model"), "--data.source", str(tmp_path / "flat"),
+                 "--out", str(out), "--split", "val", "--precision", "fp32"]) == 2
+    assert "--val-fraction" in capsys.readouterr().err
+
+
+def test_the_probe_is_cached_by_default_exactly_when_it_does_not_augment(capsys):
+    """Issue 18 item 6: caching gives the same protocol as the uncached probe only without
+    augmentation; there it is the default, with augmentation (MAE's protocol, the default) it cannot be."""
+    import yaml
+
+    def resolved(*flags):
+        assert main(["linear-probe", "--checkpoint", "m", *flags, "--print-config"]) == 0
+        cfg = yaml.safe_load(capsys.readouterr().out)
+        return cfg["augment"], cfg["cached"]
+
+    assert resolved() == (True, False)
+    assert resolved("--augment", "false") == (False, True)
+    assert resolved("--cached", "true") == (False, True)
+    assert resolved("--augment", "false", "--cached", "false") == (False, False)
+    assert main(["linear-probe", "--checkpoint", "m", "--augment", "true", "--cached", "true"]) == 2
+    assert "cached=true with augment=true" in capsys.readouterr().err
+    assert main(["finetune", "--checkpoint", "m", "--augment", "false", "--print-config"]) == 0
+    assert "cached: false" in capsys.readouterr().out  # fine-tuning trains the encoder: never cached
+
+
+def test_an_uncached_probe_without_augmentation_reads_the_evaluation_transform(setup, tmp_path, monkeypatch):
+    from m3ae.eval import probe
+
+    seen = []
+    real = probe.TransferTrainer._loader
+
+    def spy(self, split, augment, epoch):
+        seen.append((split, augment))
+        return real(self, split, augment, epoch)
+
+    monkeypatch.setattr(probe.TransferTrainer, "_loader", spy)
+    root, data = setup
+    assert main(["linear-probe", "--checkpoint", str(root / "model"), "--data.source", f"{data}/train-*.tar",
+                 "--val-data", f"{data}/val-*.tar", "--augment", "false", "--cached", "false", "--epochs", "1",
+                 "--batch-size", "16", "--precision", "fp32", "--out-dir", str(tmp_path / "lp")]) == 0
+    assert ("train", False) in seen and ("train", True) not in seen

@@ -64,7 +64,7 @@ def _around(x: float, y: float, dx: float = 0.03, dy: float = 0.06):
 
 def test_reconstruct_with_captions(model_dir, pictures, tmp_path, capsys):
     out = tmp_path / "rec.png"
-    assert main(["reconstruct", "--checkpoint", str(model_dir), "--images", *pictures, "--captions", "a red dog", "two blue birds",
+    assert main(["reconstruct", "--checkpoint", str(model_dir), "--image", *pictures, "--caption", "a red dog", "two blue birds",
                  "--out", str(out)]) == 0
     printed = capsys.readouterr().out
     assert "->" in printed and f"wrote {out}" in printed  # masked words with guesses
@@ -81,15 +81,15 @@ def test_reconstruct_with_captions(model_dir, pictures, tmp_path, capsys):
 
 
 def test_reconstruct_refuses_mismatched_captions(model_dir, pictures, tmp_path, capsys):
-    assert main(["reconstruct", "--checkpoint", str(model_dir), "--images", *pictures, "--captions", "one",
+    assert main(["reconstruct", "--checkpoint", str(model_dir), "--image", *pictures, "--caption", "one",
                  "--out", str(tmp_path / "x.png")]) == 2
-    assert "m3ae reconstruct: config error: --captions: 1 given for 2 images" in capsys.readouterr().err
+    assert "m3ae reconstruct: config error: --caption: 1 given for 2 images" in capsys.readouterr().err
 
 
 def test_attention_maps(model_dir, pictures, tmp_path, capsys):
     prefix = tmp_path / "att"
     assert main(["attention", "--checkpoint", str(model_dir), "--image", pictures[0], "--caption", "a red dog on grass",
-                 "--words", "red", "dog", "--layer", "mean", "--patch", "0,3", "--out-prefix", str(prefix)]) == 0
+                 "--words", "red", "dog", "--layer", "mean", "--patch", "0,3", "--out", str(prefix)]) == 0
     words, patch = f"{prefix}_words.png", f"{prefix}_patch.png"
     assert _size(words) == (780, 300) and _size(patch) == (800, 300)
     # the words figure: the picture, then one overlay per word, and the two words' maps differ
@@ -105,19 +105,19 @@ def test_attention_maps(model_dir, pictures, tmp_path, capsys):
     shaded = _region(patch, (0.4, 0.7), (0.15, 0.4))
     assert ((shaded[..., 0] - shaded[..., 1:].max(-1)) > 40).sum() > 100
     assert main(["attention", "--checkpoint", str(model_dir), "--image", pictures[0], "--caption", "a red dog",
-                 "--words", "cat", "--out-prefix", str(prefix)]) == 2
+                 "--words", "cat", "--out", str(prefix)]) == 2
     assert "config error: --words: 'cat' is not a token" in capsys.readouterr().err
 
 
 def test_missing_image_is_named(model_dir, tmp_path, capsys):
-    assert main(["reconstruct", "--checkpoint", str(model_dir), "--images", str(tmp_path / "nope.png"),
+    assert main(["reconstruct", "--checkpoint", str(model_dir), "--image", str(tmp_path / "nope.png"),
                  "--out", str(tmp_path / "x.png")]) == 2
     err = capsys.readouterr().err
     errors = [line for line in err.splitlines() if ": error: " in line]  # beside what it chose (threads)
     assert len(errors) == 1 and "nope.png" in errors[0] and "Traceback" not in err
 
 
-def test_tsne_of_two_models_on_a_labelled_folder(model_dir, tmp_path):
+def test_tsne_of_two_models_on_a_labelled_folder(model_dir, tmp_path, capsys):
     rng = np.random.default_rng(0)
     for label, colour in (("red", (220, 30, 30)), ("blue", (30, 30, 220))):
         folder = tmp_path / "data" / "val" / label
@@ -128,7 +128,13 @@ def test_tsne_of_two_models_on_a_labelled_folder(model_dir, tmp_path):
     out = tmp_path / "tsne.png"
     assert main(["tsne", "--checkpoint", f"M3AE={model_dir}", f"MAE={model_dir}", "--data.source",
                  str(tmp_path / "data"), "--out", str(out)]) == 0
+    # what was embedded, in one line: by default every sample of the source, as `m3ae embed`
+    assert f"t-SNE of up to 1000 images per panel, every sample of {str(tmp_path / 'data')!r}" in capsys.readouterr().out
     assert _size(out) == (1000, 500)
+    # the held-out split of a source without one: refused in one line, as in `m3ae embed` and knn
+    flat = tmp_path / "data" / "val" / "red"
+    assert main(["tsne", "--checkpoint", str(model_dir), "--data.source", str(flat), "--split", "val"]) == 2
+    assert "--val-fraction" in capsys.readouterr().err
     # each panel shows both classes in their colours (tab10's first two), as two separate clusters:
     # red and blue pictures are far apart in any encoder's features
     tab_blue, tab_orange = np.array([31, 119, 180]), np.array([255, 127, 14])

@@ -73,7 +73,7 @@ def _config_and_preprocessing(name_or_path: str | Path, weights: bool,
         recorded = DataConfig().preprocessing()
         if str(name_or_path) not in PRESETS:
             warnings.warn(f"{name_or_path}: config.json records no preprocessing (written before it did): using "
-                          f"the defaults, tokenizer {recorded['tokenizer']!r} and the cc12m pixel statistics",
+                          f"the defaults, the cc12m pixel statistics",
                           stacklevel=3)
     return model, config, {**DataConfig().preprocessing(), **recorded}
 
@@ -97,4 +97,5 @@ def get_tokenizer(name_or_path: str | Path, **load: Any) -> Tokenizer:
     vocabulary, if it has one): `tokenizer(texts)` gives (ids, padding mask), the `text` and `text_padding_mask` of `M3AE.encode`. Reads config.json
     only; `load` goes to the name's resolution (revision, cache_dir, ...)."""
     _, config, pre = _config_and_preprocessing(name_or_path, False, **load)
-    return Tokenizer.from_name(pre["tokenizer"], config.text_length, config.vocabulary)
+    # the model's field; a config.json written before it was recorded once may hold it in the record
+    return Tokenizer.for_model(config, None if config.tokenizer else pre.get("tokenizer"))

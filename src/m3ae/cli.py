@@ -42,7 +42,7 @@ def build_parser() -> argparse.ArgumentParser:
         importlib.import_module(module_name).register(subparsers)
     for sub in _subparsers(parser):  # error lines name the whole command ("m3ae data build")
         sub.set_defaults(command_path=sub.prog)
-        sub.allow_abbrev = False  # a typo (`--image` for `--images`) is an error, not another flag
+        sub.allow_abbrev = False  # a typo (`--imag` for `--image`) is an error, not another flag
     return parser
 
 
@@ -81,9 +81,14 @@ def _reject_unknown(parser: argparse.ArgumentParser, command_path: str, unknown:
     """argparse leaves a command's unknown flags to the top parser, whose error names only `m3ae`: this
     one names the command and the nearest flag it has."""
     command = next(sub for sub in _subparsers(parser) if sub.prog == command_path)
-    flags = [flag for action in command._actions if action.help != argparse.SUPPRESS for flag in action.option_strings]
+    listed = {a.dest: a.option_strings[-1] for a in command._actions if a.option_strings and a.help != argparse.SUPPRESS}
+    # every accepted spelling (hidden aliases too: `--train.batch-sise` is nearest `--train.batch-size`)
+    # -> the one --help lists (`--batch-size`)
+    spellings = {flag: listed[a.dest] for a in command._actions if a.dest in listed for flag in a.option_strings}
+    flags = list(listed.values())
     given = unknown[0].split("=", 1)[0]
-    near = [flag for flag in flags if flag.startswith(f"{given}.")][:1] or difflib.get_close_matches(given, flags, n=1)
+    near = ([flag for flag in flags if flag.startswith(f"{given}.")][:1]
+            or [spellings[flag] for flag in difflib.get_close_matches(given, list(spellings), n=1)])
     if not given.startswith("-") and "--checkpoint" in flags:  # the model was once given positionally
         near = [f"--checkpoint {given}"]
     hint = f" (did you mean {near[0]}?)" if near else f" (see {command_path} --help)"

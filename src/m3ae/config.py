@@ -313,58 +313,62 @@ def _own_field_help(cls: type) -> dict[str, str]:
     return out
 
 
-def flag_name(dotted: str) -> str:
-    """The one spelling of a field's flag: kebab-case words, dotted sections (`--optim.base-lr`)."""
-    return "--" + dotted.replace("_", "-")
+def flag_name(dotted: str, cls: type | None = None) -> str:
+    """The spelling `--help` lists for the field `dotted`: kebab-case words, dotted sections
+    (`--optim.base-lr`), or the shared one its metadata names in `cls` (train.batch_size: `--batch-size`)."""
+    listed = _field_metadata(cls).get(dotted, {}).get("flag") if cls is not None else None
+    return listed or "--" + dotted.replace("_", "-")
 
 
 def add_override_arguments(parser: argparse.ArgumentParser, cls: type, defaults: Any = None) -> None:
-    """One `--section.field-name VALUE` option per leaf field of `cls` (the underscore spelling is an
-    alias), with the field's comment as help and its default shown; parsed values land in
-    `args.config_overrides` as {"section.field_name": value} (only the ones given)."""
+    """One `--section.field-name VALUE` option per leaf field of `cls`, with the field's comment as help
+    and its default shown; parsed values land in `args.config_overrides` as {"section.field_name": value}
+    (only the ones given).
+
+    A field is listed under one spelling. Its metadata may name another one: `flag` (the spelling a
+    concept has in every command, e.g. train.batch_size is `--batch-size`; the dotted spelling is then
+    a hidden alias) and `aliases` (old spellings and other tools', e.g. open_clip's `--csv-img-key`:
+    accepted, not listed). The underscore spelling is always a hidden alias."""
     group = parser.add_argument_group("config fields (values are read as YAML: true, null, [0.9, 0.95], 1e-4)")
     if parser.usage is None:
         parser.usage = "%(prog)s [options] [--section.field VALUE ...]"
     values = flatten(to_dict(defaults)) if defaults is not None else _field_defaults(cls)
+    metadata = _field_metadata(cls)
     for dotted, (tp, doc) in leaf_fields(cls).items():
         common = dict(metavar=_metavar(tp), dest=f"{OVERRIDES_DEST}:{dotted}", default=argparse.SUPPRESS,
                       type=parse_value)
         if _is_list(tp):
             common.update(nargs="+", action=_ListValue)
-        elif tp is bool:  # a bare `--flag` turns it on
+        elif tp is bool or set(get_args(tp)) == {bool, type(None)}:  # a bare `--flag` turns it on
             common.update(nargs="?", const=True)
         text = doc or dotted.rsplit(".", 1)[-1].replace("_", " ")
         shown = f"default: {_yaml_scalar(values[dotted])}" if dotted in values else "required"
-        group.add_argument(flag_name(dotted), help=f"{text} ({shown})".replace("%", "%%"), **common)
-        if "_" in dotted:  # the Python spelling, accepted but not listed
-            group.add_argument(f"--{dotted}", help=argparse.SUPPRESS, **common)
-    for dotted, flags in _field_aliases(cls).items():
-        for flag in flags:
-            if flag not in parser._option_string_actions:  # a second nested copy keeps its own flags only
-                add_override_alias(parser, flag, dotted)
+        own = metadata.get(dotted, {})
+        listed = own.get("flag")
+        if listed is None or listed in parser._option_string_actions:  # a second nested copy keeps its dotted flag
+            listed = flag_name(dotted)
+        group.add_argument(listed, help=f"{text} ({shown})".replace("%", "%%"), **common)
+        hidden = [flag_name(dotted), f"--{dotted}", *own.get("aliases", ())]
+        for flag in dict.fromkeys(hidden):
+            if flag not in parser._option_string_actions:
+                group.add_argument(flag, help=argparse.SUPPRESS, **common)
 
 
-def _field_aliases(cls: type, prefix: str = "") -> dict[str, tuple[str, ...]]:
-    """{"data.columns.image": ("--csv-img-key",), ...}: the other tools' spellings a field declares in
-    its `metadata={"aliases": ...}`, wherever the dataclass is nested, so every command gets them."""
-    out: dict[str, tuple[str, ...]] = {}
+def _field_metadata(cls: type, prefix: str = "") -> dict[str, Any]:
+    """{"train.batch_size": {"flag": "--batch-size"}, ...}: the metadata of every leaf field that has
+    some, wherever its dataclass is nested, so every command that embeds it gets the same spellings."""
+    out: dict[str, Any] = {}
     for f in dataclasses.fields(cls):
         tp = _hints(cls)[f.name]
         if _is_dataclass_type(tp):
-            out.update(_field_aliases(tp, f"{prefix}{f.name}."))
-        elif f.init and f.metadata.get("aliases"):
-            out[f"{prefix}{f.name}"] = tuple(f.metadata["aliases"])
+            out.update(_field_metadata(tp, f"{prefix}{f.name}."))
+        elif f.init and f.metadata:
+            out[f"{prefix}{f.name}"] = f.metadata
     return out
 
 
 def _yaml_scalar(value: Any) -> str:
     return yaml.safe_dump(value, default_flow_style=True).removesuffix("...\n").strip()
-
-
-def add_override_alias(parser: argparse.ArgumentParser, flag: str, dotted: str) -> None:
-    """Another name for the override `--{dotted}` (e.g. the spelling other tools use)."""
-    parser.add_argument(flag, metavar="VALUE", dest=f"{OVERRIDES_DEST}:{dotted}", default=argparse.SUPPRESS,
-                        type=parse_value, help=f"alias of {flag_name(dotted)}")
 
 
 def _metavar(tp: Any) -> str:

@@ -5,9 +5,26 @@ from __future__ import annotations
 import contextlib
 import errno
 import os
+import sys
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
+
+
+def on_terminal() -> bool:
+    """Whether a person watches stderr live. A progress bar redraws itself with carriage returns:
+    in a Slurm or nohup log (not a terminal) every frame would stay, run into one line."""
+    return sys.stderr.isatty()
+
+
+def progress_bar(iterable: Any = None, *, enabled: bool = True, **options: Any):
+    """A tqdm bar on stderr where it is a terminal (`on_terminal`), a silent pass-through elsewhere:
+    what every command's progress goes through (`engine.metrics.ProgressBar` prints plain lines in
+    its place)."""
+    from tqdm.auto import tqdm
+
+    return tqdm(iterable, disable=not (enabled and on_terminal()), **options)
 
 
 @contextlib.contextmanager

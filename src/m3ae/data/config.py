@@ -47,12 +47,14 @@ class TableColumns:
     """Column names of CSV/TSV/JSONL tables and parquet files (open_clip's --csv-img-key,
     --csv-caption-key and --csv-separator set `image`, `caption` and `separator`)."""
 
-    # "": "image" in tables; in parquet the first of jpg, png, webp, image present
+    # "": "image" in tables; in parquet the first of jpg, png, webp, image present (open_clip's
+    # --csv-img-key is accepted too)
     image: str = field(default="", metadata={"aliases": ("--csv-img-key",)})
-    caption: str = field(default="caption", metadata={"aliases": ("--csv-caption-key",)})  # caption column
+    # caption column (open_clip's --csv-caption-key is accepted too)
+    caption: str = field(default="caption", metadata={"aliases": ("--csv-caption-key",)})
     label: str = "label"  # class label column
     key: str = "key"  # sample key column
-    # "": tab for .tsv files, comma otherwise
+    # "": tab for .tsv files, comma otherwise (open_clip's --csv-separator is accepted too)
     separator: str = field(default="", metadata={"aliases": ("--csv-separator",)})
 
     def __post_init__(self) -> None:
@@ -109,10 +111,11 @@ class DataConfig:
     seed: int = 0  # seed of shuffling, augmentation and caption drop
     max_image_pixels: int = 89_478_485  # Pillow's own decompression-bomb threshold
     # Labelled evaluation sources; empty: derived from `source` (see docs/DATA.md).
-    eval_train_source: str = ""
-    eval_val_source: str = ""  # the evaluation split's source
+    eval_train_source: str = field(default="", metadata={"flag": "--train-data"})
+    # the evaluation split's source
+    eval_val_source: str = field(default="", metadata={"flag": "--val-data"})
     # > 0: both splits come from the train source, this fraction of it held out by key hash.
-    eval_val_fraction: float = 0.0
+    eval_val_fraction: float = field(default=0.0, metadata={"flag": "--val-fraction"})
 
     def __post_init__(self) -> None:
         if self.source is None:  # a recipe that must never fall back to the toy set
@@ -161,10 +164,11 @@ class DataConfig:
                 raise ValueError(f"DataConfig.{name}={values!r}: must be finite")
 
     def preprocessing(self) -> dict:
-        """How this pipeline prepares inputs, as config.json records it beside the model's fields
-        (`m3ae.create_model_and_transforms` and the HF export read it back)."""
+        """How this pipeline prepares images, as config.json records it beside the model's fields
+        (`m3ae.create_model_and_transforms` and the HF export read it back). The tokenizer is not
+        here: it is the model's own field (`M3AEConfig.tokenizer`), recorded once."""
         mean, std = self.normalization_stats()
-        return {"tokenizer": self.tokenizer, "image_mean": list(mean), "image_std": list(std),
+        return {"image_mean": list(mean), "image_std": list(std),
                 "crop_scale": list(self.crop_scale), "horizontal_flip": self.horizontal_flip}
 
     def normalization_stats(self) -> tuple[tuple[float, ...], tuple[float, ...]]:

@@ -109,7 +109,10 @@ def open_source(spec: str, fmt: str = "auto", *, role: str = "pair", split: str 
 
 def label_names(spec: str, fmt: str = "auto", split: str = "val", embedded_root: str = "data/embedded") -> list[str] | None:
     """The class names behind a labelled source's integer labels where the source records them (the
-    embedded dataset's manifest, an image folder's class subfolders); None otherwise."""
+    embedded dataset's manifest, an image folder's class subfolders); None otherwise. "all" (both
+    splits of a root of train/ and val/) is numbered as its train split, or its val/ when alone."""
+    if split == "all":
+        split = "train" if os.path.isdir(os.path.join(spec, "train")) else "val"
     if spec == "embedded":
         manifest = Path(embedded_root) / "manifest.json"
         return json.loads(manifest.read_text()).get("classes") if manifest.is_file() else None

@@ -501,9 +501,10 @@ def caption_sample(cfg: DataConfig) -> list[str]:
 
 def build_eval_loader(cfg: DataConfig, batch_size: int, split: str = "train", train_transform: bool = False,
                       rank: int = 0, world_size: int = 1, epochs: int = 1) -> PretrainLoader:
-    """Labelled batches (`image`, `label`, `key`) of `split` in a fixed order, Resize + CenterCrop
-    unless `train_transform` (then seeded RandomResizedCrop + flip, different each epoch)."""
-    if split not in ("train", "val"):
-        raise ValueError(f"split={split!r}: expected 'train' or 'val'")
+    """Labelled batches (`image`, `label`, `key`) of `split` ("train", "val", or "all": every sample of
+    the source) in a fixed order, Resize + CenterCrop unless `train_transform` (then seeded
+    RandomResizedCrop + flip, different each epoch)."""
+    if split not in ("train", "val", "all"):
+        raise ValueError(f"split={split!r}: expected 'train', 'val' or 'all'")
     return PretrainLoader(BatchStream(cfg, batch_size, rank, world_size, epochs, labelled_split=split,
                                       train_transform=train_transform))

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import os
 import zlib
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Iterator, Sequence
 
@@ -49,6 +49,30 @@ class HashSplitSource(Source):
         return (r for r in self.source.read_unit(unit) if held_out(r.key, self.fraction) == self.val)
 
 
+class JoinedSource(Source):
+    """Sources read one after the other, as one: every sample of a root holding train/ and val/."""
+
+    def __init__(self, parts: Sequence[Source], key_prefixes: Sequence[str] | None = None) -> None:
+        self.parts, self.key_prefixes = list(parts), key_prefixes
+        self.name = " + ".join(part.name for part in self.parts)
+        self._units = [(i, unit) for i, part in enumerate(self.parts) for unit in part.units()]
+
+    def units(self) -> Sequence[int]:
+        return range(len(self._units))
+
+    def read_unit(self, unit: int) -> Iterator[RawRecord]:
+        part, inner = self._units[unit]
+        records = self.parts[part].read_unit(inner)
+        if self.key_prefixes is None:
+            return records
+        return (replace(r, key=self.key_prefixes[part] + r.key) for r in records)
+
+
+def has_split(spec: str | None, split: str) -> bool:
+    """Whether the source names its own `split`: the embedded set, or a root with that subfolder."""
+    return spec == "embedded" or os.path.isdir(os.path.join(spec or "", split))
+
+
 @dataclass(frozen=True)
 class EvalSplit:
     """How the two splits were chosen: `separate` sources, or a `key-hash` split of one source."""
@@ -68,9 +92,20 @@ class EvalSplit:
 
 
 def open_eval_split(cfg: DataConfig, split: str) -> Source:
-    """The labelled source of `split` ("train" or "val") as `cfg` defines it."""
+    """The labelled source of `split` ("train" or "val") as `cfg` defines it; "all": every sample of
+    `cfg.source`, no split applied (what embedding a source reads)."""
     kwargs = dict(role="labelled", unit_size=cfg.index_unit_size, embedded_root=cfg.embedded_root,
                   columns=cfg.columns)
+    if split == "all":  # a root of train/ and val/ (or the embedded set): both, val numbered as train
+        whole = replace(cfg, eval_train_source="", eval_val_source="", eval_val_fraction=0.0)
+        splits = [s for s in ("train", "val") if has_split(cfg.source, s)]
+        if not splits:
+            return open_source(cfg.source, cfg.format, **kwargs)
+        parts = [open_eval_split(whole, s) for s in splits]
+        if len(parts) == 1:
+            return parts[0]
+        # keys relative to the root (train/cat/1, val/cat/1): each split's own keys may repeat
+        return JoinedSource(parts, None if cfg.source == "embedded" else [f"{s}/" for s in splits])
     if cfg.eval_val_fraction > 0:
         base = open_source(cfg.eval_train_source or cfg.source, cfg.format, split="train", **kwargs)
         return HashSplitSource(base, cfg.eval_val_fraction, val=split == "val")
@@ -92,6 +127,7 @@ def class_names(source: Source) -> list[str] | None:
     """The class name of each label index of a labelled source, where the source names them (class
     folders); None otherwise."""
     base = source.source if isinstance(source, HashSplitSource) else source
+    base = base.parts[0] if isinstance(base, JoinedSource) else base  # the others are numbered as it
     return list(base.classes) if isinstance(base, FolderSource) and base.classes else None
 
 

@@ -30,6 +30,7 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 from m3ae.data.writer import ShardWriter
+from m3ae.utils import progress_bar
 
 FORMAT_VERSION = 2
 # Ten outlines that stay distinct at 32 px (no pentagon/hexagon next to the circle); every name is
@@ -241,14 +242,12 @@ def _default_sigterm() -> None:
 
 def generate(out: str | Path, spec: SynthSpec, processes: int | None = None, progress: bool = True) -> Path:
     """Write the dataset into `out` (created; must not exist)."""
-    from tqdm.auto import tqdm
-
     out = Path(out)
     out.mkdir(parents=True)
     jobs = [(spec, split, shard, out) for split in SPLITS
             for shard in range((getattr(spec, split) + spec.shard_size - 1) // spec.shard_size)]
     processes = min(processes or os.cpu_count() or 1, len(jobs))
-    with tqdm(total=spec.train + spec.val, unit="image", desc="embedded dataset", disable=not progress) as bar:
+    with progress_bar(total=spec.train + spec.val, unit="image", desc="embedded dataset", enabled=progress) as bar:
         if processes > 1:
             with get_context("spawn" if os.name == "nt" else "fork").Pool(processes, _default_sigterm) as pool:
                 for count in pool.imap_unordered(_write_shard, jobs, chunksize=1):

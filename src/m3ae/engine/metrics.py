@@ -10,13 +10,12 @@ import importlib.util
 import json
 import math
 import secrets
-import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..utils import DiskFullError, atomic_path, require
+from ..utils import DiskFullError, atomic_path, on_terminal, progress_bar, require
 
 METRICS_FILE = "metrics.jsonl"
 WANDB_ID_FILE = "wandb_id.txt"  # the W&B run id: drawn once per run directory, reused on resume
@@ -239,12 +238,10 @@ class ProgressBar:
     def __init__(self, total: int, initial: int, enabled: bool) -> None:
         self.total, self.n = total, initial
         self._bar = None
-        self._lines = enabled and not sys.stderr.isatty()
+        self._lines = enabled and not on_terminal()
         self._since, self._since_n = time.perf_counter(), initial  # the ETA where a task gives none
         if enabled and not self._lines:
-            from tqdm.auto import tqdm
-
-            self._bar = tqdm(total=total, initial=initial, unit="step", dynamic_ncols=True)
+            self._bar = progress_bar(total=total, initial=initial, unit="step", dynamic_ncols=True)
 
     def update(self, steps: int, metrics: dict[str, Any] | None = None) -> None:
         """`steps` more done; `metrics`, when given, the record just logged."""

@@ -146,7 +146,7 @@ class RunDir:
         old, new = config_io.flatten(config_io.to_dict(before)), config_io.flatten(config_io.to_dict(after))
         for key in sorted(old.keys() | new.keys()):
             if key.startswith(frozen) and old.get(key) != new.get(key):
-                raise ConfigError(f"{config_io.flag_name(key)}: {old.get(key)!r} -> {new.get(key)!r} would change "
+                raise ConfigError(f"{config_io.flag_name(key, cls)}: {old.get(key)!r} -> {new.get(key)!r} would change "
                                   f"the shapes or the data order of the run being resumed ({self.config}); start a "
                                   f"new --out-dir instead")
         return after

@@ -46,10 +46,24 @@ def features(model: M3AE, batches: Iterable[dict], pools: Sequence[Pool] = ("cls
     return out
 
 
-def embed(model: M3AE, data: DataConfig, split: str = "val", *, modality: Modality = "image", pool: Pool = "cls",
+def embedded_split(data: DataConfig, split: str) -> str:
+    """What embedding `split` of `data` reads, in words (the line `m3ae embed` and `tsne` print). "all":
+    every sample of the source, no split; "val": the scoring side, refused when it repeats the train
+    split (as in knn), so that features kept "for scoring" never include the training data. A val/
+    folder of the source's own is held out by construction (its root without train/ is no train split)."""
+    from ..data.splits import check_eval_split, has_split, open_eval_split
+
+    if split == "all":
+        return f"every sample of {data.source!r} (--split all)"
+    if split == "val" and (data.eval_val_source or not has_split(data.source, "val")):
+        check_eval_split(data)
+    return f"the {split} split, {open_eval_split(data, split).name}"
+
+
+def embed(model: M3AE, data: DataConfig, split: str = "all", *, modality: Modality = "image", pool: Pool = "cls",
           layer: int | None = None, batch_size: int = 256, device: torch.device | str = "cpu",
           precision: PrecisionSetting = "fp32", progress: bool = False) -> FeatureSet:
-    """Features of images (the labelled `split`), captions or pairs (the pair source, one pass in its
+    """Features of images (the labelled `split`, or "all" of the source), captions or pairs (the pair source, one pass in its
     streaming order, evaluation transform) of `data`, already read at the model's sizes."""
     from ..data import build_eval_loader
     from ..data.loader import BatchStream, PretrainLoader

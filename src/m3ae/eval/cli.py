@@ -34,7 +34,9 @@ class FeatureCommandConfig:
 @dataclass(kw_only=True)
 class EmbedConfig(FeatureCommandConfig):
     out: str  # output file: .safetensors or .npz
-    split: Literal["train", "val"] = "val"  # which evaluation split of the source
+    # all: every sample of --data.source (labels where it has them); train or val: that evaluation
+    # split (--train-data, --val-data, --val-fraction; val is refused when it repeats train)
+    split: Literal["all", "train", "val"] = "all"
     # text and pair read captions from the pair source (--data.source), in its streaming order
     modality: Literal["image", "text", "pair"] = "image"
     layer: int | None = None  # block 1..depth (before the final norm); null: the encoder output
@@ -52,15 +54,6 @@ class OodConfig(FeatureCommandConfig):
     out_format: str = "auto"  # the out-of-distribution source's format
 
 
-def _add_eval_split_aliases(p: argparse.ArgumentParser) -> None:
-    """The short names of the evaluation-split fields, the same in every command that takes them."""
-    from ..config import add_override_alias
-
-    add_override_alias(p, "--train-data", "data.eval_train_source")
-    add_override_alias(p, "--val-data", "data.eval_val_source")
-    add_override_alias(p, "--val-fraction", "data.eval_val_fraction")
-
-
 def register(subparsers) -> None:
     from ..config import add_config_arguments
     from .probe import FinetuneConfig, LinearProbeConfig
@@ -74,7 +67,6 @@ def register(subparsers) -> None:
         p = subparsers.add_parser(name, help=help_text, description=f"{help_text}. The model: --checkpoint MODEL "
                                   f"({MODEL_HELP}).")
         add_config_arguments(p, cls)
-        _add_eval_split_aliases(p)
         p.set_defaults(func=func)
 
     for name, cls, help_text in (
@@ -84,7 +76,6 @@ def register(subparsers) -> None:
         p = subparsers.add_parser(name, help=help_text, description=f"{help_text}. Any config field is a "
                                   f"flag, e.g. --checkpoint RUN --data.source DIR --epochs 10.")
         add_config_arguments(p, cls)
-        _add_eval_split_aliases(p)
         p.set_defaults(func=transfer_command, config_cls=cls, command_name=name)
 
     from .demo import register as register_demo
@@ -121,7 +112,7 @@ def _features(cfg: FeatureCommandConfig, model, data, split: str, labelled: bool
 
     # name the source this split is read from (--train-data / --val-data when given), not data.source
     given = getattr(data, f"eval_{split}_source") if not data.eval_val_fraction else None
-    where = (f"data source {given!r} (--data.eval-{split}-source)" if given
+    where = (f"data source {given!r} (--{split}-data)" if given
              else f"data source {data.source!r} ({split} split)")
     return api.features(model, build_eval_loader(data, cfg.batch_size, split=split), (cfg.pool,), device=_device(cfg),
                         precision=cfg.precision, progress=True, labelled=where if labelled else None)[cfg.pool]
@@ -143,12 +134,13 @@ def embed_command(args: argparse.Namespace) -> int:
     if cfg is None:
         return 0
     data = api.data_for_model(cfg.data, model.config)
-    if cfg.modality == "image" and cfg.split == "val":  # the scoring side: it must not repeat the training side
-        _checked_split(data)
+    read = api.embedded_split(data, cfg.split) if cfg.modality == "image" else \
+        f"the pair source {data.source!r}, one pass"
     out = api.embed(model, data, cfg.split, modality=cfg.modality, pool=cfg.pool, layer=cfg.layer,
                     batch_size=cfg.batch_size, device=_device(cfg), precision=cfg.precision, progress=True)
     path = save_features(out, cfg.out)
-    print(f"{out['features'].shape[0]} features of dimension {out['features'].shape[1]} -> {path}")
+    print(f"{out['features'].shape[0]} {cfg.modality} features of dimension {out['features'].shape[1]}, "
+          f"{read} -> {path}")
     return 0
 
 

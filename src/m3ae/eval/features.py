@@ -16,6 +16,7 @@ import torch
 
 from ..model import M3AE
 from ..engine.runtime import PrecisionSetting, resolve_precision
+from ..utils import progress_bar
 
 Modality = Literal["image", "text", "pair"]
 Pool = Literal["cls", "mean"]
@@ -62,13 +63,11 @@ def extract_pools(model: M3AE, batches: Iterable[dict], pools: Sequence[Pool], m
                   precision: PrecisionSetting = "fp32", progress: bool = False) -> dict[Pool, dict]:
     """{pool: {"features", "labels", "keys"}} for every pool asked, from one forward pass per batch:
     CLS and mean pool cost one pass, not two."""
-    from tqdm import tqdm
-
     model.eval().to(device)
     autocast = resolve_precision(precision, device).autocast
     features: dict[Pool, list[torch.Tensor]] = {pool: [] for pool in pools}
     labels, keys = [], []
-    for batch in tqdm(batches, desc="features", unit="batch", disable=not progress):
+    for batch in progress_bar(batches, desc="features", unit="batch", enabled=progress):
         image = batch["image"].to(device) if modality in ("image", "pair") else None
         text = mask = None
         if modality in ("text", "pair"):

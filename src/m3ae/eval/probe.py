@@ -2,8 +2,9 @@
 
 Linear probe (MAE / M3AE): frozen encoder, image-only input, final CLS (or mean pool), BatchNorm
 without affine + Linear, LARS (or SGD) with warm-up + cosine; RandomResizedCrop + flip for
-training, Resize + CenterCrop for evaluation. `cached=True` extracts the features once (evaluation
-transform, no augmentation) and trains the head on them: the same head in seconds.
+training, Resize + CenterCrop for evaluation. Without augmentation (`augment=False`) the probe is
+cached by default: the features are extracted once (evaluation transform) and the head trains on
+them, the same protocol in seconds.
 
 Fine-tuning: the whole encoder with layer-wise lr decay, drop-path, mixup / CutMix, label smoothing
 and AdamW. Both are tasks on `m3ae.engine` (`TransferTrainer` supplies an epoch as the unit of
@@ -63,7 +64,13 @@ class LinearProbeConfig:
     data: DataConfig = field(default_factory=lambda: DataConfig(normalization="cc12m"))
     num_classes: int = 0  # 0: inferred from the training labels (largest + 1)
     pool: Pool = "cls"  # the image feature: the [CLS] token, or the mean of the patch tokens
-    cached: bool = False  # features extracted once (no augmentation), then only the head trains
+    # RandomResizedCrop + flip of the training images, redrawn every epoch (MAE's protocol); false:
+    # the evaluation transform (Resize + CenterCrop). null: true unless cached
+    augment: bool | None = None
+    # Features of the training images extracted once, then only the head trains: the uncached probe
+    # without augmentation, in seconds instead of minutes. null: true when augment is false (the same
+    # protocol, so the fast way), false otherwise: augmented images cannot be cached
+    cached: bool | None = None
     image_size: int | None = None  # null: the pretraining size; another size recomputes the sin-cos grid
     epochs: int = 90  # training epochs
     batch_size: int = 256  # global
@@ -94,6 +101,13 @@ class LinearProbeConfig:
         for name in ("epochs", "batch_size", "keep"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name}={getattr(self, name)!r}: must be >= 1")
+        if self.cached and self.augment:
+            raise ConfigError("cached=true with augment=true: cached features are of unaugmented images; "
+                              "choose one")
+        if self.augment is None:
+            self.augment = not self.cached
+        if self.cached is None:
+            self.cached = not self.augment and not self.finetune
         if self.finetune:
             if self.recipe != "auto":
                 raise ConfigError(f"recipe={self.recipe!r}: recipes are the linear probe's; fine-tuning is "
@@ -301,7 +315,7 @@ class TransferTrainer(Trainer):
                 if index.numel() > 1:  # BatchNorm needs two samples
                     yield train["features"][index], train["labels"][index]
             return
-        for batch in self._loader("train", augment=True, epoch=epoch):
+        for batch in self._loader("train", augment=self.cfg.augment, epoch=epoch):
             if batch["label"].numel() > 1:
                 yield batch["image"], batch["label"]
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
@@ -74,7 +74,8 @@ class M3AEConfig:
     # CPU for ViT sizes; "auto": sdpa on accelerators, math on CPU
     attn_impl: AttentionImpl = "auto"
     drop_path: float = 0.0  # stochastic depth in the encoder (fine-tuning; 0 in pretraining)
-    preset: str | None = None  # the preset these values started from, for the record
+    # the preset these values started from, for the record (on the command line: --preset)
+    preset: str | None = field(default=None, metadata={"flag": "--preset"})
 
     def __post_init__(self) -> None:
         self.validate()

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import tempfile
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -31,7 +31,8 @@ class BenchConfig:
     image_mask_ratio: float = 0.75  # fraction of patches removed
     text_mask_ratio: float = 0.75  # fraction of tokens removed
     model_type: ModelType = "m3ae"  # "mae": the image-only baseline
-    precision: PrecisionSetting = "auto"  # fp16/bf16 by autocast; auto: train.precision's rule
+    # fp16/bf16 by autocast; auto: train.precision's rule (--dtype: the spelling before 0.2)
+    precision: PrecisionSetting = field(default="auto", metadata={"aliases": ("--dtype",)})
     attn_impl: AttentionImpl = "auto"  # the model picks: explicit attention on CPU, SDPA on accelerators
     steps: int = 5  # timed steps
     warmup: int = 2  # untimed steps first

@@ -10,25 +10,19 @@ from pathlib import Path
 from .. import recipes
 
 def register(subparsers) -> None:
-    from ..config import add_config_arguments, add_override_alias
+    from ..config import add_config_arguments
     from .bench import BenchConfig
     from .pretrain import PretrainConfig
 
     p = subparsers.add_parser(
         "pretrain", help="pretrain M3AE / MAE (single process, or under torchrun)",
         description="Pretrain from a YAML recipe with dotted overrides, e.g. "
-        "`m3ae pretrain --config cc12m_m3ae --model.preset base --optim.base-lr 1.5e-4`. "
+        "`m3ae pretrain --config cc12m_m3ae --preset base --optim.base-lr 1.5e-4`. "
         "With no arguments: the tiny model on the embedded dataset, on CPU, in a few minutes.",
     )
     add_config_arguments(p, PretrainConfig, config_help=(
         f"a packaged recipe ({', '.join(recipes.names())}) or a YAML file of config fields; flags apply on top "
         f"(default: {recipes.DEFAULT}; when resuming: the run's own config.yaml)"))
-    # The spelling the evaluation commands and bench use for the same settings, so that one flag
-    # means one thing in every command (the sectioned names stay the ones --print-config writes).
-    for flag, dotted in (("--max-steps", "train.max_steps"), ("--batch-size", "train.batch_size"),
-                         ("--precision", "train.precision"), ("--threads", "train.threads"),
-                         ("--device", "train.device"), ("--seed", "train.seed"), ("--preset", "model.preset")):
-        add_override_alias(p, flag, dotted)
     p.set_defaults(func=pretrain_command)
 
     b = subparsers.add_parser("bench", help="training-step throughput (samples/s, FLOP/s, MFU)",
@@ -36,7 +30,6 @@ def register(subparsers) -> None:
                               "the pretraining losses) on a randomly initialised model and a synthetic batch.")
     b.add_argument("--json", action="store_true", help="print one JSON object")
     add_config_arguments(b, BenchConfig)
-    add_override_alias(b, "--dtype", "precision")  # the spelling before 0.2
     b.set_defaults(func=bench_command)
 
 

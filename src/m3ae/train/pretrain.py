@@ -42,22 +42,26 @@ FIGURE_SAMPLES = 8  # samples shown in the reconstruction figures
 
 @dataclass
 class TrainConfig:
-    batch_size: int = 64  # global: samples per optimizer step, whatever the number of processes
+    # global: samples per optimizer step, whatever the number of processes
+    batch_size: int = field(default=64, metadata={"flag": "--batch-size"})
     micro_batch_size: int | None = None  # per process and forward; null: batch_size / processes
     total_steps: int = 1000  # length of the lr schedule (derived instead when epochs is set)
-    max_steps: int | None = None  # stop after this step (resume later); null: total_steps
+    # stop after this step (resume later); null: total_steps
+    max_steps: int | None = field(default=None, metadata={"flag": "--max-steps"})
     # Passes over the data; with samples_per_epoch it sets total_steps to
     # ceil(epochs × samples_per_epoch / batch_size) (printed at start). null: total_steps as given.
     epochs: float | None = None
     samples_per_epoch: int | None = None  # samples in one pass over data.source (your copy's count)
     unpaired_text_weight: float = 0.0  # w_u: weight of the text-only loss on unpaired text
-    seed: int = 0  # seed of initialisation and masking
-    precision: PrecisionSetting = "auto"  # auto: bf16 where the device computes it natively and faster
-    threads: ThreadsSetting = "auto"  # CPU threads per process; auto: the free physical cores
+    seed: int = field(default=0, metadata={"flag": "--seed"})  # seed of initialisation and masking
+    # auto: bf16 where the device computes it natively and faster
+    precision: PrecisionSetting = field(default="auto", metadata={"flag": "--precision"})
+    # CPU threads per process; auto: the free physical cores
+    threads: ThreadsSetting = field(default="auto", metadata={"flag": "--threads"})
     compile: bool = False  # torch.compile the model
     activation_checkpointing: bool = False  # recompute block activations in the backward pass (less memory)
     parallel: ParallelName = "auto"  # auto: FSDP2 for large and huge, DDP otherwise
-    device: str = "auto"  # auto: CUDA when available
+    device: str = field(default="auto", metadata={"flag": "--device"})  # auto: CUDA when available
     deterministic: bool = False  # deterministic kernels: bit-identical resumes on CPU
     max_nonfinite_steps: int = 20  # stop when this many consecutive steps have a NaN/Inf loss or gradient
 
@@ -127,7 +131,7 @@ class PretrainConfig:
     overwrite: bool = False  # a fresh run into an out_dir holding another run moves that run aside (never deletes)
 
     def __post_init__(self) -> None:
-        # The model is the source of truth for shapes: `--model.preset base` alone must give 256 px
+        # The model is the source of truth for shapes: `--preset base` alone must give 256 px
         # images and 64-token captions, so the data section follows it.
         self.data.follow_model(self.model.image_size)
         self.data.text_length = self.model.text_length

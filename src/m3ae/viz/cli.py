@@ -29,8 +29,9 @@ class FigureConfig:
 # kw_only: a required field may follow the base's defaulted ones
 @dataclass(kw_only=True)
 class ReconstructConfig(FigureConfig):
-    images: list[str]  # image files, one row each
-    captions: list[str] | None = None  # one per image; null: image-only
+    image: list[str] = field(metadata={"aliases": ("--images",)})  # image files, one row each
+    # one per image; null: image-only
+    caption: list[str] | None = field(default=None, metadata={"aliases": ("--captions",)})
     out: str = "reconstruction.png"  # output figure
     image_mask_ratio: float | None = None  # fraction of patches hidden; null: the model's
     text_mask_ratio: float | None = None  # fraction of words hidden; null: the model's
@@ -47,7 +48,8 @@ class AttentionConfig(FigureConfig):
     patch: str | None = None
     layer: int | Literal["mean"] = -1  # a layer index, or the mean over layers
     head: int | Literal["mean", "max"] = "mean"  # a head index, or the mean or max over heads
-    out_prefix: str = "attention"  # writes PREFIX_words.png and PREFIX_patch.png
+    # writes OUT_words.png and OUT_patch.png
+    out: str = field(default="attention", metadata={"aliases": ("--out-prefix",)})
 
 
 @dataclass
@@ -56,7 +58,9 @@ class TsneConfig:
     # --checkpoint M3AE=runs/a MAE=runs/b
     checkpoint: list[str]
     data: DataConfig = field(default_factory=DataConfig)  # the labelled source; image_size follows the model
-    split: Literal["train", "val"] = "val"  # which evaluation split of the source
+    # all: every sample of --data.source; train or val: that evaluation split (--train-data,
+    # --val-data, --val-fraction; val is refused when it repeats train), as in `m3ae embed`
+    split: Literal["all", "train", "val"] = "all"
     max_samples: int = 1000  # samples per panel
     batch_size: int = 128  # images per forward pass
     out: str = "tsne.png"  # output figure
@@ -125,14 +129,14 @@ def run_reconstruct(args: argparse.Namespace) -> int:
     cfg = _config(args)
     if cfg is None:
         return 0
-    if cfg.captions is not None and len(cfg.captions) != len(cfg.images):
-        raise ConfigError(f"--captions: {len(cfg.captions)} given for {len(cfg.images)} images")
+    if cfg.caption is not None and len(cfg.caption) != len(cfg.image):
+        raise ConfigError(f"--caption: {len(cfg.caption)} given for {len(cfg.image)} images")
     model, normalization = _load(cfg, image_mask_ratio=cfg.image_mask_ratio, text_mask_ratio=cfg.text_mask_ratio)
-    image, _ = load_images(cfg.images, model.config.image_size, normalization)
+    image, _ = load_images(cfg.image, model.config.image_size, normalization)
     torch.manual_seed(cfg.seed)
     with torch.no_grad():
-        if cfg.captions and model.config.has_text:
-            text, pad, tokenizer = tokenize(model, cfg.captions, cfg.tokenizer)
+        if cfg.caption and model.config.has_text:
+            text, pad, tokenizer = tokenize(model, cfg.caption, cfg.tokenizer)
             out = model(image, text, pad)
             predictions = caption_predictions(text, pad, out, tokenizer.id_to_token, cfg.top_k)
         else:
@@ -192,9 +196,9 @@ def run_attention(args: argparse.Namespace) -> int:
     maps = {w: word_to_patches(attention, w, N).reshape(g, g).numpy() for w in words}
     patch = _patch_index(cfg.patch, g) if cfg.patch else int(word_to_patches(attention, words[0], N).argmax())
     where = f"layer {cfg.layer}, head {cfg.head}"
-    first = plot_word_attention(picture[0], tokens, maps, f"{cfg.out_prefix}_words.png", f"word → image patches ({where})")
+    first = plot_word_attention(picture[0], tokens, maps, f"{cfg.out}_words.png", f"word → image patches ({where})")
     second = plot_patch_attention(picture[0], tokens, patch, g, patch_to_words(attention, patch, N, length).numpy(),
-                                  f"{cfg.out_prefix}_patch.png", f"image patch {divmod(patch, g)} → words ({where})")
+                                  f"{cfg.out}_patch.png", f"image patch {divmod(patch, g)} → words ({where})")
     print(f"wrote {first} and {second}")
     return 0
 
@@ -212,17 +216,19 @@ def run_tsne(args: argparse.Namespace) -> int:
     cfg = _config(args)
     if cfg is None:
         return 0
-    panels = {}
+    panels, read = {}, ""
     for spec in cfg.checkpoint:
         name, sep, directory = spec.rpartition("=")
         name = name if sep else Path(directory).name
         model = M3AE.from_pretrained(directory)
         data = api.data_for_model(cfg.data, model.config, model_field=f"the image_size of {directory}")
+        read = read or api.embedded_split(data, cfg.split)
         batches = itertools.islice(build_eval_loader(data, batch_size=cfg.batch_size, split=cfg.split),
                                    math.ceil(cfg.max_samples / cfg.batch_size))
         out = api.features(model, batches, ("cls",))["cls"]
         panels[name] = (out["features"][: cfg.max_samples].numpy(), out["labels"][: cfg.max_samples].numpy())
     class_names = label_names(cfg.data.source, split=cfg.split)
+    print(f"t-SNE of up to {cfg.max_samples} images per panel, {read}")
     print(f"wrote {plot_tsne(panels, cfg.out, class_names, seed=cfg.seed)}")
     print(json.dumps({name: int(len(labels)) for name, (_, labels) in panels.items()}))
     return 0
