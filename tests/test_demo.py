@@ -240,3 +240,21 @@ def test_grounding_scores_every_held_out_caption_whatever_fraction_the_row_train
                    if "text" in batch)
 
     assert captioned(0.1) == captioned(1.0) == 16  # the fixture's 16 held-out pairs
+
+
+def test_parallel_demo_workers_give_each_run_its_share_of_the_cores():
+    """With --jobs 2 each worker's runs resolve `threads: auto` to the cores / jobs the demo gave it,
+    not to every core (2 jobs × 2 threads on a 2-core machine before the fix)."""
+    import os
+    import subprocess
+    import sys
+
+    from m3ae.engine.runtime import physical_cores
+
+    if physical_cores() < 2:
+        pytest.skip("one core: every share is one thread, nothing to tell apart")
+    code = ("from m3ae.eval.demo import _worker_init; _worker_init(1); "
+            "from m3ae.engine.runtime import apply_threads; print(apply_threads('auto').count)")
+    env = {k: v for k, v in os.environ.items() if k != "OMP_NUM_THREADS"}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True).stdout
+    assert out.split() == ["1"]

@@ -373,8 +373,13 @@ class Eta:
 
 
 def _worker_init(threads: int) -> None:
+    import os
+
     import torch
 
+    # Every run in this worker takes its share of the cores: `threads: auto` of the pretraining and
+    # fine-tuning tasks reads OMP_NUM_THREADS (else it takes every core, jobs × cores threads in all).
+    os.environ["OMP_NUM_THREADS"] = str(threads)
     torch.set_num_threads(threads)
 
 
