@@ -225,3 +225,36 @@ def test_claim_failures_name_each_seed_where_a_claim_fails():
     text = table(results, 2)
     assert "M3AE > MAE > random init on every seed: logistic mean-pool\n" in text
     assert "not on kNN CLS: m3ae ≤ mae on seed 0; mae ≤ random_init on seed 1" in text
+
+
+def test_grounding_scores_every_held_out_caption_whatever_fraction_the_row_trained_with(recipe):
+    """A paired-fraction row trains with 10 % of its pairs captioned; its grounding is still scored
+    on all held-out pairs (before the fix: about 10 % of them, the rest read as image-only)."""
+    from m3ae import config as config_io
+    from m3ae.eval.demo import caption_pairs
+    from m3ae.train.pretrain import PretrainConfig
+
+    def captioned(fraction: float) -> int:
+        data = config_io.load(PretrainConfig, recipe, {"data.paired_fraction": fraction}).data
+        return sum(int((~batch["text_padding_mask"].bool()).any(1).sum()) for batch in caption_pairs(data)
+                   if "text" in batch)
+
+    assert captioned(0.1) == captioned(1.0) == 16  # the fixture's 16 held-out pairs
+
+
+def test_parallel_demo_workers_give_each_run_its_share_of_the_cores():
+    """With --jobs 2 each worker's runs resolve `threads: auto` to the cores / jobs the demo gave it,
+    not to every core (2 jobs × 2 threads on a 2-core machine before the fix)."""
+    import os
+    import subprocess
+    import sys
+
+    from m3ae.engine.runtime import physical_cores
+
+    if physical_cores() < 2:
+        pytest.skip("one core: every share is one thread, nothing to tell apart")
+    code = ("from m3ae.eval.demo import _worker_init; _worker_init(1); "
+            "from m3ae.engine.runtime import apply_threads; print(apply_threads('auto').count)")
+    env = {k: v for k, v in os.environ.items() if k != "OMP_NUM_THREADS"}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True).stdout
+    assert out.split() == ["1"]

@@ -177,9 +177,10 @@ def caption_pairs(data):
         spec = data.eval_val_source
     else:
         return None
-    # batches of 16: the full (16, L, 30 522) logits of two passes stay small
-    return PretrainLoader(BatchStream(dataclasses.replace(data, source=spec, num_workers=0), 16, 0, 1, epochs=1,
-                                      train_transform=False))
+    # batches of 16: the full (16, L, 30 522) logits of two passes stay small. Every held-out pair
+    # keeps its caption: paired_fraction is how the row trains, not what grounding is scored on.
+    held_out = dataclasses.replace(data, source=spec, num_workers=0, paired_fraction=1.0)
+    return PretrainLoader(BatchStream(held_out, 16, 0, 1, epochs=1, train_transform=False))
 
 
 def class_name_ids(data) -> list[int] | None:
@@ -372,8 +373,13 @@ class Eta:
 
 
 def _worker_init(threads: int) -> None:
+    import os
+
     import torch
 
+    # Every run in this worker takes its share of the cores: `threads: auto` of the pretraining and
+    # fine-tuning tasks reads OMP_NUM_THREADS (else it takes every core, jobs × cores threads in all).
+    os.environ["OMP_NUM_THREADS"] = str(threads)
     torch.set_num_threads(threads)
 
 
