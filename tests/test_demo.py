@@ -225,3 +225,36 @@ def test_claim_failures_name_each_seed_where_a_claim_fails():
     text = table(results, 2)
     assert "M3AE > MAE > random init on every seed: logistic mean-pool\n" in text
     assert "not on kNN CLS: m3ae ≤ mae on seed 0; mae ≤ random_init on seed 1" in text
+
+
+def test_the_captions_recipe_runs_the_demo_on_a_labelled_manifest_with_bert_captions(tmp_path, capsys):
+    """A user's own captioned set through the documented route (docs/RESULTS.md, "Your own captioned
+    data"): the packaged demo_captions recipe with the data filled in by --print-config, then
+    `m3ae demo --recipe`. The model's compact vocabulary must reach the grounding pass: with BERT's
+    ids of the held-out captions (2417 for "red") the few-dozen-row text embedding was indexed out of range."""
+    from PIL import Image
+
+    colours = {"red": (220, 30, 30), "blue": (30, 30, 220)}
+    for split, count in (("train", 24), ("val", 8)):
+        rows = []
+        for i in range(count):
+            name = list(colours)[i % 2]
+            path = tmp_path / f"{split}{i}.png"
+            Image.new("RGB", (40, 36), colours[name]).save(path)
+            rows.append({"image": path.name, "caption": f"a {name} square, number {i}", "label": i % 2, "key": f"{split}{i}"})
+        (tmp_path / f"{split}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    assert main(["pretrain", "--config", "demo_captions", "--data.source", str(tmp_path / "train.jsonl"),
+                 "--data.eval-val-source", str(tmp_path / "val.jsonl"), "--data.num-workers", "0",
+                 "--model.emb-dim", "32", "--model.depth", "1", "--model.num-heads", "2", "--model.dec-emb-dim", "16",
+                 "--model.dec-depth", "1", "--model.dec-num-heads", "2", "--train.precision", "fp32",
+                 "--print-config"]) == 0
+    (tmp_path / "mine.yaml").write_text(capsys.readouterr().out)
+    run = tmp_path / "demo"
+    assert main(["demo", "--recipe", str(tmp_path / "mine.yaml"), "--steps", "2", "--batch-size", "8", "--seeds", "1",
+                 "--knn-k", "3", "--jobs", "1", "--out-dir", str(run), "--progress", "false"]) == 0
+    results = json.loads((run / "demo_results.json").read_text())
+    config = M3AE.from_pretrained(run / "m3ae" / "seed0").config
+    assert config.vocab_size == len(config.vocabulary) < 100  # the captions' tokens, not BERT's 30522
+    grounding = results["rows"]["m3ae"]["seeds"][0]["grounding"]["all_words"]
+    assert grounding["words"] > 0  # the 8 held-out captions were read and scored
+    assert set(results["headroom"]) == {"logreg_cls", "logreg_mean"}
