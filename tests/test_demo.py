@@ -151,6 +151,23 @@ def test_an_interrupted_pretraining_stops_the_demo_instead_of_being_scored(recip
     assert not (tmp_path / "m3ae" / "seed0" / "result.json").exists()
 
 
+def test_an_interrupted_supervised_row_stops_the_demo_instead_of_being_scored(recipe, tmp_path, monkeypatch):
+    """A SIGTERM during the ceiling's training returns its last epoch early: that encoder was once
+    scored and its result.json read back by every rerun as the finished ceiling."""
+    from m3ae.engine import loop
+    from m3ae.eval import demo
+    from m3ae.eval.probe import ProbeResult
+
+    monkeypatch.setattr(loop, "run_task", lambda build, cfg: ProbeResult(tmp_path, 1, 50.0, 90.0, 50.0, 1))
+    cfg = demo.DemoConfig(steps=16, batch_size=8, seeds=1, recipe=str(recipe), jobs=1, progress=False)
+    run = tmp_path / "demo"
+    recipe_cfg = demo.pretrain_config(cfg, demo.REFERENCES[1], 0, run)
+    images = demo.decode_eval_images(api.data_for_model(recipe_cfg.data, recipe_cfg.model), run)
+    with pytest.raises(SystemExit, match="interrupted"):  # 16 steps of 8 over 48 images: 3 epochs, 1 ran
+        demo.run_row(cfg, demo.REFERENCES[1], 0, run / "supervised" / "seed0", images)
+    assert not (run / "supervised" / "seed0" / "result.json").exists()
+
+
 def test_headroom_warns_under_ten_points_only():
     from m3ae.eval.demo import headroom, headroom_report
 

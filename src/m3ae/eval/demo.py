@@ -128,6 +128,8 @@ def supervised_encoder(cfg: DemoConfig, pretrain, start: Path, run_dir: Path, tr
         label_smoothing=0.0, precision=pretrain.train.precision, seed=pretrain.train.seed, keep=1,
         out_dir=str(run_dir), resume="auto", log=LogConfig(figures_every=0, progress=cfg.progress))
     result = run_task(TransferTrainer, tune)  # the run directory's lock and teardown, as every task
+    if result.epoch < tune.epochs:  # SIGTERM/SIGINT: checkpointed; a truncated ceiling must not be scored
+        raise SystemExit(f"m3ae demo: interrupted during {run_dir}; run the same command again to resume")
     steps = read_metrics(run_dir / METRICS_FILE)[-1]["step"]
     return M3AE.from_pretrained(run_dir), {"finetune_top1": result.top1, "supervised_steps": steps}
 
