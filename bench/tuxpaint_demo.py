@@ -89,7 +89,10 @@ def main() -> None:
     print(f"recipe {recipe}; load average {' '.join(f'{x:.1f}' for x in os.getloadavg())}", flush=True)
     cfg = demo.DemoConfig(steps=args.steps, seeds=args.seeds, jobs=args.jobs, recipe=str(recipe), out_dir=out,
                           progress=False)
-    references(cfg) if args.references_only else demo.run_demo(cfg)
+    if args.references_only:
+        references(cfg)
+    else:
+        demo.run_demo(cfg)
     print(f"load average {' '.join(f'{x:.1f}' for x in os.getloadavg())}")
 
 
