@@ -27,6 +27,7 @@ import tempfile
 import time
 from pathlib import Path
 
+import m3ae.cli  # noqa: F401  first: idle OpenMP threads sleep, as under `m3ae`, before torch loads
 from PIL import Image
 from tuxpaint_transfer import build_manifests, evaluate, extract
 

@@ -61,8 +61,8 @@ def evaluate(checkpoint: str, train: Path, val: Path, out: Path, epochs: int, lr
     data = DataConfig(source=str(train), eval_train_source=str(train), eval_val_source=str(val), num_workers=0)
     cfg = LinearProbeConfig(checkpoint=checkpoint, data=data, cached=True, epochs=epochs, batch_size=64,
                             optimizer="sgd", lr=lr, warmup_epochs=epochs / 10, out_dir=str(out),
-                            log=LogConfig(figures_every=0, progress=False))
-    result = run_transfer(cfg, resume="auto")
+                            resume="auto", log=LogConfig(figures_every=0, progress=False))
+    result = run_transfer(cfg)
     tr, va = (load_features(out / f"features_{s}.safetensors") for s in ("train", "val"))
     scores = knn_predict(tr["features"], tr["labels"], va["features"], int(tr["labels"].max()) + 1, k=20)
     return {"linear_top1": result.top1, "linear_top5": result.top5, "linear_best_top1": result.best_top1,

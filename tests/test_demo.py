@@ -151,6 +151,23 @@ def test_an_interrupted_pretraining_stops_the_demo_instead_of_being_scored(recip
     assert not (tmp_path / "m3ae" / "seed0" / "result.json").exists()
 
 
+def test_an_interrupted_supervised_row_stops_the_demo_instead_of_being_scored(recipe, tmp_path, monkeypatch):
+    """A SIGTERM during the ceiling's training returns its last epoch early: that encoder was once
+    scored and its result.json read back by every rerun as the finished ceiling."""
+    from m3ae.engine import loop
+    from m3ae.eval import demo
+    from m3ae.eval.probe import ProbeResult
+
+    monkeypatch.setattr(loop, "run_task", lambda build, cfg: ProbeResult(tmp_path, 1, 50.0, 90.0, 50.0, 1))
+    cfg = demo.DemoConfig(steps=16, batch_size=8, seeds=1, recipe=str(recipe), jobs=1, progress=False)
+    run = tmp_path / "demo"
+    recipe_cfg = demo.pretrain_config(cfg, demo.REFERENCES[1], 0, run)
+    images = demo.decode_eval_images(api.data_for_model(recipe_cfg.data, recipe_cfg.model), run)
+    with pytest.raises(SystemExit, match="interrupted"):  # 16 steps of 8 over 48 images: 3 epochs, 1 ran
+        demo.run_row(cfg, demo.REFERENCES[1], 0, run / "supervised" / "seed0", images)
+    assert not (run / "supervised" / "seed0" / "result.json").exists()
+
+
 def test_headroom_warns_under_ten_points_only():
     from m3ae.eval.demo import headroom, headroom_report
 
@@ -258,3 +275,36 @@ def test_parallel_demo_workers_give_each_run_its_share_of_the_cores():
     env = {k: v for k, v in os.environ.items() if k != "OMP_NUM_THREADS"}
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True).stdout
     assert out.split() == ["1"]
+
+
+def test_the_captions_recipe_runs_the_demo_on_a_labelled_manifest_with_bert_captions(tmp_path, capsys):
+    """A user's own captioned set through the documented route (docs/RESULTS.md, "Your own captioned
+    data"): the packaged demo_captions recipe with the data filled in by --print-config, then
+    `m3ae demo --recipe`. The model's compact vocabulary must reach the grounding pass: with BERT's
+    ids of the held-out captions (2417 for "red") the few-dozen-row text embedding was indexed out of range."""
+    from PIL import Image
+
+    colours = {"red": (220, 30, 30), "blue": (30, 30, 220)}
+    for split, count in (("train", 24), ("val", 8)):
+        rows = []
+        for i in range(count):
+            name = list(colours)[i % 2]
+            path = tmp_path / f"{split}{i}.png"
+            Image.new("RGB", (40, 36), colours[name]).save(path)
+            rows.append({"image": path.name, "caption": f"a {name} square, number {i}", "label": i % 2, "key": f"{split}{i}"})
+        (tmp_path / f"{split}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    assert main(["pretrain", "--config", "demo_captions", "--train-data", str(tmp_path / "train.jsonl"),
+                 "--val-data", str(tmp_path / "val.jsonl"), "--data.num-workers", "0",
+                 "--model.emb-dim", "32", "--model.depth", "1", "--model.num-heads", "2", "--model.dec-emb-dim", "16",
+                 "--model.dec-depth", "1", "--model.dec-num-heads", "2", "--precision", "fp32",
+                 "--print-config"]) == 0
+    (tmp_path / "mine.yaml").write_text(capsys.readouterr().out)
+    run = tmp_path / "demo"
+    assert main(["demo", "--recipe", str(tmp_path / "mine.yaml"), "--steps", "2", "--batch-size", "8", "--seeds", "1",
+                 "--knn-k", "3", "--jobs", "1", "--out-dir", str(run), "--progress", "false"]) == 0
+    results = json.loads((run / "demo_results.json").read_text())
+    config = M3AE.from_pretrained(run / "m3ae" / "seed0").config
+    assert config.vocab_size == len(config.vocabulary) < 100  # the captions' tokens, not BERT's 30522
+    grounding = results["rows"]["m3ae"]["seeds"][0]["grounding"]["all_words"]
+    assert grounding["words"] > 0  # the 8 held-out captions were read and scored
+    assert set(results["headroom"]) == {"logreg_cls", "logreg_mean"}

@@ -159,7 +159,7 @@ def test_config_help_names_the_packaged_recipes(capsys):
     with pytest.raises(SystemExit):
         main(["pretrain", "--help"])
     text = " ".join(capsys.readouterr().out.split())
-    assert "a packaged recipe (cc12m_m3ae, cc12m_mae, demo, tiny)" in text
+    assert "a packaged recipe (cc12m_m3ae, cc12m_mae, demo, demo_captions, tiny)" in text
 
 
 def test_bench_prints_one_json_object_with_throughput_and_mfu():

@@ -128,6 +128,8 @@ def supervised_encoder(cfg: DemoConfig, pretrain, start: Path, run_dir: Path, tr
         label_smoothing=0.0, precision=pretrain.train.precision, seed=pretrain.train.seed, keep=1,
         out_dir=str(run_dir), resume="auto", log=LogConfig(figures_every=0, progress=cfg.progress))
     result = run_task(TransferTrainer, tune)  # the run directory's lock and teardown, as every task
+    if result.epoch < tune.epochs:  # SIGTERM/SIGINT: checkpointed; a truncated ceiling must not be scored
+        raise SystemExit(f"m3ae demo: interrupted during {run_dir}; run the same command again to resume")
     steps = read_metrics(run_dir / METRICS_FILE)[-1]["step"]
     return M3AE.from_pretrained(run_dir), {"finetune_top1": result.top1, "supervised_steps": steps}
 
@@ -166,9 +168,9 @@ def score(model, images: dict[str, Path], cfg: DemoConfig, device, timing: dict[
     return result
 
 
-def caption_pairs(data):
-    """Held-out image-caption pairs of the recipe's data, or None when its validation split has no
-    captions to score."""
+def caption_pairs(data, vocabulary: list[str] | None = None):
+    """Held-out image-caption pairs of the recipe's data, tokenised to the model's compact
+    `vocabulary` when it has one, or None when its validation split has no captions to score."""
     from ..data.loader import BatchStream, PretrainLoader
 
     if data.source == "embedded":
@@ -180,12 +182,13 @@ def caption_pairs(data):
     # batches of 16: the full (16, L, 30 522) logits of two passes stay small. Every held-out pair
     # keeps its caption: paired_fraction is how the row trains, not what grounding is scored on.
     held_out = dataclasses.replace(data, source=spec, num_workers=0, paired_fraction=1.0)
-    return PretrainLoader(BatchStream(held_out, 16, 0, 1, epochs=1, train_transform=False))
+    return PretrainLoader(BatchStream(held_out, 16, 0, 1, epochs=1, train_transform=False, vocabulary=vocabulary))
 
 
-def class_name_ids(data) -> list[int] | None:
-    """Token ids of the held-out labels' class names (the words the labels are), where the source
-    records them (the embedded dataset, an image folder); else None."""
+def class_name_ids(data, vocabulary: list[str] | None = None) -> list[int] | None:
+    """Token ids (in the model's compact `vocabulary` when it has one) of the held-out labels' class
+    names (the words the labels are), where the source records them (the embedded dataset, an image
+    folder); else None."""
     from ..data.factory import label_names
     from ..data.tokenizer import Tokenizer
 
@@ -193,7 +196,7 @@ def class_name_ids(data) -> list[int] | None:
     if not names:
         return None
     words = [name.replace("_", " ") for name in names]
-    return [i for ids in Tokenizer.from_name(data.tokenizer).encode(words) for i in ids]
+    return [i for ids in Tokenizer.from_name(data.tokenizer, vocabulary=vocabulary).encode(words) for i in ids]
 
 
 def grounding(model, pretrain) -> dict[str, dict[str, float]]:
@@ -202,11 +205,12 @@ def grounding(model, pretrain) -> dict[str, dict[str, float]]:
     from ..engine.runtime import resolve_device
     from .grounding import grounding_accuracy
 
-    pairs = caption_pairs(pretrain.data)
+    # the recipe's data config predates the run's compact vocabulary: the model carries it
+    pairs = caption_pairs(pretrain.data, model.config.vocabulary)
     if pairs is None:
         return {}
     word_sets = {"all_words": None}
-    if (names := class_name_ids(pretrain.data)) is not None:
+    if (names := class_name_ids(pretrain.data, model.config.vocabulary)) is not None:
         word_sets["class_names"] = names
     return grounding_accuracy(model, pairs, resolve_device(pretrain.train.device), pretrain.train.precision, word_sets)
 
