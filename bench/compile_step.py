@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import re
 import subprocess
 import sys
 import tempfile
@@ -57,7 +56,8 @@ def run_one(name: str, precision: str, compile_: bool, a: argparse.Namespace) ->
     steps = a.steps or (20 if name == "demo" else 5)
     b = BenchConfig(batch_size=batch, image_size=image_size or model.image_size,
                     text_length=text_length or model.text_length, vocab_size=vocab or model.vocab_size,
-                    precision=precision, compile=compile_, steps=steps, warmup=a.warmup, threads=a.threads)
+                    precision=precision, compile=compile_, steps=steps, warmup=a.warmup,
+                    threads=int(a.threads) if a.threads.isdigit() else a.threads)
     row = run_bench(b, model)
     row.update(model=name, model_source=source, emb_dim=model.emb_dim, depth=model.depth,
                dec_emb_dim=model.dec_emb_dim, dec_depth=model.dec_depth, patch_size=model.patch_size)
@@ -76,7 +76,9 @@ def measure(name: str, precision: str, compile_: bool, a: argparse.Namespace) ->
     if out.returncode != 0:
         raise SystemExit(f"{' '.join(cmd)} failed:\n{out.stderr[-3000:]}")
     row = json.loads(out.stdout.strip().splitlines()[-1])
-    recompiles = [line for line in out.stderr.splitlines() if re.search(r"Recompiling function", line)]
+    lines = out.stderr.splitlines()
+    # TORCH_LOGS=recompiles: "Recompiling function ..." then the failed guard two lines below
+    recompiles = [" ".join(lines[i:i + 3]) for i, line in enumerate(lines) if "Recompiling function" in line]
     steady = row["step_s"]
     row.update(
         process_wall_s=wall, loadavg_before=before, loadavg_after=[round(x, 2) for x in os.getloadavg()],
@@ -88,8 +90,8 @@ def measure(name: str, precision: str, compile_: bool, a: argparse.Namespace) ->
     return row
 
 
-def _reason(line: str) -> str:
-    return line.split("triggered by the following guard failure(s):")[-1].strip()[:300]
+def _reason(record: str) -> str:
+    return record.split("[__recompiles]")[-1].strip()[:300]
 
 
 def main(argv: list[str] | None = None) -> None:
