@@ -107,6 +107,7 @@ def main(argv: list[str] | None = None) -> None:
                     row = measure(name, precision, compile_, a)
                     row["round"] = rnd
                     print(f"{name:9s} {precision} compile={str(compile_):5s} step {row['step_s']:.3f} s "
+                          f"cpu {row['step_cpu_s']:.3f} s "
                           f"(min {row['step_s_min']:.3f})  compile {row['compile_s']:.1f} s  "
                           f"recompiles {row['recompiles']}  threads {row['threads']}  load {row['loadavg_before']}",
                           flush=True)

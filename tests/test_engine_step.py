@@ -55,6 +55,7 @@ def test_bench_times_a_model_given_apart_from_the_presets_and_reports_the_untime
     assert result["flops_per_step"] == training_flops(timed_model, True, 8).per_step(2)
     assert result["preset"] is None and len(counted_steps) == 3
     assert len(result["warmup_times"]) == 2 and all(t > 0 for t in result["warmup_times"])
+    assert result["step_cpu_s"] > 0
 
 
 def test_a_window_of_skipped_steps_has_no_losses_and_counts_them():

@@ -84,13 +84,16 @@ def _time_steps(b: BenchConfig, trainer: Pretrainer, batch: dict[str, torch.Tens
         warmup_times.append(time.perf_counter() - start)
     # The matmul peak is sampled between the timed steps: on a shared host the machine's speed drifts,
     # and the best sample (the conservative denominator) is taken beside the steps it divides.
-    times, peaks = [], [measure_peak_flops(device, precision.name)]
+    times, cpu_times, peaks = [], [], [measure_peak_flops(device, precision.name)]
     for _ in range(b.steps):
         sync(device)
-        start = time.perf_counter()
+        start, cpu_start = time.perf_counter(), time.process_time()
         step()
         sync(device)
         times.append(time.perf_counter() - start)
+        # CPU seconds of this process (all its threads): on a shared host, the work a step costs
+        # whatever share of the cores the scheduler gave it
+        cpu_times.append(time.process_time() - cpu_start)
         peaks.append(measure_peak_flops(device, precision.name, repeats=1))
     step_s = sorted(times)[len(times) // 2]  # median: robust to a stray slow step
     flops = training_flops(cfg, True, b.text_length if cfg.has_text else None).per_step(b.batch_size)
@@ -105,7 +108,8 @@ def _time_steps(b: BenchConfig, trainer: Pretrainer, batch: dict[str, torch.Tens
         "timed": "the pretraining step: engine.step.TrainStep over train.pretrain.Pretrainer.losses "
                  "(accumulation, autocast, grad scaler, clipping, non-finite skip, optimizer and lr schedule), "
                  "synthetic batch, no data pipeline",
-        "step_s": step_s, "step_s_min": min(times), "step_times": times, "warmup_times": warmup_times, "samples_per_s": b.batch_size / step_s,
+        "step_s": step_s, "step_s_min": min(times), "step_times": times, "warmup_times": warmup_times,
+        "step_cpu_s": sorted(cpu_times)[len(cpu_times) // 2], "samples_per_s": b.batch_size / step_s,
         "flops_per_step": flops, "flops_per_s": flops / step_s, "peak_flops_per_s": peak,
         "peak_flops_per_s_min": min(peaks),
         "mfu": flops / step_s / peak,
