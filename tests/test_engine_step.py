@@ -41,6 +41,23 @@ def test_bench_times_the_pretraining_step(counted_steps):
     assert result["step_s"] > 0 and result["precision"] == "fp32"
 
 
+def test_bench_times_a_model_given_apart_from_the_presets_and_reports_the_untimed_steps(counted_steps):
+    from m3ae.engine.flops import training_flops
+    from m3ae.model import M3AEConfig
+    from m3ae.train.bench import BenchConfig, run_bench
+
+    # a recipe's model (the demo's kind): widths of no preset; the batch's shapes come from the bench config
+    model = M3AEConfig(emb_dim=32, depth=1, num_heads=2, dec_emb_dim=16, dec_depth=1, dec_num_heads=2, patch_size=8)
+    b = BenchConfig(preset="base", batch_size=2, image_size=32, text_length=8, vocab_size=100,
+                    steps=1, warmup=2, precision="fp32", threads=1, device="cpu")
+    result = run_bench(b, model)
+    timed_model = model.replace(image_size=32, text_length=8, vocab_size=100)
+    assert result["flops_per_step"] == training_flops(timed_model, True, 8).per_step(2)
+    assert result["preset"] is None and len(counted_steps) == 3
+    assert len(result["warmup_times"]) == 2 and all(t > 0 for t in result["warmup_times"])
+    assert result["step_cpu_s"] > 0
+
+
 def test_a_window_of_skipped_steps_has_no_losses_and_counts_them():
     names = ("loss", "image_loss", "grad_norm", "skipped")
     window = StatsWindow()

@@ -133,10 +133,13 @@ def apply_activation_checkpointing(model: nn.Module) -> None:
 
 
 def apply_compile(model: nn.Module) -> None:
-    """Compile each block in place: blocks are identical, so one graph serves them all, and FSDP2
-    can still shard per block."""
+    """Compile each block in place: the blocks of one stack are identical, so one graph serves them
+    all, and FSDP2 can still shard per block. Static shapes: encoder and decoder blocks share
+    `Block.forward` with different sequence lengths, and dynamo's default would turn that second
+    graph (and every later one) into a symbolic-length graph; static graphs, one per shape, are the
+    kernels inductor specialises (docs/BENCHMARKS.md, "torch.compile")."""
     for block in transformer_blocks(model):
-        block.compile()
+        block.compile(dynamic=False)
 
 
 def resolve_parallel(parallel: str, preset: str | None) -> str:

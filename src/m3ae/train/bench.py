@@ -42,9 +42,9 @@ class BenchConfig:
     threads: ThreadsSetting = "auto"  # CPU threads; auto: the free physical cores
 
 
-def _pretrain_config(b: BenchConfig, out_dir: str) -> PretrainConfig:
-    model = M3AEConfig.from_preset(
-        b.preset, image_size=b.image_size, text_length=b.text_length, vocab_size=b.vocab_size,
+def _pretrain_config(b: BenchConfig, out_dir: str, model: M3AEConfig | None) -> PretrainConfig:
+    model = (M3AEConfig.from_preset(b.preset) if model is None else model).replace(
+        image_size=b.image_size, text_length=b.text_length, vocab_size=b.vocab_size,
         image_mask_ratio=b.image_mask_ratio, text_mask_ratio=b.text_mask_ratio, model_type=b.model_type,
         attn_impl=b.attn_impl,
     )
@@ -54,9 +54,11 @@ def _pretrain_config(b: BenchConfig, out_dir: str) -> PretrainConfig:
     return PretrainConfig(model=model, train=train, log=LogConfig(progress=False, figures_every=0), out_dir=out_dir)
 
 
-def run_bench(b: BenchConfig) -> dict[str, Any]:
+def run_bench(b: BenchConfig, model: M3AEConfig | None = None) -> dict[str, Any]:
+    """`model`: widths and depths other than `b.preset`'s (a recipe's model); the batch's shapes,
+    vocabulary, masking and attention still come from `b`."""
     with tempfile.TemporaryDirectory(prefix="m3ae-bench-") as out_dir:
-        cfg = _pretrain_config(b, out_dir)
+        cfg = _pretrain_config(b, out_dir, model)
         batch = synthetic_batch(cfg.model, b.batch_size, text_length=b.text_length)
         trainer = Pretrainer(cfg, loader=[batch])
         try:
@@ -73,23 +75,32 @@ def _time_steps(b: BenchConfig, trainer: Pretrainer, batch: dict[str, torch.Tens
     def step() -> None:
         trainer.train_step(batches, trainer.losses)
 
+    # Untimed steps are timed apart: with `compile` the first ones hold the compilation.
+    warmup_times = []
     for _ in range(b.warmup):
-        step()
-    # The matmul peak is sampled between the timed steps: on a shared host the machine's speed drifts,
-    # and the best sample (the conservative denominator) is taken beside the steps it divides.
-    times, peaks = [], [measure_peak_flops(device, precision.name)]
-    for _ in range(b.steps):
         sync(device)
         start = time.perf_counter()
         step()
         sync(device)
+        warmup_times.append(time.perf_counter() - start)
+    # The matmul peak is sampled between the timed steps: on a shared host the machine's speed drifts,
+    # and the best sample (the conservative denominator) is taken beside the steps it divides.
+    times, cpu_times, peaks = [], [], [measure_peak_flops(device, precision.name)]
+    for _ in range(b.steps):
+        sync(device)
+        start, cpu_start = time.perf_counter(), time.process_time()
+        step()
+        sync(device)
         times.append(time.perf_counter() - start)
+        # CPU seconds of this process (all its threads): on a shared host, the work a step costs
+        # whatever share of the cores the scheduler gave it
+        cpu_times.append(time.process_time() - cpu_start)
         peaks.append(measure_peak_flops(device, precision.name, repeats=1))
     step_s = sorted(times)[len(times) // 2]  # median: robust to a stray slow step
     flops = training_flops(cfg, True, b.text_length if cfg.has_text else None).per_step(b.batch_size)
     peak = max(peaks)
     return {
-        "preset": b.preset, "model_type": b.model_type, "batch_size": b.batch_size, "image_size": b.image_size,
+        "preset": cfg.preset, "model_type": b.model_type, "batch_size": b.batch_size, "image_size": b.image_size,
         "text_length": b.text_length, "vocab_size": b.vocab_size, "image_mask_ratio": b.image_mask_ratio,
         "text_mask_ratio": b.text_mask_ratio, "precision": precision.name, "precision_reason": precision.reason,
         "attn_impl": b.attn_impl, "compile": b.compile,
@@ -98,7 +109,8 @@ def _time_steps(b: BenchConfig, trainer: Pretrainer, batch: dict[str, torch.Tens
         "timed": "the pretraining step: engine.step.TrainStep over train.pretrain.Pretrainer.losses "
                  "(accumulation, autocast, grad scaler, clipping, non-finite skip, optimizer and lr schedule), "
                  "synthetic batch, no data pipeline",
-        "step_s": step_s, "step_s_min": min(times), "samples_per_s": b.batch_size / step_s,
+        "step_s": step_s, "step_s_min": min(times), "step_times": times, "warmup_times": warmup_times,
+        "step_cpu_s": sorted(cpu_times)[len(cpu_times) // 2], "samples_per_s": b.batch_size / step_s,
         "flops_per_step": flops, "flops_per_s": flops / step_s, "peak_flops_per_s": peak,
         "peak_flops_per_s_min": min(peaks),
         "mfu": flops / step_s / peak,
