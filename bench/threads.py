@@ -32,6 +32,7 @@ import signal
 import subprocess
 import sys
 import time
+from datetime import datetime, timezone
 
 CASE = ["--preset", "tiny", "--image-size", "64", "--batch-size", "32", "--text-length", "32", "--vocab-size", "1000"]
 POLICIES = {"passive": {"OMP_WAIT_POLICY": "PASSIVE"}, "gomp-default": {"GOMP_SPINCOUNT": "300000"},
@@ -58,7 +59,8 @@ def bench(threads: str, policy: str, dtype: str, steps: int) -> dict:
     load = os.getloadavg()[0]
     out = subprocess.run(cmd, check=True, capture_output=True, text=True, env=env).stdout
     result = json.loads(out.strip().splitlines()[-1])
-    return {**result, "setting": threads, "policy": policy, "load_before": load}
+    date = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    return {**result, "setting": threads, "policy": policy, "load_before": load, "date": date}
 
 
 def main() -> None:

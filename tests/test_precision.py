@@ -273,6 +273,45 @@ def test_the_command_line_makes_idle_openmp_threads_sleep_before_torch_starts_th
         assert f"OMP_WAIT_POLICY = '{expected}'" in done.stderr
 
 
+# Allocates, fills and frees a 64 MiB tensor (a small tensor allocated after it each time, as a step
+# does) until the heap settles, then prints the cpu_heap decision and the page faults of 8 more rounds.
+HEAP_SCRIPT = """
+import resource, torch
+from m3ae.engine.runtime import apply_threads, cpu_heap
+apply_threads(1)
+print(cpu_heap())
+def rounds(n):
+    for _ in range(n):
+        big = torch.empty(16 << 20).fill_(1.0)
+        small = torch.empty(1000)
+        del big
+rounds(16)
+before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+rounds(8)
+print(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+"""
+
+
+@pytest.mark.skipif(platform.system() != "Linux" or platform.libc_ver()[0] != "glibc", reason="glibc's malloc")
+def test_the_cpu_heap_keeps_a_freed_large_tensor_instead_of_faulting_it_in_every_time():
+    """glibc unmaps (or trims) a freed 64 MiB block and faults it in again at its next allocation:
+    16,384 pages of 4 KiB every round. With the heap policy, once the heap has settled, the rounds
+    reuse freed blocks. A malloc tunable the user set (here glibc's own default top pad) keeps glibc's
+    behaviour."""
+    env = {k: v for k, v in os.environ.items() if k not in (*precision.MALLOC_ENV, "GLIBC_TUNABLES", "LD_PRELOAD")}
+
+    def faults(extra: dict[str, str]) -> tuple[str, int]:
+        out = subprocess.run([sys.executable, "-c", HEAP_SCRIPT], env={**env, **extra}, capture_output=True,
+                             text=True, check=True).stdout.split("\n")
+        return out[0], int(out[1])
+
+    kept, kept_faults = faults({})
+    user, user_faults = faults({"MALLOC_TOP_PAD_": "131072"})
+    assert kept.startswith("glibc heap keeps freed blocks") and user == "as the user set it (MALLOC_TOP_PAD_)"
+    assert user_faults > 8 * 16_000  # every allocation faulted in afresh
+    assert kept_faults < 1_000  # reused: no block is faulted in again
+
+
 def test_threads_flags_and_config_fields(capsys):
     assert m3ae_main(["knn", "--checkpoint", "x", "--threads", "none"]) == 2
     assert "m3ae knn: config error: threads='none'" in capsys.readouterr().err
@@ -293,6 +332,7 @@ def test_pretraining_applies_threads_prints_and_records_the_resolved_choices(tmp
     assert "no AMX or AVX-512 BF16" in info["precision_reason"]
     assert info["machine_key"] == precision.machine_key()  # the key of the probe that decided
     assert info["omp_wait_policy"] == os.environ.get("OMP_WAIT_POLICY", "(libgomp default)")
+    assert info["cpu_heap"] == precision.cpu_heap()
     assert "precision fp32 (auto: " in capsys.readouterr().out
     saved = config_io.load(PretrainConfig, tmp_path / "config.yaml")
     assert (saved.train.precision, saved.train.threads) == ("auto", 1)  # the setting, not the decision

@@ -14,7 +14,7 @@ import torch
 
 from ..engine.flops import measure_peak_flops, training_flops
 from ..engine.metrics import LogConfig
-from ..engine.runtime import PrecisionSetting, ThreadsSetting, sync
+from ..engine.runtime import PrecisionSetting, ThreadsSetting, cpu_heap, sync
 from ..model import M3AEConfig
 from ..model.config import AttentionImpl, ModelType
 from .pretrain import PretrainConfig, Pretrainer, TrainConfig
@@ -105,7 +105,8 @@ def _time_steps(b: BenchConfig, trainer: Pretrainer, batch: dict[str, torch.Tens
         "text_mask_ratio": b.text_mask_ratio, "precision": precision.name, "precision_reason": precision.reason,
         "attn_impl": b.attn_impl, "compile": b.compile,
         "activation_checkpointing": b.activation_checkpointing, "device": str(device),
-        "threads": torch.get_num_threads(), "threads_reason": trainer.threads.reason, "steps": b.steps,
+        "threads": torch.get_num_threads(), "threads_reason": trainer.threads.reason, "cpu_heap": cpu_heap(),
+        "steps": b.steps,
         "timed": "the pretraining step: engine.step.TrainStep over train.pretrain.Pretrainer.losses "
                  "(accumulation, autocast, grad scaler, clipping, non-finite skip, optimizer and lr schedule), "
                  "synthetic batch, no data pipeline",
