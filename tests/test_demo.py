@@ -293,7 +293,7 @@ def test_the_captions_recipe_runs_the_demo_on_a_labelled_manifest_with_bert_capt
             Image.new("RGB", (40, 36), colours[name]).save(path)
             rows.append({"image": path.name, "caption": f"a {name} square, number {i}", "label": i % 2, "key": f"{split}{i}"})
         (tmp_path / f"{split}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    assert main(["pretrain", "--config", "demo_captions", "--train-data", str(tmp_path / "train.jsonl"),
+    assert main(["pretrain", "--config", "demo_captions", "--data.source", str(tmp_path / "train.jsonl"),
                  "--val-data", str(tmp_path / "val.jsonl"), "--data.num-workers", "0",
                  "--model.emb-dim", "32", "--model.depth", "1", "--model.num-heads", "2", "--model.dec-emb-dim", "16",
                  "--model.dec-depth", "1", "--model.dec-num-heads", "2", "--precision", "fp32",

@@ -279,10 +279,16 @@ def cpu_heap() -> str:
     zeroed by the kernel: 3.3 million page faults in 7 steps of the small model at 224 px, and its fp32
     step ran 1.26x slower, bf16 1.1x (docs/BENCHMARKS.md, "CPU heap"). Raising both thresholds keeps
     those blocks in the heap, as a caching allocator does on a GPU; the peak resident memory grew 3-5 %.
-    Left alone where the user set malloc's tunables or preloads another allocator, and off glibc."""
+    Left alone where the user set malloc's tunables or preloads another allocator, off glibc, and with
+    `M3AE_CPU_HEAP=system` (glibc's own behaviour, dynamic thresholds included; setting any one
+    tunable turns those off)."""
     import ctypes
     import platform
 
+    if os.environ.get("M3AE_CPU_HEAP", "keep") == "system":
+        return "glibc's defaults (M3AE_CPU_HEAP=system)"
+    if os.environ.get("M3AE_CPU_HEAP", "keep") != "keep":
+        raise ValueError(f"M3AE_CPU_HEAP={os.environ['M3AE_CPU_HEAP']!r}: choose keep (the default) or system")
     chosen = [name for name in MALLOC_ENV if name in os.environ]
     if "glibc.malloc." in os.environ.get("GLIBC_TUNABLES", ""):
         chosen.append("GLIBC_TUNABLES")

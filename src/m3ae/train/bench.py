@@ -5,6 +5,7 @@ process. What it times is what `m3ae pretrain` runs, minus the data pipeline."""
 
 from __future__ import annotations
 
+import sys
 import tempfile
 import time
 from dataclasses import dataclass, field
@@ -115,4 +116,15 @@ def _time_steps(b: BenchConfig, trainer: Pretrainer, batch: dict[str, torch.Tens
         "flops_per_step": flops, "flops_per_s": flops / step_s, "peak_flops_per_s": peak,
         "peak_flops_per_s_min": min(peaks),
         "mfu": flops / step_s / peak,
+        "max_rss_mb": _max_rss_mb(),
     }
+
+
+def _max_rss_mb() -> float | None:
+    """The process's peak resident memory so far, in MiB (None where `resource` is missing: Windows)."""
+    try:
+        import resource
+    except ImportError:
+        return None
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak / 2**20 if sys.platform == "darwin" else peak / 2**10  # bytes on macOS, KiB on Linux
