@@ -151,4 +151,4 @@ def test_pretraining_on_captions_trains_a_compact_model_that_resumes_and_draws_w
     # caption features read the captions in the model's ids ("purple" and "wombat" as [UNK])
     assert main(["embed", "--checkpoint", str(run), "--data.source", str(data), "--modality", "text",
                  "--out", str(tmp_path / "text.safetensors")]) == 0
-    assert "8 features" in capsys.readouterr().out
+    assert "8 text features" in capsys.readouterr().out
