@@ -276,19 +276,21 @@ def cpu_heap() -> str:
     unmaps it at free; the heap's free top above 128 KiB is returned to the kernel too. A training
     step frees and reallocates the same large tensors every step (a 30,522-row text head and its
     autocast copy, (B, heads, S, S) attention maps), so each step faulted them in again, page by page,
-    zeroed by the kernel: 3.3 million page faults in 7 steps of the small model at 224 px, and its fp32
-    step ran 1.26x slower, bf16 1.1x (docs/BENCHMARKS.md, "CPU heap"). Raising both thresholds keeps
-    those blocks in the heap, as a caching allocator does on a GPU; the peak resident memory grew 3-5 %.
+    zeroed by the kernel: 3.0-3.4 million page faults in 7 steps of the small model at 224 px, against
+    0.66 million kept; its step ran a median 1.11x (fp32) and 1.08x (bf16) slower over 6 alternated pairs
+    (docs/BENCHMARKS.md, "CPU heap"). Raising both thresholds keeps those blocks in the heap, as a
+    caching allocator does on a GPU; the peak resident memory grew 1.6-4.7 %.
     Left alone where the user set malloc's tunables or preloads another allocator, off glibc, and with
     `M3AE_CPU_HEAP=system` (glibc's own behaviour, dynamic thresholds included; setting any one
     tunable turns those off)."""
     import ctypes
     import platform
 
-    if os.environ.get("M3AE_CPU_HEAP", "keep") == "system":
+    setting = os.environ.get("M3AE_CPU_HEAP", "keep")
+    if setting not in ("keep", "system"):
+        raise ValueError(f"M3AE_CPU_HEAP={setting!r}: choose keep (the default) or system")
+    if setting == "system":
         return "glibc's defaults (M3AE_CPU_HEAP=system)"
-    if os.environ.get("M3AE_CPU_HEAP", "keep") != "keep":
-        raise ValueError(f"M3AE_CPU_HEAP={os.environ['M3AE_CPU_HEAP']!r}: choose keep (the default) or system")
     chosen = [name for name in MALLOC_ENV if name in os.environ]
     if "glibc.malloc." in os.environ.get("GLIBC_TUNABLES", ""):
         chosen.append("GLIBC_TUNABLES")
