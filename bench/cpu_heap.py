@@ -8,12 +8,10 @@ with the process's page faults and peak resident memory (bench's `max_rss_mb`) (
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import resource
-import subprocess
-import sys
-from datetime import datetime, timezone
+
+from _process import append_jsonl, m3ae_bench
 
 CASE = ["--preset", "small", "--image-size", "224", "--batch-size", "8", "--text-length", "64",
         "--vocab-size", "30522", "--steps", "5", "--warmup", "2"]
@@ -21,14 +19,10 @@ CASE = ["--preset", "small", "--image-size", "224", "--batch-size", "8", "--text
 
 def bench(heap: str, precision: str) -> dict:
     env = {**os.environ, "M3AE_CPU_HEAP": heap}
-    load = os.getloadavg()[0]
     before = resource.getrusage(resource.RUSAGE_CHILDREN).ru_minflt
-    out = subprocess.run([sys.executable, "-m", "m3ae.cli", "bench", *CASE, "--precision", precision, "--json"],
-                         check=True, capture_output=True, text=True, env=env).stdout
+    result = m3ae_bench([*CASE, "--precision", precision], env)
     faults = resource.getrusage(resource.RUSAGE_CHILDREN).ru_minflt - before
-    result = json.loads(out.strip().splitlines()[-1])
-    return {**result, "heap_setting": heap, "page_faults": faults, "load_before": load,
-            "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")}
+    return {**result, "heap_setting": heap, "page_faults": faults}
 
 
 def main() -> None:
@@ -44,11 +38,9 @@ def main() -> None:
             order = ("keep", "system") if pair % 2 == 0 else ("system", "keep")  # neither always goes first
             for heap in order:
                 r = bench(heap, precision)
-                if args.out:
-                    with open(args.out, "a") as f:
-                        f.write(json.dumps(r) + "\n")
+                append_jsonl(args.out, r)
                 print(f"| {precision} | {pair} | {heap} | {r['step_s']:.3f} | {r['step_cpu_s']:.3f} | "
-                      f"{r['page_faults']:,} | {r['max_rss_mb']:.0f} | {r['load_before']:.2f} |", flush=True)
+                      f"{r['page_faults']:,} | {r['max_rss_mb']:.0f} | {r['load_before'][0]:.2f} |", flush=True)
 
 
 if __name__ == "__main__":

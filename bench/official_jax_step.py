@@ -30,8 +30,9 @@ import os
 import subprocess
 import sys
 import time
-from datetime import datetime, timezone
 from pathlib import Path
+
+from _process import append_jsonl, run_json
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -170,27 +171,12 @@ def time_official(a: argparse.Namespace) -> dict:
 # The orchestrator (stdlib only)
 
 
-def _loadavg() -> list[float]:
-    return [round(x, 2) for x in os.getloadavg()]
-
-
 def _busy(seconds: float) -> None:
     """One spinning process per core for `seconds`: the load a user's previous job leaves behind."""
     code = f"import time\nend = time.time() + {seconds}\nwhile time.time() < end: pass"
     procs = [subprocess.Popen([sys.executable, "-c", code]) for _ in range(os.cpu_count() or 1)]
     for proc in procs:
         proc.wait()
-
-
-def _run_json(cmd: list[str], env: dict[str, str]) -> dict:
-    start = time.perf_counter()
-    out = subprocess.run(cmd, env=env, capture_output=True, text=True)
-    wall = time.perf_counter() - start
-    if out.returncode != 0:
-        raise SystemExit(f"{' '.join(cmd)} failed ({out.returncode}):\n{out.stderr[-3000:]}")
-    row = json.loads(out.stdout.strip().splitlines()[-1])
-    row["process_wall_s"] = wall
-    return row
 
 
 def _official_cmd(a: argparse.Namespace) -> list[str]:
@@ -217,19 +203,13 @@ def orchestrate(a: argparse.Namespace) -> None:
         for side, precision in (sides if rnd % 2 == 0 else sides[::-1]):
             if a.busy_before > 0:
                 _busy(a.busy_before)
-            before = _loadavg()
             cmd = _official_cmd(a) if side == "official" else _ours_cmd(a, precision)
-            row = _run_json(cmd, dict(os.environ) if side == "official" else ours_env)
+            row = run_json(cmd, dict(os.environ) if side == "official" else ours_env)
             row.update(side=side, flags=precision if side == "ours" else "fp32 (official: fp32 only)", round=rnd,
-                       condition=a.condition, busy_before_s=a.busy_before, loadavg_before=before,
-                       loadavg_after=_loadavg(), commit=commit,
-                       date=datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"))
-            line = json.dumps(row)
+                       condition=a.condition, busy_before_s=a.busy_before, commit=commit)
             print(f"round {rnd} {side:8s} {row['flags']:28s} step {row['step_s']:.3f} s  "
-                  f"load {before} -> {row['loadavg_after']}", flush=True)
-            if a.out:
-                with a.out.open("a") as f:
-                    f.write(line + "\n")
+                  f"load {row['load_before']} -> {row['load_after']}", flush=True)
+            append_jsonl(a.out, row)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -13,24 +13,18 @@ bf16 is computed the way a CPU without native bf16 computes it. Prints a markdow
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import subprocess
-import sys
+
+from _process import AVX2, append_jsonl, m3ae_bench
 
 CASES = {"tiny": ["--preset", "tiny", "--image-size", "64", "--batch-size", "32", "--text-length", "32"],
          "base": ["--preset", "base", "--image-size", "224", "--batch-size", "4", "--text-length", "64"]}
-AVX2 = {"ATEN_CPU_CAPABILITY": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2"}
 
 
 def bench(case: str, dtype: str, threads: int, steps: int, avx2: bool) -> dict:
-    cmd = [sys.executable, "-m", "m3ae.cli", "bench", *CASES[case], "--precision", dtype, "--threads", str(threads),
-           "--steps", str(steps), "--warmup", "1", "--json"]
+    args = [*CASES[case], "--precision", dtype, "--threads", str(threads), "--steps", str(steps), "--warmup", "1"]
     env = {**os.environ, "OMP_NUM_THREADS": str(threads), **(AVX2 if avx2 else {})}
-    before = os.getloadavg()[0]
-    result = json.loads(subprocess.run(cmd, check=True, capture_output=True, text=True, env=env).stdout)
-    return {**result, "case": case, "kernels": "AVX2 (emulated)" if avx2 else "native",
-            "load_before": before, "load_after": os.getloadavg()[0]}
+    return {**m3ae_bench(args, env), "case": case, "kernels": "AVX2 (emulated)" if avx2 else "native"}
 
 
 def main() -> None:
@@ -49,11 +43,9 @@ def main() -> None:
     print("|---|---|---|---|---|---|---|---|")
     for case, dtype, threads, avx2 in runs:
         r = bench(case, dtype, threads, args.steps, avx2)
-        if args.out:
-            with open(args.out, "a") as f:
-                f.write(json.dumps(r) + "\n")
+        append_jsonl(args.out, r)
         print(f"| {case} | {r['kernels']} | {dtype} | {threads} | {r['step_s']:.3f} | {r['samples_per_s']:.1f} | "
-              f"{100 * r['mfu']:.1f}% | {r['load_before']:.2f} / {r['load_after']:.2f} |", flush=True)
+              f"{100 * r['mfu']:.1f}% | {r['load_before'][0]:.2f} / {r['load_after'][0]:.2f} |", flush=True)
 
 
 if __name__ == "__main__":

@@ -26,13 +26,13 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import json
 import os
 import signal
 import subprocess
 import sys
 import time
-from datetime import datetime, timezone
+
+from _process import append_jsonl, m3ae_bench
 
 CASE = ["--preset", "tiny", "--image-size", "64", "--batch-size", "32", "--text-length", "32", "--vocab-size", "1000"]
 POLICIES = {"passive": {"OMP_WAIT_POLICY": "PASSIVE"}, "gomp-default": {"GOMP_SPINCOUNT": "300000"},
@@ -52,15 +52,10 @@ def stop(processes: list[subprocess.Popen]) -> None:
 
 
 def bench(threads: str, policy: str, dtype: str, steps: int) -> dict:
-    cmd = [sys.executable, "-m", "m3ae.cli", "bench", *CASE, "--precision", dtype, "--threads", threads,
-           "--steps", str(steps), "--warmup", "1", "--json"]
+    args = [*CASE, "--precision", dtype, "--threads", threads, "--steps", str(steps), "--warmup", "1"]
     env = {k: v for k, v in os.environ.items() if k not in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT", "OMP_NUM_THREADS")}
     env.update(POLICIES[policy])
-    load = os.getloadavg()[0]
-    out = subprocess.run(cmd, check=True, capture_output=True, text=True, env=env).stdout
-    result = json.loads(out.strip().splitlines()[-1])
-    date = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
-    return {**result, "setting": threads, "policy": policy, "load_before": load, "date": date}
+    return {**m3ae_bench(args, env), "setting": threads, "policy": policy}
 
 
 def main() -> None:
@@ -92,11 +87,9 @@ def main() -> None:
                 finally:
                     stop(busy)
                 r["condition"] = condition
-                if args.out:
-                    with open(args.out, "a") as f:
-                        f.write(json.dumps(r) + "\n")
+                append_jsonl(args.out, r)
                 print(f"| {condition} | {policy} | {setting} | {r['threads']} | {r['step_s']:.3f} | "
-                      f"{r['load_before']:.2f} | {r.get('threads_reason', '')} |", flush=True)
+                      f"{r['load_before'][0]:.2f} | {r.get('threads_reason', '')} |", flush=True)
 
 
 def _interrupt(signum, frame) -> None:

@@ -299,3 +299,36 @@ def test_bad_inputs_name_the_argument(call, message):
 def test_mae_model_refuses_text():
     with pytest.raises(ValueError, match="image-only"):
         make(model_type="mae")(*batch())
+
+
+@pytest.mark.parametrize("padded", [True, False])
+def test_written_out_attention_matches_the_fused_kernel_and_is_the_cpu_default(padded):
+    from m3ae.model.layers import Attention
+
+    torch.manual_seed(0)
+    attn = Attention(32, 4)
+    x = torch.randn(3, 10, 32)
+    pad = (torch.arange(10)[None, :] >= torch.tensor([10, 6, 1])[:, None]) if padded else None
+
+    def run(impl, bf16=False):
+        attn.impl = impl
+        attn.zero_grad(set_to_none=True)
+        xi = x.clone().requires_grad_()
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            out, _ = attn(xi, pad)
+        out.float().square().sum().backward()
+        return [out.detach().float(), xi.grad] + [p.grad for p in attn.parameters()]
+
+    math, sdpa = run("math"), run("sdpa")
+    for a, b in zip(math, sdpa):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+    # padding keys get no attention; every row sums to one
+    probs = attn.eval()._probabilities(*attn.qkv(x).view(3, 10, 3, 4, 8).permute(2, 0, 3, 1, 4).unbind(0)[:2], pad)
+    torch.testing.assert_close(probs.sum(-1), torch.ones(3, 4, 10))
+    if padded:
+        assert probs.masked_select(pad[:, None, None, :].expand_as(probs)).abs().max() == 0
+    # auto on CPU: the written-out softmax in fp32 and under bf16 autocast (bench/attention_cpu.py)
+    for a, b in zip(run("auto"), math):
+        assert torch.equal(a, b)
+    for a, b in zip(run("auto", bf16=True), run("math", bf16=True)):
+        assert torch.equal(a, b)
