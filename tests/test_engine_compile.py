@@ -35,9 +35,11 @@ def test_compiled_blocks_trace_the_encoder_and_decoder_shapes_as_static_graphs(m
         apply_compile(model)
         g = torch.Generator().manual_seed(0)
         image, text = torch.randn(2, 3, 32, 32, generator=g), torch.randint(1, 50, (2, 12), generator=g)
-        pad = torch.zeros(2, 12, dtype=torch.bool)
-        for _ in range(2):  # the second step must reuse the graphs
-            model(image, text, pad)
+        # the second step must reuse the graphs, also with captions of other lengths: compiled, the
+        # decoder keeps its full length (no trimming of trailing padding, whose length follows the batch)
+        for lengths in ([9, 7], [5, 10]):
+            pad = torch.arange(12)[None, :] >= torch.tensor(lengths)[:, None]
+            model(image, text, pad, compute_logits=False)
     finally:
         torch._dynamo.reset()
     assert len(graphs) == 2 and not any(graphs)  # one graph per block shape (encoder, decoder), no symbols

@@ -332,3 +332,30 @@ def test_written_out_attention_matches_the_fused_kernel_and_is_the_cpu_default(p
         assert torch.equal(a, b)
     for a, b in zip(run("auto", bf16=True), run("math", bf16=True)):
         assert torch.equal(a, b)
+
+
+def test_cpu_decoder_skips_the_batch_trailing_padding_with_the_same_loss_and_gradients():
+    m = make()
+    image, text, pad = batch(lengths=(5, 7, 3, 0))  # the longest caption: 7 of 12 tokens
+    seen = []
+    hook = m.decoder.register_forward_pre_hook(lambda module, args: seen.append(args[0].shape[1]))
+
+    def run(**kw):
+        m.zero_grad(set_to_none=True)
+        torch.manual_seed(3)
+        out = m(image, text, pad, **kw)
+        out.loss.backward()
+        return [out.loss, out.image_loss, out.text_loss, out.text_accuracy] + [p.grad for p in m.parameters()]
+
+    full = run(compute_logits=True)  # logits at every position: the decoder runs all 1 + 16 + 12
+    trimmed = run(compute_logits=False)
+    m.trim_decoder_padding = False
+    untrimmed = run(compute_logits=False)
+    hook.remove()
+    assert seen == [1 + 16 + 12, 1 + 16 + 7, 1 + 16 + 12]
+    for a, b, c in zip(full, trimmed, untrimmed):
+        if a is None:
+            assert b is None and c is None
+            continue
+        torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(b, c, rtol=1e-5, atol=1e-6)

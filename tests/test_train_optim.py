@@ -129,6 +129,8 @@ def test_analytic_flops_match_the_matmuls_torch_counts(model_type, text):
     cfg = M3AEConfig(**{**TINY, "model_type": model_type, "attn_impl": "math"})
     m = M3AE(cfg)
     batch = synthetic_batch(cfg, 4)
+    if text:  # one full-length caption: the decoder then runs every position (no trailing padding to skip)
+        batch["text_padding_mask"][0] = False
     with FlopCounterMode(display=False) as counter:
         m(image=batch["image"], text=batch.get("text") if text else None,
           text_padding_mask=batch.get("text_padding_mask") if text else None, compute_logits=False)

@@ -137,9 +137,12 @@ def apply_compile(model: nn.Module) -> None:
     all, and FSDP2 can still shard per block. Static shapes: encoder and decoder blocks share
     `Block.forward` with different sequence lengths, and dynamo's default would turn that second
     graph (and every later one) into a symbolic-length graph; static graphs, one per shape, are the
-    kernels inductor specialises (docs/BENCHMARKS.md, "torch.compile")."""
+    kernels inductor specialises (docs/BENCHMARKS.md, "torch.compile"); so the model keeps its
+    decoder at full length."""
     for block in transformer_blocks(model):
         block.compile(dynamic=False)
+    if hasattr(model, "trim_decoder_padding"):
+        model.trim_decoder_padding = False  # the decoder's length would follow each batch: a recompile per length
 
 
 def resolve_parallel(parallel: str, preset: str | None) -> str:

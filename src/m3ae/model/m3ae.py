@@ -131,6 +131,10 @@ class M3AE(nn.Module):
         # the data pipeline records it; kept in config.json under "preprocessing" and read back by
         # `m3ae.create_model_and_transforms`. The network never reads it. None: not recorded.
         self.preprocessing: dict[str, Any] | None = None
+        # Whether forward may size the CPU decoder from the batch (forward_decoder's `trim_padding`);
+        # a runtime switch, not saved: static-shape compilation (engine.distributed.apply_compile)
+        # turns it off, since a length that follows the data would recompile the blocks.
+        self.trim_decoder_padding = True
         D, Dd = c.emb_dim, c.dec_emb_dim
 
         self.cls_token = nn.Parameter(torch.zeros(1, 1, D))
@@ -313,8 +317,12 @@ class M3AE(nn.Module):
         _, pad = self._check_inputs(image, text, text_padding_mask)
         image_masking, text_masking = self.random_masks(image, text, image_noise, text_noise, pad)
         latent, encoder_attentions = self.forward_encoder(image, text, pad, image_masking, text_masking, output_attentions)
+        # When nothing returned reads the decoder at padding (the text head only where the loss reads,
+        # no attention maps), the CPU decoder skips the batch's trailing padding (see forward_decoder).
+        trim = (self.trim_decoder_padding and latent.device.type == "cpu"
+                and not (compute_logits or c.text_loss_on_all or output_attentions))
         decoded_image, decoded_text, decoder_attentions = self.forward_decoder(
-            latent, image_masking, text_masking, pad, output_attentions
+            latent, image_masking, text_masking, pad, output_attentions, trim_padding=trim
         )
 
         image_pred = image_loss = text_logits = text_loss = text_accuracy = None
@@ -394,9 +402,17 @@ class M3AE(nn.Module):
         text_masking: Masking | None,
         pad: torch.Tensor | None,
         output_attentions: bool = False,
+        trim_padding: bool = False,
     ) -> tuple[torch.Tensor | None, torch.Tensor | None, tuple[torch.Tensor, ...]]:
         """Latent -> decoded image (B, N, Dd) and text (B, L, Dd) at every position (mask tokens at the
-        removed ones), and attentions. The CLS token takes part but is not returned."""
+        removed ones), and attentions. The CLS token takes part but is not returned.
+
+        `trim_padding`: drop the trailing positions that are padding in every caption of the batch
+        before the decoder (text then (B, L', Dd), L' = the longest caption). No query attends to a
+        padding key, so every other output is unchanged; the padding's own outputs are never read by
+        the training loss. Real captions are mostly padding at text_length 64: this is decoder work
+        the official code spends on them. Sizing a tensor from data syncs an accelerator, so callers
+        ask for it on CPU only."""
         c = self.config
         B = latent.shape[0]
         projected = self.decoder_input_projection(latent)  # (B, 1 + keep_i + keep_t, Dd)
@@ -409,7 +425,11 @@ class M3AE(nn.Module):
             visible = projected[:, projected.shape[1] - text_masking.ids_keep.shape[1] :]  # (B, keep_t, Dd)
             tokens.append(self._decoder_tokens(visible, text_masking, "text"))  # (B, L, Dd)
             padding.append(pad)
-        decoded, attentions, _ = self.decoder(torch.cat(tokens, dim=1), torch.cat(padding, dim=1), output_attentions)
+        x, key_padding = torch.cat(tokens, dim=1), torch.cat(padding, dim=1)  # (B, 1 + N + L, Dd), (B, 1 + N + L)
+        if trim_padding and text_masking is not None:
+            length = int((~key_padding).any(dim=0).nonzero().max()) + 1  # the CLS position is never padding
+            x, key_padding = x[:, :length], key_padding[:, :length]
+        decoded, attentions, _ = self.decoder(x, key_padding, output_attentions)
         n_image = c.num_patches if image_masking is not None else 0
         decoded_image = decoded[:, 1 : 1 + n_image] if image_masking is not None else None
         decoded_text = decoded[:, 1 + n_image :] if text_masking is not None else None
