@@ -95,4 +95,6 @@ def model_process(spec: dict, env: dict[str, str] | None = None, stderr: list[st
 
 
 if __name__ == "__main__":
+    import m3ae.cli  # noqa: F401  first: idle OpenMP threads sleep, as under `m3ae`, before torch loads
+
     print(json.dumps(time_model(json.loads(sys.argv[1]))))

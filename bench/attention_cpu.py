@@ -78,6 +78,8 @@ def main() -> None:
     parser.add_argument("--one", nargs=2, metavar=("MODEL", "PRECISION"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.one:
+        import m3ae.cli  # noqa: F401  first: idle OpenMP threads sleep, as under `m3ae`, before torch loads
+
         print(json.dumps(alternate(*args.one, args.rounds)))
         return
     env = {**os.environ, **(AVX2 if args.avx2 else {})}

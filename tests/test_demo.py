@@ -168,6 +168,14 @@ def test_an_interrupted_supervised_row_stops_the_demo_instead_of_being_scored(re
     assert not (run / "supervised" / "seed0" / "result.json").exists()
 
 
+def test_runs_are_scheduled_trained_rows_first_and_random_init_last():
+    from m3ae.eval.demo import STUDIES, run_order
+
+    order = [(row.name, seed) for row, seed in run_order(STUDIES["main"], 2)]
+    assert order == [("m3ae", 0), ("mae", 0), ("supervised", 0), ("m3ae", 1), ("mae", 1), ("supervised", 1),
+                     ("random_init", 0), ("random_init", 1)]
+
+
 def test_headroom_warns_under_ten_points_only():
     from m3ae.eval.demo import headroom, headroom_report
 
