@@ -143,6 +143,19 @@ def test_the_json_depth_check_sees_through_strings_and_escapes():
         load_json('["\\\\", ' + deep + "]")
 
 
+def test_the_full_depth_scan_runs_only_when_the_brackets_could_nest_too_deep(monkeypatch):
+    def scan(raw):
+        scanned.append(raw)
+        return depth(raw)
+
+    depth, scanned = sources._json_depth, []
+    monkeypatch.setattr(sources, "_json_depth", scan)
+    assert load_json('{"caption": "a [red] {square}", "label": [3]}')["label"] == [3]
+    assert scanned == []  # 3 opening brackets: no nesting deeper than the limit is possible
+    many = "[" + ", ".join(["[1]"] * (sources.MAX_JSON_DEPTH + 5)) + "]"  # many brackets, depth 2
+    assert len(load_json(many)) == sources.MAX_JSON_DEPTH + 5 and len(scanned) == 1
+
+
 def test_tables_with_a_bom_float_labels_and_latin1(tmp_path, capsys):
     (tmp_path / "a.png").write_bytes(image_bytes(0))
     (tmp_path / "b.png").write_bytes(image_bytes(1))

@@ -209,7 +209,9 @@ def load_json(data: bytes | str) -> object:
     """`json.loads` for untrusted sample data: nesting deeper than MAX_JSON_DEPTH and NaN/Infinity
     raise BadField("bad_json") instead of RecursionError or values that overflow later."""
     raw = data.encode("utf-8", "surrogatepass") if isinstance(data, str) else data
-    if _json_depth(raw) > MAX_JSON_DEPTH:
+    # Nesting cannot exceed the number of opening brackets: counting them settles a sample's usual
+    # few-key metadata without the full scan (90 µs a sample, 16 % of the demo's loading).
+    if raw.count(b"[") + raw.count(b"{") > MAX_JSON_DEPTH and _json_depth(raw) > MAX_JSON_DEPTH:
         raise BadField("bad_json", f"nested deeper than {MAX_JSON_DEPTH} levels")
     try:
         return json.loads(raw, parse_constant=_reject_constant)
