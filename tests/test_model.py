@@ -9,6 +9,7 @@ import torch
 
 from m3ae import M3AE, ConfigError, M3AEConfig
 from m3ae.model.losses import masked_cross_entropy, normalize_patches
+from m3ae.model.layers import gelu
 from m3ae.model.masking import random_masking
 
 SMALL = dict(image_size=32, patch_size=8, text_length=12, vocab_size=50, emb_dim=32, depth=2, num_heads=4,
@@ -183,6 +184,24 @@ def test_bf16_autocast_forward_and_backward_on_cpu():
     out.loss.backward()
     assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
 
+
+def test_gelu_is_the_tanh_form_in_fp32_and_within_bf16_rounding_of_it_in_bf16():
+    # every finite bfloat16 value in [-20, 20], against the tanh form in float64
+    x = torch.arange(2**16, dtype=torch.int32).to(torch.int16).view(torch.bfloat16)
+    x = x[x.float().isfinite() & (x.float().abs() <= 20)]
+    x64 = x.double().requires_grad_()
+    exact = torch.nn.functional.gelu(x64, approximate="tanh")
+    (exact_grad,) = torch.autograd.grad(exact.sum(), x64)
+    assert torch.equal(gelu(x.float()), torch.nn.functional.gelu(x.float(), approximate="tanh"))
+
+    xb = x.clone().requires_grad_()
+    y = gelu(xb)
+    (grad,) = torch.autograd.grad(y.float().sum(), xb)
+    rounding = exact.abs() * 2.0**-8  # at least half of bfloat16's spacing at the exact value
+    assert ((y.double() - exact).abs() <= rounding + 4.8e-4).all()
+    assert ((grad.double() - exact_grad).abs() <= exact_grad.abs() * 2.0**-8 + 8.8e-4).all()
+    aten_tanh_bf16 = torch.nn.functional.gelu(x, approximate="tanh")
+    assert (y == aten_tanh_bf16).double().mean() > 0.97
 
 def test_text_length_other_than_the_configured_one_is_accepted():
     model = make()
