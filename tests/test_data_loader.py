@@ -1,3 +1,4 @@
+import dataclasses
 import io
 import json
 import tarfile
@@ -269,3 +270,79 @@ def test_eval_loader_is_deterministic_and_labelled(tmp_path):
     again = list(build_eval_loader(cfg, batch_size=3, split="val"))
     assert all(torch.equal(a["image"], b["image"]) for a, b in zip(batches, again, strict=True))
     assert sum(len(b["key"]) for b in build_eval_loader(cfg, batch_size=4, split="train")) == 6
+
+
+def all_batches(loader) -> list[dict]:
+    return [{k: v for k, v in batch.items() if not k.startswith("_")} for batch in loader]
+
+
+def same_batches(a: list[dict], b: list[dict]) -> bool:
+    return len(a) == len(b) and all(
+        x.keys() == y.keys() and all(torch.equal(x[k], y[k]) if torch.is_tensor(x[k]) else x[k] == y[k] for k in x)
+        for x, y in zip(a, b))
+
+
+@pytest.mark.parametrize("split", ["", "train"])
+def test_memory_cache_gives_the_same_batches_and_reads_each_shard_and_image_about_once(shards, monkeypatch, split):
+    import m3ae.data.loader as loader_module
+    from m3ae.data.sources import WebDatasetSource
+
+    def build(cfg):
+        if split:  # a labelled loader with augmentation, as a fine-tuning epoch builds it
+            return build_eval_loader(cfg, 5, split=split, train_transform=True, epochs=3)
+        return build_pretrain_loader(cfg, batch_size=5, epochs=3)
+
+    cfg = config(shards, eval_val_fraction=0.25) if split else config(shards)
+    plain = all_batches(build(cfg))
+    reads, decodes = [], []
+    read_unit, decode = WebDatasetSource.read_unit, loader_module.decode_image
+    monkeypatch.setattr(WebDatasetSource, "read_unit", lambda self, unit: reads.append(unit) or read_unit(self, unit))
+    monkeypatch.setattr(loader_module, "decode_image", lambda data, *a: decodes.append(1) or decode(data, *a))
+    monkeypatch.setattr(loader_module, "_CACHE", loader_module.SampleCache())
+    cached = all_batches(build(dataclasses.replace(cfg, memory_cache_mb=1)))
+    assert same_batches(plain, cached)
+    samples = sum(len(b["key"]) for b in cached) // 3
+    assert sorted(reads) == list(range(7))  # 3 epochs, each shard parsed once
+    assert len(decodes) == samples
+    assert loader_module._CACHE.hits >= samples
+    again = all_batches(build(dataclasses.replace(cfg, memory_cache_mb=1)))  # a later loader of the process
+    assert same_batches(plain, again) and len(reads) == 7
+
+
+def test_memory_cache_stays_within_its_budget_and_keeps_only_whole_shards(shards):
+    from m3ae.data.factory import open_source
+    from m3ae.data.loader import SampleCache
+
+    source, sizing = open_source(shards), SampleCache()
+    sizing.budget = 1 << 30
+    first = list(sizing.records(source, 0))
+    cache = SampleCache()
+    cache.budget = 2 * sizing.used + sizing.used // 2  # room for two of the seven shards (6 samples each)
+    for unit in range(7):
+        assert [r.key for r in cache.records(source, unit)] == [f"{unit * 6 + i:06d}" for i in range(6)]
+    assert len(cache._units) == 2 and cache.used <= cache.budget
+    kept = next(iter(cache._units.values()))
+    image = Image.new("RGB", (256, 256))
+    cache.keep_image(first[0], (1,), image)  # not a kept record: never stored
+    cache.keep_image(kept[0], (1,), image)  # no budget left for its pixels
+    assert cache.image(first[0], (1,)) is None and cache.image(kept[0], (1,)) is None
+    cache.budget += 256 * 256 * 3 + 1024
+    cache.keep_image(kept[0], (1,), image)
+    assert cache.image(kept[0], (1,)) is image and cache.image(kept[0], (2,)) is None
+    with pytest.raises(ValueError, match="memory_cache_mb"):
+        config(shards, memory_cache_mb=-1)
+
+
+def test_memory_cache_forgets_the_images_of_a_shard_it_does_not_keep(shards):
+    from m3ae.data.factory import open_source
+    from m3ae.data.loader import SampleCache
+
+    source, cache = open_source(shards), SampleCache()
+    cache.budget = 1 << 30
+    reading = cache.records(source, 3)
+    record = next(reading)  # the shard is being read: its images count while it may still be kept
+    cache.keep_image(record, (1,), Image.new("RGB", (64, 64)))
+    assert cache.image(record, (1,)) is not None and cache.used > 0
+    reading.close()  # abandoned mid-shard (a run that stops): a cut shard would replay short
+    assert cache.used == 0 and cache.image(record, (1,)) is None and not cache._units
+    assert len(list(cache.records(source, 3))) == 6 and cache.used > 0

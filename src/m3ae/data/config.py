@@ -102,6 +102,10 @@ class DataConfig:
     unpaired_text_length: int = 256  # tokens per unpaired text sample
     unpaired_text_batch_size: int = 0  # 0: same as the image batch size
     num_workers: int = 0  # loader worker processes; 0 reads in the main process
+    # MB of samples each loader process keeps in memory for its later epochs and loaders (shard
+    # records, then their decoded images); 0: off. Pays when the set fits and is read many times
+    # (a small set trained for several epochs); batches are the same either way.
+    memory_cache_mb: int = 0
     # Records are shuffled within a shard through a buffer of this many records (shard order is
     # permuted every epoch); 0 reads shards in order.
     shuffle_buffer: int = 1000
@@ -153,7 +157,7 @@ class DataConfig:
         low, high = self.crop_scale
         if not 0.0 < low <= high <= 1.0:
             raise ValueError(f"DataConfig.crop_scale={list(self.crop_scale)}: expected 0 < min <= max <= 1")
-        for name, least in (("num_workers", 0), ("seed", 0), ("unpaired_text_batch_size", 0), ("vocab_sample", 1),
+        for name, least in (("num_workers", 0), ("memory_cache_mb", 0), ("seed", 0), ("unpaired_text_batch_size", 0), ("vocab_sample", 1),
                             ("shuffle_buffer", 0), ("index_unit_size", 1), ("min_image_size", 1),
                             ("max_image_pixels", 1)):
             if getattr(self, name) < least:
