@@ -346,7 +346,7 @@ def test_written_out_attention_matches_the_fused_kernel_and_is_the_cpu_default(p
     torch.testing.assert_close(probs.sum(-1), torch.ones(3, 4, 10))
     if padded:
         assert probs.masked_select(pad[:, None, None, :].expand_as(probs)).abs().max() == 0
-    # auto on CPU: the written-out softmax in fp32 and under bf16 autocast (bench/attention_cpu.py)
+    # auto on CPU: the written-out softmax in fp32 and under bf16 autocast (bench/step_ab.py --switch attention)
     for a, b in zip(run("auto"), math):
         assert torch.equal(a, b)
     for a, b in zip(run("auto", bf16=True), run("math", bf16=True)):

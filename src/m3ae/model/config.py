@@ -71,7 +71,7 @@ class M3AEConfig:
     text_loss_on_all: bool = False  # loss on every real token instead of the removed ones
     masking: MaskingMode = "per_sample"  # "shared": one noise vector per batch, as the official code
     # "sdpa": torch's fused kernels; "math": softmax(QK^T)V written out, which ties or beats SDPA on
-    # CPU (bench/attention_cpu.py); "auto": sdpa on accelerators, math on CPU
+    # CPU (bench/step_ab.py --switch attention); "auto": sdpa on accelerators, math on CPU
     attn_impl: AttentionImpl = "auto"
     drop_path: float = 0.0  # stochastic depth in the encoder (fine-tuning; 0 in pretraining)
     # the preset these values started from, for the record (on the command line: --preset)

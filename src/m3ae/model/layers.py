@@ -44,7 +44,7 @@ class Attention(nn.Module):
         q, k, v = self.qkv(x).view(B, S, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
         attention = None
         # On CPU the written-out softmax ties the fused kernel or beats it (up to 2.3x in bf16) at the
-        # sizes measured (bench/attention_cpu.py); accelerators take the fused kernel.
+        # sizes measured (bench/step_ab.py --switch attention); accelerators take the fused kernel.
         explicit = self.impl == "math" or (self.impl == "auto" and x.device.type == "cpu")
         if return_attention or explicit:
             attention = self._probabilities(q, k, key_padding_mask)  # (B, heads, S, S)
@@ -74,11 +74,12 @@ class Attention(nn.Module):
 
 def gelu(x: torch.Tensor) -> torch.Tensor:
     """The official GELU: tanh form (flax's default). A bfloat16 tensor on the CPU takes the exact erf
-    form: ATen's tanh form costs 2.3x the erf form there (its tanh is SLEEF's accurate one), and in
+    form: ATen's tanh form costs 1.7-2.6x the erf form there (its tanh is SLEEF's accurate one), and in
     bfloat16 the two are the same function: the forms differ by at most 4.7e-4 (derivatives 8.7e-4),
     a sixteenth of bfloat16's spacing where they differ most, and ATen's bfloat16 results agree
-    bit for bit on 97.8 % of inputs. Measured: 1.12x the demo's bf16 training step, 1.15x small-224's
-    (docs/BENCHMARKS.md). fp32 and other devices keep the tanh form: parity with the official step."""
+    bit for bit on 97.8 % of inputs. Measured (bench/step_ab.py --switch gelu): the demo model's bf16
+    training step 1.10x faster; small-224's within its noise (GELU is ~2 % of that step). fp32 and
+    other devices keep the tanh form: parity with the official step."""
     if x.dtype == torch.bfloat16 and x.device.type == "cpu":
         return F.gelu(x)
     return F.gelu(x, approximate="tanh")
