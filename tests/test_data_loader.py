@@ -346,3 +346,15 @@ def test_memory_cache_forgets_the_images_of_a_shard_it_does_not_keep(shards):
     reading.close()  # abandoned mid-shard (a run that stops): a cut shard would replay short
     assert cache.used == 0 and cache.image(record, (1,)) is None and not cache._units
     assert len(list(cache.records(source, 3))) == 6 and cache.used > 0
+
+
+def test_memory_cache_does_not_hold_a_shard_that_cannot_fit_while_reading_it(shards):
+    from m3ae.data.factory import open_source
+    from m3ae.data.loader import SampleCache
+
+    source, cache = open_source(shards), SampleCache()
+    cache.budget = 1  # smaller than any record: a large shard past the budget must stream, not pile up
+    reading = cache.records(source, 0)
+    record = next(reading)
+    assert not cache._images and cache.image(record, (1,)) is None
+    assert len([record, *reading]) == 6 and cache.used == 0 and not cache._units

@@ -89,20 +89,33 @@ class SampleCache:
         if key in self._units:
             yield from self._units[key]
             return
-        reading, size = [], 0
+        reading: list[RawRecord] | None = []
+        size = 0
         try:
             for record in source.read_unit(unit):
-                reading.append(record)
-                self._images[id(record)] = {}
-                size += _RECORD_OVERHEAD + len(record.image or b"") + len(record.caption or b"")
+                if reading is not None:
+                    size += _RECORD_OVERHEAD + len(record.image or b"") + len(record.caption or b"")
+                    if self.used + size > self.budget:  # it will not fit: stream the rest, hold nothing
+                        self._forget(reading)
+                        reading = None
+                    else:
+                        reading.append(record)
+                        self._images[id(record)] = {}
                 yield record
-            if self.used + size <= self.budget:  # only a shard read to its end: a cut one would replay short
+            # only a shard read to its end (a cut one would replay short), and still within the budget
+            # with the images kept while it was read
+            if reading is not None and self.used + size <= self.budget:
                 self.used += size
-                self._units[key], reading = reading, []
+                self._units[key], reading = reading, None
         finally:
-            for record in reading:  # over the budget, or abandoned: forget the shard and its images
-                for image in self._images.pop(id(record)).values():
-                    self.used -= _image_bytes(image)
+            if reading is not None:  # abandoned mid-shard, or past the budget at its end
+                self._forget(reading)
+
+    def _forget(self, records: list[RawRecord]) -> None:
+        """Drop a shard being read, with the images of its records kept so far."""
+        for record in records:
+            for image in self._images.pop(id(record)).values():
+                self.used -= _image_bytes(image)
 
     def image(self, record: RawRecord, decoding: tuple):
         image = self._images.get(id(record), {}).get(decoding)
